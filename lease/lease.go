@@ -1,0 +1,119 @@
+// Package lease defines what a node's subnet lease is, what tulled learns
+// about its peers, and the small Store interface through which the daemon
+// claims, renews and releases its lease and watches everyone else's.
+//
+// Stores (lease/local for single hosts, a Kubernetes store later) own the
+// bookkeeping of who holds which subnet. They never touch the datapath: the
+// daemon turns the peer sets they deliver into routes and peer-table entries.
+package lease
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"slices"
+	"time"
+)
+
+// Sentinel errors callers branch on.
+var (
+	// ErrExhausted means every subnet of the configured range is held.
+	ErrExhausted = errors.New("no free subnet left in the configured range")
+	// ErrLost means the lease was taken over by another node (it had
+	// expired) or removed; the caller must claim again.
+	ErrLost = errors.New("lease lost")
+)
+
+// Backend is what a peer needs to know to reach a node's datapath.
+type Backend struct {
+	Type string `json:"type"`
+	// Port is the UDP port of the udp (and wireguard) backends.
+	Port uint16 `json:"port,omitempty"`
+	// Data holds backend-specific attributes (VTEP MAC, WireGuard key).
+	Data json.RawMessage `json:"data,omitempty"`
+}
+
+// Attrs are the attributes a node publishes with its lease.
+type Attrs struct {
+	PublicIP   netip.Addr `json:"publicIP,omitzero"`
+	PublicIPv6 netip.Addr `json:"publicIPv6,omitzero"`
+	Backend    Backend    `json:"backend"`
+}
+
+// Lease is a node's claim on one subnet per enabled address family.
+type Lease struct {
+	Node       string       `json:"node"`
+	Subnet     netip.Prefix `json:"subnet,omitzero"`
+	IPv6Subnet netip.Prefix `json:"ipv6Subnet,omitzero"`
+	Attrs      Attrs        `json:"attrs"`
+	Expiration time.Time    `json:"expiration"`
+}
+
+// Subnets returns the lease's valid subnets, IPv4 first.
+func (l *Lease) Subnets() []netip.Prefix {
+	var s []netip.Prefix
+	if l.Subnet.IsValid() {
+		s = append(s, l.Subnet)
+	}
+	if l.IPv6Subnet.IsValid() {
+		s = append(s, l.IPv6Subnet)
+	}
+	return s
+}
+
+// Key names the lease in a store: its IPv4 subnet, or its IPv6 subnet in an
+// IPv6-only cluster.
+func (l *Lease) Key() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
+}
+
+// Equal reports whether two leases carry the same data, ignoring expiry.
+func (l *Lease) Equal(o *Lease) bool {
+	return l.Node == o.Node && l.Subnet == o.Subnet && l.IPv6Subnet == o.IPv6Subnet &&
+		l.Attrs.PublicIP == o.Attrs.PublicIP && l.Attrs.PublicIPv6 == o.Attrs.PublicIPv6 &&
+		l.Attrs.Backend.Type == o.Attrs.Backend.Type && l.Attrs.Backend.Port == o.Attrs.Backend.Port &&
+		slices.Equal(l.Attrs.Backend.Data, o.Attrs.Backend.Data)
+}
+
+// Peer is another node's lease as seen by this node.
+type Peer = Lease
+
+// Store is the interface the daemon consumes. Implementations must be safe
+// for concurrent use.
+type Store interface {
+	// Claim returns a lease for node carrying attrs. A node that still holds
+	// a lease (even an expired one nobody took over) gets the same subnets
+	// back, so pods keep their addresses across restarts.
+	Claim(ctx context.Context, node string, attrs Attrs) (Lease, error)
+	// Renew extends the lease and republishes its attributes. It returns
+	// ErrLost when the lease is no longer the caller's.
+	Renew(ctx context.Context, l Lease) (Lease, error)
+	// Release gives the lease up. Releasing a lease that is already gone is
+	// not an error.
+	Release(ctx context.Context, l Lease) error
+	// WatchPeers delivers the full set of other nodes' live leases, sorted by
+	// key: once at start and again after every change, until ctx ends.
+	// Consumers apply snapshots idempotently; a slow consumer only ever sees
+	// the newest one.
+	WatchPeers(ctx context.Context, self string) (<-chan []Peer, error)
+}
+
+// SortPeers orders peers by key, the order WatchPeers delivers them in.
+func SortPeers(p []Peer) {
+	slices.SortFunc(p, func(a, b Peer) int {
+		ka, kb := a.Key(), b.Key()
+		if c := ka.Addr().Compare(kb.Addr()); c != 0 {
+			return c
+		}
+		return ka.Bits() - kb.Bits()
+	})
+}
+
+// PeersEqual reports whether two sorted peer sets carry the same data.
+func PeersEqual(a, b []Peer) bool {
+	return slices.EqualFunc(a, b, func(x, y Peer) bool { return x.Equal(&y) })
+}

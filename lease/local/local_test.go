@@ -1,0 +1,216 @@
+package local
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/lease"
+)
+
+// clock is a settable time source shared by the stores of one test.
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
+func newClock() *clock               { return &clock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} }
+func quiet() *slog.Logger            { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+func attrs(ip string) lease.Attrs {
+	return lease.Attrs{PublicIP: netip.MustParseAddr(ip), Backend: lease.Backend{Type: "udp", Port: 8285}}
+}
+func mustConf(t *testing.T, doc string) *netconf.Config {
+	t.Helper()
+	c, err := netconf.Parse([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func newStore(t *testing.T, dir string, c *netconf.Config, clk *clock) *Store {
+	t.Helper()
+	s, err := New(Options{Dir: dir, Net: c, TTL: time.Minute, PollInterval: 20 * time.Millisecond, Logger: quiet(), Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestConcurrentClaimsOneWinnerPerSubnet(t *testing.T) {
+	// 16 subnets, 40 nodes in separate stores on one directory: exactly 16
+	// claims succeed, all with different subnets; the rest are exhausted.
+	dir := t.TempDir()
+	c := mustConf(t, `{"Network":"100.96.0.0/20","SubnetLen":24,"SubnetMin":"100.96.0.0"}`)
+	clk := newClock()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	got := map[netip.Prefix]string{}
+	exhausted := 0
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := newStore(t, dir, c, clk)
+			node := "node-" + string(rune('A'+i))
+			l, err := s.Claim(context.Background(), node, attrs("198.18.0.1"))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case errors.Is(err, lease.ErrExhausted):
+				exhausted++
+			case err != nil:
+				t.Errorf("claim %s: %v", node, err)
+			default:
+				if prev, dup := got[l.Subnet]; dup {
+					t.Errorf("subnet %s given to both %s and %s", l.Subnet, prev, node)
+				}
+				got[l.Subnet] = node
+			}
+		}()
+	}
+	wg.Wait()
+	if len(got) != 16 || exhausted != 24 {
+		t.Errorf("got %d winners and %d exhausted, want 16 and 24", len(got), exhausted)
+	}
+}
+
+func TestClaimKeepsSubnetAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	c := mustConf(t, `{"Network":"100.96.0.0/12","EnableIPv6":true,"IPv6Network":"fd00:96::/56"}`)
+	clk := newClock()
+	s := newStore(t, dir, c, clk)
+	l1, err := s.Claim(context.Background(), "n1", attrs("198.18.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !l1.Subnet.IsValid() || !l1.IPv6Subnet.IsValid() {
+		t.Fatalf("dual-stack lease missing a family: %+v", l1)
+	}
+	clk.Add(2 * time.Minute) // expired, but nobody took it
+	l2, err := newStore(t, dir, c, clk).Claim(context.Background(), "n1", attrs("198.18.0.9"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l2.Subnet != l1.Subnet || l2.IPv6Subnet != l1.IPv6Subnet {
+		t.Errorf("restart got %s/%s, want the old %s/%s", l2.Subnet, l2.IPv6Subnet, l1.Subnet, l1.IPv6Subnet)
+	}
+	if l2.Attrs.PublicIP.String() != "198.18.0.9" {
+		t.Errorf("attributes not republished: %+v", l2.Attrs)
+	}
+}
+
+func TestExpiryRenewalAndTakeover(t *testing.T) {
+	dir := t.TempDir()
+	// One subnet only, so a second node can only get it by takeover.
+	c := mustConf(t, `{"Network":"100.96.0.0/24","SubnetLen":24,"SubnetMin":"100.96.0.0"}`)
+	clk := newClock()
+	s := newStore(t, dir, c, clk)
+	ctx := context.Background()
+	a, err := s.Claim(ctx, "a", attrs("198.18.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Claim(ctx, "b", attrs("198.18.0.2")); !errors.Is(err, lease.ErrExhausted) {
+		t.Fatalf("claim while held: %v, want ErrExhausted", err)
+	}
+	clk.Add(50 * time.Second)
+	if a, err = s.Renew(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	clk.Add(50 * time.Second) // 100 s after the claim but 50 s after renewal: still live
+	if _, err := s.Claim(ctx, "b", attrs("198.18.0.2")); !errors.Is(err, lease.ErrExhausted) {
+		t.Fatalf("claim of a renewed lease: %v, want ErrExhausted", err)
+	}
+	clk.Add(11 * time.Second) // now expired
+	b, err := s.Claim(ctx, "b", attrs("198.18.0.2"))
+	if err != nil {
+		t.Fatalf("takeover of expired lease: %v", err)
+	}
+	if b.Subnet != a.Subnet {
+		t.Fatalf("takeover got %s, want %s", b.Subnet, a.Subnet)
+	}
+	if _, err := s.Renew(ctx, a); !errors.Is(err, lease.ErrLost) {
+		t.Errorf("renewal after takeover: %v, want ErrLost", err)
+	}
+	if err := s.Release(ctx, a); err != nil {
+		t.Errorf("release of a lost lease: %v", err)
+	}
+	if got, ok, _ := s.Lookup("b"); !ok || got.Node != "b" {
+		t.Errorf("releasing the old holder's lease removed the new holder's: %+v %v", got, ok)
+	}
+	if err := s.Release(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Release(ctx, b); err != nil {
+		t.Errorf("second release: %v, want nil", err)
+	}
+}
+
+func TestWatchPeers(t *testing.T) {
+	dir := t.TempDir()
+	c := mustConf(t, `{"Network":"100.96.0.0/12"}`)
+	clk := newClock()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newStore(t, dir, c, clk)
+	a, err := s.Claim(ctx, "a", attrs("198.18.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := s.WatchPeers(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func(want int) []lease.Peer {
+		t.Helper()
+		timeout := time.After(5 * time.Second)
+		for {
+			select {
+			case p := <-ch:
+				if len(p) == want {
+					return p
+				}
+			case <-timeout:
+				t.Fatalf("no snapshot with %d peers", want)
+			}
+		}
+	}
+	next(0) // self is not a peer
+	b, err := s.Claim(ctx, "b", attrs("198.18.0.2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := next(1); p[0].Node != "b" || p[0].Subnet != b.Subnet {
+		t.Errorf("peer = %+v, want b with %s", p[0], b.Subnet)
+	}
+	// A malformed file is ignored, not fatal.
+	if err := os.WriteFile(filepath.Join(dir, "100.96.99.0-24.json"), []byte("{nope"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := s.Claim(ctx, "c", attrs("198.18.0.3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(2)
+	if err := s.Release(ctx, cl); err != nil {
+		t.Fatal(err)
+	}
+	next(1)
+	// b expires without renewal; a keeps renewing.
+	clk.Add(61 * time.Second)
+	if _, err := s.Renew(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	next(0)
+}
