@@ -1,0 +1,200 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// BatchSize is how many frames one loop iteration reads and sends.
+const BatchSize = 16
+
+// Config configures a Datapath.
+type Config struct {
+	Device    Device
+	Transport Transport
+	Peers     *PeerTable
+	Counters  *Counters
+	// MTU is the largest plain (non-GSO) packet the underlay carries in
+	// one datagram: the TUN MTU. Larger DF packets get an ICMP too-big.
+	MTU    int
+	Logger *slog.Logger
+}
+
+// Datapath runs the loops between a Device and a Transport.
+type Datapath struct {
+	cfg   Config
+	log   *slog.Logger
+	icmp  tokenBucket
+	icmpB []byte
+}
+
+// NewDatapath returns a datapath; Run starts it.
+func NewDatapath(cfg Config) *Datapath {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Counters == nil {
+		cfg.Counters = &Counters{}
+	}
+	return &Datapath{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		icmp:  tokenBucket{rate: 10, burst: 10, tokens: 10, last: time.Now()},
+		icmpB: make([]byte, BufSize),
+	}
+}
+
+// Run forwards until ctx ends or the device or transport dies. On return
+// both are closed: that is how blocked loops are released. Closing the TUN
+// leaves the (persistent) interface in place.
+func (d *Datapath) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { cancel(d.txLoop()) })
+	for _, recv := range d.cfg.Transport.Receivers() {
+		wg.Go(func() { cancel(d.rxLoop(recv)) })
+	}
+	<-ctx.Done()
+	err := context.Cause(ctx)
+	// Unblock the loops: the owner closes device and transport on return.
+	d.cfg.Transport.Close()
+	d.cfg.Device.Close()
+	wg.Wait()
+	if errors.Is(err, context.Canceled) || errors.Is(err, os.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+func newFrames(n int) []Frame {
+	fs := make([]Frame, n)
+	for i := range fs {
+		fs[i].Buf = make([]byte, BufSize)
+	}
+	return fs
+}
+
+// txLoop: TUN → peer lookup → transport.
+func (d *Datapath) txLoop() error {
+	in := newFrames(BatchSize)
+	out := make([]Frame, 0, BatchSize)
+	ctr := d.cfg.Counters
+	for {
+		for i := range in {
+			in[i].Buf = in[i].Buf[:cap(in[i].Buf)]
+		}
+		n, err := d.cfg.Device.Read(in)
+		if err != nil {
+			return fmt.Errorf("tx: %w", err)
+		}
+		out = out[:0]
+		for i := range in[:n] {
+			f := &in[i]
+			pkt := f.Packet()
+			_, dst, ok := Addrs(pkt)
+			if !ok {
+				ctr.Add(DropMalformed, 1)
+				continue
+			}
+			peer := d.cfg.Peers.Lookup(dst)
+			if peer == nil {
+				ctr.Add(DropNoRoute, 1)
+				continue
+			}
+			if f.Offload.GSOType == GSONone && len(pkt) > d.cfg.MTU && d.sendTooBig(pkt) {
+				continue
+			}
+			f.Addr = peer.Addr
+			ctr.Add(TxBytes, uint64(len(pkt)))
+			out = append(out, *f)
+		}
+		if len(out) == 0 {
+			continue
+		}
+		ctr.Add(TxFrames, uint64(len(out)))
+		if err := d.cfg.Transport.Send(out); err != nil {
+			return fmt.Errorf("tx: %w", err)
+		}
+	}
+}
+
+// sendTooBig answers an oversized packet that may not be fragmented and
+// reports whether it was dropped. IPv4 packets without DF are carried whole
+// (the transport splits them across datagrams).
+func (d *Datapath) sendTooBig(pkt []byte) bool {
+	var from netip.Addr
+	for _, p := range d.cfg.Peers.Local() {
+		if p.Addr().Is4() == (pkt[0]>>4 == 4) {
+			from = p.Addr()
+			break
+		}
+	}
+	n := tooBig(d.icmpB[Headroom:], pkt, from, d.cfg.MTU)
+	if n == 0 {
+		if pkt[0]>>4 == 4 && pkt[6]&0x40 == 0 {
+			return false // no DF: carry it
+		}
+		d.cfg.Counters.Add(DropTooBig, 1)
+		return true
+	}
+	d.cfg.Counters.Add(DropTooBig, 1)
+	if !d.icmp.allow(time.Now()) {
+		return true
+	}
+	reply := []Frame{{Buf: d.icmpB[:Headroom+n], Off: Headroom}}
+	if err := d.cfg.Device.Write(reply); err == nil {
+		d.cfg.Counters.Add(ICMPTooBigSent, 1)
+	}
+	return true
+}
+
+// rxLoop: transport → checks → TUN.
+func (d *Datapath) rxLoop(recv ReceiveFunc) error {
+	in := make([]Frame, BatchSize)
+	out := make([]Frame, 0, BatchSize)
+	ctr := d.cfg.Counters
+	peers := d.cfg.Peers
+	for {
+		n, err := recv(in)
+		if err != nil {
+			return fmt.Errorf("rx: %w", err)
+		}
+		out = out[:0]
+		for i := range in[:n] {
+			f := &in[i]
+			peer := peers.ByAddr(f.Addr.Addr())
+			if peer == nil {
+				ctr.Add(DropUnknownPeer, 1)
+				continue
+			}
+			src, dst, ok := Addrs(f.Packet())
+			if !ok {
+				ctr.Add(DropMalformed, 1)
+				continue
+			}
+			if !peer.Owns(src) {
+				ctr.Add(DropSpoofed, 1)
+				continue
+			}
+			if !peers.IsLocal(dst) {
+				ctr.Add(DropNotLocal, 1)
+				continue
+			}
+			ctr.Add(RxBytes, uint64(len(f.Packet())))
+			out = append(out, *f)
+		}
+		if len(out) == 0 {
+			continue
+		}
+		ctr.Add(RxFrames, uint64(len(out)))
+		if err := d.cfg.Device.Write(out); err != nil {
+			return fmt.Errorf("rx: %w", err)
+		}
+	}
+}

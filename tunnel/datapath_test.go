@@ -1,0 +1,264 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/tunnel"
+	"github.com/tulle-net/tulle/tunnel/tuntest"
+)
+
+var (
+	subnetA = netip.MustParsePrefix("100.96.1.0/24")
+	subnetB = netip.MustParsePrefix("100.96.2.0/24")
+	podA    = netip.MustParseAddr("100.96.1.7")
+	podB    = netip.MustParseAddr("100.96.2.9")
+	podA6   = netip.MustParseAddr("fd00:96:0:1::7")
+	podB6   = netip.MustParseAddr("fd00:96:0:2::9")
+	subA6   = netip.MustParsePrefix("fd00:96:0:1::/64")
+	subB6   = netip.MustParsePrefix("fd00:96:0:2::/64")
+)
+
+// node is one side of a two-node datapath on loopback: a channel TUN and a
+// real UDP transport, so GSO, GRO and recvmmsg are the kernel's own.
+type node struct {
+	tun   *tuntest.ChanTUN
+	tr    *udp.Transport
+	peers *tunnel.PeerTable
+	ctr   *tunnel.Counters
+	addr  netip.AddrPort
+}
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func newNode(t *testing.T, ip string, local ...netip.Prefix) *node {
+	t.Helper()
+	n := &node{tun: tuntest.NewChanTUN(), peers: tunnel.NewPeerTable(local), ctr: &tunnel.Counters{}}
+	tr, err := udp.New(udp.Options{
+		Local4:   netip.AddrPortFrom(netip.MustParseAddr(ip), 0),
+		MTU:      1500,
+		Accept:   func(a netip.Addr) bool { return n.peers.ByAddr(a) != nil },
+		Counters: n.ctr,
+		Logger:   quiet(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.tr = tr
+	n.addr = tr.LocalAddrs()[0]
+	return n
+}
+
+func (n *node) run(t *testing.T) {
+	dp := tunnel.NewDatapath(tunnel.Config{Device: n.tun, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet()})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dp.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("datapath: %v", err)
+		}
+	})
+}
+
+// pair returns two running nodes that know each other.
+func pair(t *testing.T) (a, b *node) {
+	a = newNode(t, "127.0.0.1", subnetA, subA6)
+	b = newNode(t, "127.0.0.3", subnetB, subB6)
+	a.peers.Set([]netip.Prefix{subnetA, subA6}, []tunnel.Peer{{Name: "b", Addr: b.addr, Subnets: []netip.Prefix{subnetB, subB6}}})
+	b.peers.Set([]netip.Prefix{subnetB, subB6}, []tunnel.Peer{{Name: "a", Addr: a.addr, Subnets: []netip.Prefix{subnetA, subA6}}})
+	a.run(t)
+	b.run(t)
+	return a, b
+}
+
+func recvPacket(t *testing.T, c chan tuntest.Packet) tuntest.Packet {
+	t.Helper()
+	select {
+	case p := <-c:
+		return p
+	case <-time.After(5 * time.Second):
+		t.Fatal("no packet came out of the far TUN")
+	}
+	return tuntest.Packet{}
+}
+
+func expectNone(t *testing.T, c chan tuntest.Packet) {
+	t.Helper()
+	select {
+	case p := <-c:
+		t.Fatalf("unexpected packet out of TUN: % x", p.Data[:min(len(p.Data), 40)])
+	case <-time.After(200 * time.Millisecond):
+	}
+}
+
+func waitCounter(t *testing.T, c *tunnel.Counters, k tunnel.Counter, want uint64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for c.Get(k) < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("counter %s = %d, want ≥ %d", k, c.Get(k), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestDatapathCarriesFramesIntact(t *testing.T) {
+	a, b := pair(t)
+	tests := []struct {
+		name string
+		pkt  []byte
+		off  func([]byte) tunnel.Offload
+	}{
+		{"plain IPv4", tuntest.TCP(podA, podB, 100), func([]byte) tunnel.Offload { return tunnel.Offload{} }},
+		{"partial csum IPv4", tuntest.TCP(podA, podB, 1400), tuntest.PartialCsum},
+		{"full-MTU plain", tuntest.TCP(podA, podB, 1456-40), func([]byte) tunnel.Offload { return tunnel.Offload{} }},
+		{"TSO IPv4 super-packet", tuntest.TCP(podA, podB, 62000), func(p []byte) tunnel.Offload { return tuntest.TSO(p, 1404) }},
+		{"TSO IPv6 super-packet", tuntest.TCP(podA6, podB6, 60000), func(p []byte) tunnel.Offload { return tuntest.TSO(p, 1384) }},
+		{"two-datagram frame", tuntest.TCP(podA, podB, 2000), func(p []byte) tunnel.Offload { return tuntest.TSO(p, 1000) }},
+		{"max IPv4 packet", tuntest.TCP(podA, podB, 65535-40), func(p []byte) tunnel.Offload { return tuntest.TSO(p, 1404) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a.tun.Inbound <- tuntest.Packet{Data: tt.pkt, Offload: tt.off(tt.pkt)}
+			got := recvPacket(t, b.tun.Outbound)
+			if !bytes.Equal(got.Data, tt.pkt) {
+				t.Fatalf("packet changed in transit: got %d bytes, want %d", len(got.Data), len(tt.pkt))
+			}
+			if got.Offload != tt.off(tt.pkt) {
+				t.Errorf("offload = %+v, want %+v", got.Offload, tt.off(tt.pkt))
+			}
+		})
+	}
+	// A burst of super-packets exercises batching, GRO and in-place
+	// reassembly across several frames per recvmmsg.
+	const burst = 200
+	pkt := tuntest.TCP(podA, podB, 50000)
+	go func() {
+		for range burst {
+			a.tun.Inbound <- tuntest.Packet{Data: pkt, Offload: tuntest.TSO(pkt, 1404)}
+		}
+	}()
+	for i := range burst {
+		got := recvPacket(t, b.tun.Outbound)
+		if !bytes.Equal(got.Data, pkt) {
+			t.Fatalf("burst frame %d corrupted", i)
+		}
+	}
+	if d := b.ctr.Get(tunnel.DropIncomplete) + b.ctr.Get(tunnel.DropBadHeader); d != 0 {
+		t.Errorf("%d frames dropped on loopback", d)
+	}
+}
+
+func TestDatapathDropsAndCounts(t *testing.T) {
+	a, b := pair(t)
+
+	// Spoofed inner source: a sends a packet claiming a source outside its subnet.
+	spoof := tuntest.TCP(netip.MustParseAddr("100.96.77.1"), podB, 10)
+	a.tun.Inbound <- tuntest.Packet{Data: spoof}
+	waitCounter(t, b.ctr, tunnel.DropSpoofed, 1)
+
+	// Destination owned by nobody.
+	a.tun.Inbound <- tuntest.Packet{Data: tuntest.TCP(podA, netip.MustParseAddr("100.96.200.1"), 10)}
+	waitCounter(t, a.ctr, tunnel.DropNoRoute, 1)
+
+	// Not an IP packet.
+	a.tun.Inbound <- tuntest.Packet{Data: []byte{0x00, 1, 2}}
+	waitCounter(t, a.ctr, tunnel.DropMalformed, 1)
+
+	// Datagrams from an address that is no peer's, well-formed or not.
+	intruder, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer intruder.Close()
+	valid := append([]byte{udp.Version<<4 | udp.TypePacket, 2, 0, 0, 0, 1, 0, 0}, tuntest.TCP(podA, podB, 10)...)
+	for _, d := range [][]byte{valid, {1, 2, 3}} {
+		if _, err := intruder.WriteToUDPAddrPort(d, b.addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitCounter(t, b.ctr, tunnel.DropUnknownSource, 2)
+
+	// From a's own socket, garbage: bad version, bad header, bad offload.
+	raw, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.addr.Addr(), 0)), net.UDPAddrFromAddrPort(b.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	badOffload := append([]byte{udp.Version<<4 | udp.TypeFrame, 2, 0, 9, 0, 1, 0, 0, tunnel.FlagNeedsCsum, tunnel.GSOTCPv6, 5, 0, 0, 20, 0, 16}, tuntest.TCP(podA, podB, 10)...)
+	for _, d := range [][]byte{{0x21, 2, 0, 0, 0, 1, 0, 0}, {0x12, 1}, {0x17, 2, 0, 0, 0, 1, 0, 0}, badOffload} {
+		if _, err := raw.Write(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitCounter(t, b.ctr, tunnel.DropBadVersion, 1)
+	waitCounter(t, b.ctr, tunnel.DropBadHeader, 2)
+	time.Sleep(50 * time.Millisecond)
+	if r := b.tun.Refused(); r != 1 {
+		t.Errorf("refused %d writes with bad offload metadata, want 1", r)
+	}
+	expectNone(t, b.tun.Outbound)
+
+	// Still forwarding after all that.
+	ok := tuntest.TCP(podA, podB, 10)
+	a.tun.Inbound <- tuntest.Packet{Data: ok}
+	if got := recvPacket(t, b.tun.Outbound); !bytes.Equal(got.Data, ok) {
+		t.Error("good packet after bad input corrupted")
+	}
+}
+
+func TestDatapathTooBig(t *testing.T) {
+	a, b := pair(t)
+	mtu := udp.InnerMTU(1500, false)
+
+	// IPv4 with DF, above the MTU: an ICMP "fragmentation needed" goes back
+	// into a's TUN, from a's subnet address, quoting the packet.
+	big := tuntest.TCP(podA, podB, mtu)
+	a.tun.Inbound <- tuntest.Packet{Data: big}
+	icmp := recvPacket(t, a.tun.Outbound)
+	if icmp.Data[9] != 1 || icmp.Data[20] != 3 || icmp.Data[21] != 4 {
+		t.Fatalf("not an ICMP frag-needed: % x", icmp.Data[:24])
+	}
+	if got := int(binary.BigEndian.Uint16(icmp.Data[26:])); got != mtu {
+		t.Errorf("ICMP announces MTU %d, want %d", got, mtu)
+	}
+	if src := netip.AddrFrom4([4]byte(icmp.Data[12:16])); src != subnetA.Addr() {
+		t.Errorf("ICMP from %s, want %s", src, subnetA.Addr())
+	}
+	if dst := netip.AddrFrom4([4]byte(icmp.Data[16:20])); dst != podA {
+		t.Errorf("ICMP to %s, want %s", dst, podA)
+	}
+	expectNone(t, b.tun.Outbound)
+
+	// IPv6 is never fragmented on the way: ICMPv6 packet too big.
+	big6 := tuntest.TCP(podA6, podB6, mtu)
+	a.tun.Inbound <- tuntest.Packet{Data: big6}
+	icmp6 := recvPacket(t, a.tun.Outbound)
+	if icmp6.Data[6] != 58 || icmp6.Data[40] != 2 {
+		t.Fatalf("not an ICMPv6 packet too big: % x", icmp6.Data[:44])
+	}
+	if got := int(binary.BigEndian.Uint32(icmp6.Data[44:])); got != mtu {
+		t.Errorf("ICMPv6 announces MTU %d, want %d", got, mtu)
+	}
+
+	// IPv4 without DF is carried whole across several datagrams.
+	noDF := tuntest.TCP(podA, podB, mtu)
+	noDF[6] = 0
+	a.tun.Inbound <- tuntest.Packet{Data: noDF}
+	if got := recvPacket(t, b.tun.Outbound); !bytes.Equal(got.Data, noDF) {
+		t.Error("non-DF oversized packet not carried intact")
+	}
+	if n := a.ctr.Get(tunnel.ICMPTooBigSent); n != 2 {
+		t.Errorf("icmp_too_big_sent = %d, want 2", n)
+	}
+}

@@ -1,0 +1,109 @@
+package tunnel
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"time"
+)
+
+// tokenBucket limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f). Used by
+// one goroutine only.
+type tokenBucket struct {
+	rate   float64 // tokens per second
+	burst  float64
+	tokens float64
+	last   time.Time
+}
+
+func (b *tokenBucket) allow(now time.Time) bool {
+	b.tokens += now.Sub(b.last).Seconds() * b.rate
+	b.last = now
+	if b.tokens > b.burst {
+		b.tokens = b.burst
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// tooBig writes into out (which must have room for 1280 bytes) an ICMP
+// "fragmentation needed" (IPv4) or ICMPv6 "packet too big" answering pkt,
+// from address from, announcing mtu. It returns the packet length, or 0 when
+// pkt must not be answered (not DF, an ICMP error itself, no source).
+func tooBig(out, pkt []byte, from netip.Addr, mtu int) int {
+	src, _, ok := Addrs(pkt)
+	if !ok || !src.IsGlobalUnicast() && !src.IsPrivate() && !src.IsLinkLocalUnicast() {
+		return 0
+	}
+	if pkt[0]>>4 == 4 {
+		if binary.BigEndian.Uint16(pkt[6:])&0x4000 == 0 || !from.Is4() {
+			return 0 // DF clear: the transport may carry it whole
+		}
+		ihl := int(pkt[0]&0x0f) * 4
+		if pkt[9] == 1 && len(pkt) > ihl && pkt[ihl] != 8 && pkt[ihl] != 0 {
+			return 0 // never answer an ICMP error
+		}
+		quote := min(len(pkt), ihl+8)
+		n := 20 + 8 + quote
+		h := out[:n]
+		clear(h[:28])
+		h[0], h[8], h[9] = 0x45, 64, 1
+		binary.BigEndian.PutUint16(h[2:], uint16(n))
+		f4 := from.As4()
+		s4 := src.As4()
+		copy(h[12:16], f4[:])
+		copy(h[16:20], s4[:])
+		binary.BigEndian.PutUint16(h[10:], ^checksum(h[:20], 0))
+		ic := h[20:]
+		ic[0], ic[1] = 3, 4 // destination unreachable, fragmentation needed
+		binary.BigEndian.PutUint16(ic[6:], uint16(mtu))
+		copy(ic[8:], pkt[:quote])
+		binary.BigEndian.PutUint16(ic[2:], ^checksum(ic[:8+quote], 0))
+		return n
+	}
+	if !from.Is6() || pkt[6] == 58 && len(pkt) > 40 && pkt[40] < 128 {
+		return 0 // never answer an ICMPv6 error
+	}
+	quote := min(len(pkt), 1280-40-8)
+	n := 40 + 8 + quote
+	h := out[:n]
+	clear(h[:48])
+	h[0] = 0x60
+	binary.BigEndian.PutUint16(h[4:], uint16(8+quote))
+	h[6], h[7] = 58, 64
+	f16, s16 := from.As16(), src.As16()
+	copy(h[8:24], f16[:])
+	copy(h[24:40], s16[:])
+	ic := h[40:]
+	ic[0] = 2 // packet too big
+	binary.BigEndian.PutUint32(ic[4:], uint32(mtu))
+	copy(ic[8:], pkt[:quote])
+	binary.BigEndian.PutUint16(ic[2:], ^checksum(ic[:8+quote], pseudoHeader6(h[8:40], 58, 8+quote)))
+	return n
+}
+
+func pseudoHeader6(addrs []byte, proto byte, length int) uint32 {
+	var s uint32
+	for i := 0; i+1 < len(addrs); i += 2 {
+		s += uint32(binary.BigEndian.Uint16(addrs[i:]))
+	}
+	return s + uint32(proto) + uint32(length)
+}
+
+// checksum folds the RFC 1071 sum of b onto initial.
+func checksum(b []byte, initial uint32) uint16 {
+	s := initial
+	for len(b) >= 2 {
+		s += uint32(binary.BigEndian.Uint16(b))
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		s += uint32(b[0]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}

@@ -1,0 +1,130 @@
+package tunnel
+
+import (
+	"net/netip"
+	"slices"
+	"sync/atomic"
+)
+
+// Peer is a remote node as the datapath sees it.
+type Peer struct {
+	Name string
+	// Addr is the underlay address its traffic goes to and comes from.
+	Addr netip.AddrPort
+	// Subnets are the inner prefixes the peer owns (its pod subnets).
+	Subnets []netip.Prefix
+}
+
+// PeerTable maps inner destinations to peers by longest-prefix match and
+// underlay source addresses to peers. Lookups are lock-free and allocation
+// free; Set swaps in a new immutable snapshot.
+type PeerTable struct {
+	snap atomic.Pointer[peerSnapshot]
+}
+
+type peerSnapshot struct {
+	v4, v6 lpm
+	byAddr map[netip.Addr]*Peer
+	local  []netip.Prefix
+	peers  []Peer
+}
+
+// lpm is a longest-prefix-match table: one exact-match map per distinct
+// prefix length, probed longest first. Clusters use one or two subnet
+// lengths, so a lookup is one or two map probes.
+type lpm struct {
+	lens []int // descending
+	m    map[netip.Prefix]*Peer
+}
+
+func (t *lpm) insert(p netip.Prefix, peer *Peer) {
+	if t.m == nil {
+		t.m = map[netip.Prefix]*Peer{}
+	}
+	p = p.Masked()
+	t.m[p] = peer
+	if !slices.Contains(t.lens, p.Bits()) {
+		t.lens = append(t.lens, p.Bits())
+		slices.Sort(t.lens)
+		slices.Reverse(t.lens)
+	}
+}
+
+func (t *lpm) lookup(a netip.Addr) *Peer {
+	for _, l := range t.lens {
+		p, _ := a.Prefix(l)
+		if peer, ok := t.m[p]; ok {
+			return peer
+		}
+	}
+	return nil
+}
+
+// NewPeerTable returns an empty table for a node owning the local subnets.
+func NewPeerTable(local []netip.Prefix) *PeerTable {
+	t := &PeerTable{}
+	t.Set(local, nil)
+	return t
+}
+
+// Set replaces the table's contents. Subnets that overlap a local subnet are
+// ignored: a peer can never take traffic for this node's own pods.
+func (t *PeerTable) Set(local []netip.Prefix, peers []Peer) {
+	s := &peerSnapshot{byAddr: map[netip.Addr]*Peer{}, local: slices.Clone(local), peers: make([]Peer, len(peers))}
+	for i := range peers {
+		p := &s.peers[i]
+		*p = peers[i]
+		p.Subnets = slices.DeleteFunc(slices.Clone(p.Subnets), func(n netip.Prefix) bool {
+			return slices.ContainsFunc(local, n.Overlaps)
+		})
+		s.byAddr[p.Addr.Addr().Unmap()] = p
+		for _, n := range p.Subnets {
+			if n.Addr().Is4() {
+				s.v4.insert(n, p)
+			} else {
+				s.v6.insert(n, p)
+			}
+		}
+	}
+	t.snap.Store(s)
+}
+
+// Lookup returns the peer owning dst, or nil.
+func (t *PeerTable) Lookup(dst netip.Addr) *Peer {
+	s := t.snap.Load()
+	if dst.Is4() {
+		return s.v4.lookup(dst)
+	}
+	return s.v6.lookup(dst)
+}
+
+// ByAddr returns the peer whose underlay address is a, or nil.
+func (t *PeerTable) ByAddr(a netip.Addr) *Peer {
+	return t.snap.Load().byAddr[a.Unmap()]
+}
+
+// IsLocal reports whether a lies in one of this node's subnets.
+func (t *PeerTable) IsLocal(a netip.Addr) bool {
+	for _, p := range t.snap.Load().local {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// Local returns this node's subnets.
+func (t *PeerTable) Local() []netip.Prefix { return slices.Clone(t.snap.Load().local) }
+
+// Peers returns a copy of the current peers.
+func (t *PeerTable) Peers() []Peer { return slices.Clone(t.snap.Load().peers) }
+
+// Owns reports whether src lies in one of p's subnets.
+func (p *Peer) Owns(src netip.Addr) bool {
+	for _, n := range p.Subnets {
+		if n.Contains(src) {
+			return true
+		}
+	}
+	return false
+}

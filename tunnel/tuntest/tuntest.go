@@ -1,0 +1,91 @@
+// Package tuntest provides an in-memory tunnel.Device so datapath tests run
+// without root, in the style of wireguard-go's tuntest.ChannelTUN.
+package tuntest
+
+import (
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/tulle-net/tulle/tunnel"
+)
+
+// Packet is an IP packet with its offload metadata, as the kernel would
+// hand it to (Inbound) or receive it from (Outbound) a TUN device.
+type Packet struct {
+	Data    []byte
+	Offload tunnel.Offload
+}
+
+// ChanTUN is a tunnel.Device backed by channels.
+type ChanTUN struct {
+	// Inbound carries packets "from the kernel" to the datapath.
+	Inbound chan Packet
+	// Outbound carries what the datapath wrote "to the kernel".
+	Outbound chan Packet
+	refused atomic.Int64
+
+	closed chan struct{}
+	once   sync.Once
+}
+
+// NewChanTUN returns a device with buffered channels.
+func NewChanTUN() *ChanTUN {
+	return &ChanTUN{Inbound: make(chan Packet, 1024), Outbound: make(chan Packet, 1024), closed: make(chan struct{})}
+}
+
+// Refused counts writes a kernel would refuse (bad offload metadata).
+func (c *ChanTUN) Refused() int { return int(c.refused.Load()) }
+
+// Name implements tunnel.Device.
+func (c *ChanTUN) Name() string { return "chantun" }
+
+// Close implements tunnel.Device.
+func (c *ChanTUN) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return nil
+}
+
+// Read implements tunnel.Device.
+func (c *ChanTUN) Read(frames []tunnel.Frame) (int, error) {
+	var p Packet
+	select {
+	case p = <-c.Inbound:
+	case <-c.closed:
+		return 0, os.ErrClosed
+	}
+	n := 0
+	for {
+		f := &frames[n]
+		f.Off = tunnel.Headroom
+		f.Buf = f.Buf[:tunnel.Headroom+copy(f.Buf[tunnel.Headroom:cap(f.Buf)], p.Data)]
+		f.Offload = p.Offload
+		n++
+		if n == len(frames) {
+			return n, nil
+		}
+		select {
+		case p = <-c.Inbound:
+		default:
+			return n, nil
+		}
+	}
+}
+
+// Write implements tunnel.Device, refusing what a kernel would refuse.
+func (c *ChanTUN) Write(frames []tunnel.Frame) error {
+	for i := range frames {
+		f := &frames[i]
+		if _, err := tunnel.ValidateOffload(f.Packet(), f.Offload); err != nil {
+			c.refused.Add(1)
+			continue
+		}
+		p := Packet{Data: append([]byte(nil), f.Packet()...), Offload: f.Offload}
+		select {
+		case c.Outbound <- p:
+		case <-c.closed:
+			return os.ErrClosed
+		}
+	}
+	return nil
+}
