@@ -1,0 +1,390 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/lease/local"
+	"github.com/tulle-net/tulle/tunnel"
+)
+
+// underlay is where this node's datagrams leave from.
+type underlay struct {
+	iface      string
+	mtu        int
+	ip4, ip6   netip.Addr
+	primaryIs6 bool
+}
+
+// findUnderlay resolves --iface/--public-ip/--public-ipv6 against the
+// system. Every failure is a configuration error.
+func findUnderlay(o *options) (*underlay, error) {
+	u := &underlay{ip4: o.pub, ip6: o.pb6}
+	var link netlink.Link
+	var err error
+	switch {
+	case o.iface != "":
+		if link, err = netlink.LinkByName(o.iface); err != nil {
+			return nil, badConfig("flag --iface: no interface %q", o.iface)
+		}
+	case o.pub.IsValid() || o.pb6.IsValid():
+		want := o.pub
+		if !want.IsValid() {
+			want = o.pb6
+		}
+		if link, err = linkWithAddr(want); err != nil {
+			return nil, err
+		}
+	default:
+		if link, err = defaultRouteLink(); err != nil {
+			return nil, err
+		}
+	}
+	u.iface, u.mtu = link.Attrs().Name, link.Attrs().MTU
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", u.iface, err)
+	}
+	have := func(a netip.Addr) bool {
+		return slices.ContainsFunc(addrs, func(x netlink.Addr) bool { ip, _ := netip.AddrFromSlice(x.IP); return ip.Unmap() == a })
+	}
+	if u.ip4.IsValid() && !have(u.ip4) {
+		return nil, badConfig("flag --public-ip: %s is not an address of %s", u.ip4, u.iface)
+	}
+	if u.ip6.IsValid() && !have(u.ip6) {
+		return nil, badConfig("flag --public-ipv6: %s is not an address of %s", u.ip6, u.iface)
+	}
+	if !u.ip4.IsValid() && !u.ip6.IsValid() {
+		for _, a := range addrs {
+			ip, _ := netip.AddrFromSlice(a.IP)
+			ip = ip.Unmap()
+			if ip.Is4() && ip.IsGlobalUnicast() && !u.ip4.IsValid() {
+				u.ip4 = ip
+			}
+		}
+		if !u.ip4.IsValid() {
+			for _, a := range addrs {
+				ip, _ := netip.AddrFromSlice(a.IP)
+				if ip.Is6() && !ip.Is4In6() && ip.IsGlobalUnicast() && !u.ip6.IsValid() {
+					u.ip6 = ip
+				}
+			}
+		}
+		if !u.ip4.IsValid() && !u.ip6.IsValid() {
+			return nil, badConfig("flag --iface: %s has no usable address", u.iface)
+		}
+	}
+	u.primaryIs6 = !u.ip4.IsValid()
+	if udp.InnerMTU(u.mtu, u.primaryIs6) < 1280 && o.net.EnableIPv6 {
+		return nil, badConfig("interface %s: MTU %d leaves less than IPv6's minimum 1280 inside the overlay", u.iface, u.mtu)
+	}
+	return u, nil
+}
+
+func linkWithAddr(a netip.Addr) (netlink.Link, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		addrs, _ := netlink.AddrList(l, netlink.FAMILY_ALL)
+		for _, x := range addrs {
+			if ip, _ := netip.AddrFromSlice(x.IP); ip.Unmap() == a {
+				return l, nil
+			}
+		}
+	}
+	return nil, badConfig("public address %s is on no interface of this host", a)
+}
+
+func defaultRouteLink() (netlink.Link, error) {
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Dst: nil}, 0)
+		if err != nil {
+			continue
+		}
+		for _, r := range routes {
+			if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+				if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+					return l, nil
+				}
+			}
+		}
+	}
+	return nil, badConfig("no default route: name the underlay with --iface or --public-ip")
+}
+
+// subnetFile is what tulled tells the CNI plugin, in run-dir/subnet.json.
+type subnetFile struct {
+	Network     netip.Prefix `json:"network,omitzero"`
+	Subnet      netip.Prefix `json:"subnet,omitzero"`
+	IPv6Network netip.Prefix `json:"ipv6Network,omitzero"`
+	IPv6Subnet  netip.Prefix `json:"ipv6Subnet,omitzero"`
+	MTU         int          `json:"mtu"`
+}
+
+func writeAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+func openStore(o *options, log *slog.Logger) (*local.Store, error) {
+	return local.New(local.Options{Dir: o.leaseDir, Net: o.net, TTL: o.leaseTTL, Logger: log})
+}
+
+func networks(c *netconf.Config) []netip.Prefix {
+	var n []netip.Prefix
+	if c.EnableIPv4 {
+		n = append(n, c.Network)
+	}
+	if c.EnableIPv6 {
+		n = append(n, c.IPv6Network)
+	}
+	return n
+}
+
+func run(o *options, log *slog.Logger) error {
+	u, err := findUnderlay(o)
+	if err != nil {
+		return err
+	}
+	if o.net.Backend.Type != netconf.BackendUDP {
+		return badConfig("net-conf field Backend.Type: %q is not implemented by this build", o.net.Backend.Type)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	store, err := openStore(o, log)
+	if err != nil {
+		return err
+	}
+	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}}
+	l, err := store.Claim(ctx, o.node, attrs)
+	if err != nil {
+		return fmt.Errorf("claim lease: %w", err)
+	}
+	mtu := udp.InnerMTU(u.mtu, u.primaryIs6)
+	log.Info("lease held", "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "underlay", u.iface, "public_ip", u.ip4, "public_ipv6", u.ip6, "mtu", mtu)
+
+	if err := os.MkdirAll(o.runDir, 0o755); err != nil {
+		return fmt.Errorf("run dir: %w", err)
+	}
+	sf := subnetFile{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, MTU: mtu}
+	if o.net.EnableIPv4 {
+		sf.Network = o.net.Network
+	}
+	if o.net.EnableIPv6 {
+		sf.IPv6Network = o.net.IPv6Network
+	}
+	b, _ := json.MarshalIndent(sf, "", "  ")
+	if err := writeAtomic(filepath.Join(o.runDir, "subnet.json"), append(b, '\n')); err != nil {
+		return fmt.Errorf("write subnet.json: %w", err)
+	}
+
+	ctr := &tunnel.Counters{}
+	kick := make(chan struct{}, 1)
+	kickRouter := func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	}
+	// A frame must fit one UDP GSO send: cap the device's super-packets.
+	maxDg := udp.MaxPayload(u.mtu, u.primaryIs6)
+	gsoMax := min(64, 65000/maxDg)*(maxDg-udp.HeaderLen) - udp.DescLen
+	router := tunnel.NewRouter(tunnel.RouterConfig{
+		Link: o.tunName, MTU: mtu, GSOMaxSize: min(gsoMax, 65536), Local: l.Subnets(), Networks: networks(o.net), Logger: log,
+	})
+	peers := tunnel.NewPeerTable(l.Subnets())
+	var tr *udp.Transport
+	uopt := udp.Options{
+		MTU: u.mtu, Accept: func(a netip.Addr) bool { return peers.ByAddr(a) != nil },
+		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: ctr, Logger: log,
+	}
+	if u.ip4.IsValid() {
+		uopt.Local4 = netip.AddrPortFrom(u.ip4, o.net.Backend.Port)
+	}
+	if u.ip6.IsValid() {
+		uopt.Local6 = netip.AddrPortFrom(u.ip6, o.net.Backend.Port)
+	}
+	if tr, err = udp.New(uopt); err != nil {
+		return err
+	}
+
+	dev, err := tunnel.OpenTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
+	if err != nil {
+		tr.Close()
+		return err
+	}
+	if repaired, err := router.Reconcile(); err != nil {
+		dev.Close()
+		tr.Close()
+		return err
+	} else if len(repaired) > 0 {
+		log.Info("configured device", "link", o.tunName, "changes", repaired)
+	}
+
+	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: mtu, started: time.Now()}
+	srv, err := serveStatus(filepath.Join(o.runDir, "tulled.sock"), st, log)
+	if err != nil {
+		dev.Close()
+		tr.Close()
+		return err
+	}
+	defer srv.Close()
+
+	var wg sync.WaitGroup
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	wg.Go(func() { router.Run(runCtx, kick) })
+	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, u, l, peers, st, log)) })
+	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, log)) })
+	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: tr, Peers: peers, Counters: ctr, MTU: mtu, Logger: log})
+	wg.Go(func() {
+		if err := dp.Run(runCtx); err != nil {
+			cancel(err)
+		}
+	})
+	log.Info("tulled forwarding", "tun", o.tunName, "port", o.net.Backend.Port)
+	<-runCtx.Done()
+	cancel(nil)
+	wg.Wait()
+	if err := context.Cause(runCtx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	log.Info("tulled stopped; device, routes and lease stay for the next start", "tun", o.tunName)
+	return nil
+}
+
+// renew extends the lease every TTL/3. Losing it is fatal: the subnet's pods
+// are now someone else's addresses.
+func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, log *slog.Logger) error {
+	t := time.NewTicker(ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		nl, err := store.Renew(ctx, l)
+		if errors.Is(err, lease.ErrLost) {
+			return fmt.Errorf("lease %s: %w", l.Key(), err)
+		}
+		if err != nil {
+			log.Warn("renew lease", "subnet", l.Key(), "err", err)
+			continue
+		}
+		l = nl
+	}
+}
+
+// watchPeers applies every peer snapshot to the peer table.
+func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay, l lease.Lease, peers *tunnel.PeerTable, st *status, log *slog.Logger) error {
+	ch, err := store.WatchPeers(ctx, self)
+	if err != nil {
+		return fmt.Errorf("watch peers: %w", err)
+	}
+	known := map[string]netip.AddrPort{}
+	warned := map[string]string{}
+	for {
+		var snap []lease.Peer
+		select {
+		case <-ctx.Done():
+			return nil
+		case snap = <-ch:
+		}
+		var tp []tunnel.Peer
+		seen := map[string]netip.AddrPort{}
+		for _, p := range snap {
+			addr, why := peerAddr(u, p)
+			if why != "" {
+				if warned[p.Node] != why {
+					log.Warn("ignoring peer", "peer", p.Node, "reason", why)
+					warned[p.Node] = why
+				}
+				continue
+			}
+			delete(warned, p.Node)
+			tp = append(tp, tunnel.Peer{Name: p.Node, Addr: addr, Subnets: p.Subnets()})
+			seen[p.Node] = addr
+			if known[p.Node] != addr {
+				log.Info("peer up", "peer", p.Node, "addr", addr, "subnets", p.Subnets())
+			}
+		}
+		for n := range known {
+			if _, ok := seen[n]; !ok {
+				log.Info("peer gone", "peer", n)
+			}
+		}
+		known = seen
+		peers.Set(l.Subnets(), tp)
+		st.setPeers(snap)
+	}
+}
+
+// peerAddr picks the underlay address to reach p, or says why there is none.
+func peerAddr(u *underlay, p lease.Peer) (netip.AddrPort, string) {
+	if p.Attrs.Backend.Type != netconf.BackendUDP {
+		return netip.AddrPort{}, fmt.Sprintf("backend %q not supported", p.Attrs.Backend.Type)
+	}
+	if p.Attrs.Backend.Port == 0 {
+		return netip.AddrPort{}, "no port"
+	}
+	switch {
+	case u.ip4.IsValid() && p.Attrs.PublicIP.IsValid():
+		return netip.AddrPortFrom(p.Attrs.PublicIP, p.Attrs.Backend.Port), ""
+	case u.ip6.IsValid() && p.Attrs.PublicIPv6.IsValid():
+		return netip.AddrPortFrom(p.Attrs.PublicIPv6, p.Attrs.Backend.Port), ""
+	}
+	return netip.AddrPort{}, "no underlay address in a family this node has"
+}
+
+// cleanup removes what tulled added: routes, device, lease, run files.
+// Everything already gone counts as removed.
+func cleanup(o *options, log *slog.Logger) error {
+	var errs []error
+	if err := tunnel.Cleanup(o.tunName, networks(o.net)); err != nil {
+		errs = append(errs, err)
+	}
+	store, err := openStore(o, log)
+	if err == nil {
+		if l, ok, err := store.Lookup(o.node); err != nil {
+			errs = append(errs, err)
+		} else if ok {
+			errs = append(errs, store.Release(context.Background(), l))
+		}
+	} else {
+		errs = append(errs, err)
+	}
+	for _, f := range []string{"subnet.json", "tulled.sock"} {
+		if err := os.Remove(filepath.Join(o.runDir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	log.Info("cleaned up", "tun", o.tunName)
+	return nil
+}
+

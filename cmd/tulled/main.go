@@ -1,0 +1,160 @@
+// Command tulled is tulle's node daemon: it leases the node's pod subnet,
+// runs the userspace datapath between a TUN device and the underlay, and
+// keeps the device, its addresses and routes in place.
+//
+//	tulled [flags]           run
+//	tulled cleanup [flags]   remove what tulled added on this node
+//
+// Exit status: 0 on a clean stop, 2 for bad configuration (nothing was
+// created), 1 for anything else.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/lease/local"
+)
+
+// options are the parsed command line.
+type options struct {
+	netConf    string
+	node       string
+	iface      string
+	publicIP   string
+	publicIPv6 string
+	leaseDir   string
+	leaseTTL   time.Duration
+	runDir     string
+	tunName    string
+	gro        bool
+	udpGSO     bool
+	udpGRO     bool
+	logLevel   string
+
+	net *netconf.Config
+	pub netip.Addr
+	pb6 netip.Addr
+}
+
+// configError is bad input: exit 2, one line.
+type configError struct{ msg string }
+
+func (e *configError) Error() string { return e.msg }
+
+func badConfig(format string, a ...any) error { return &configError{fmt.Sprintf(format, a...)} }
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("tulled", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	host, _ := os.Hostname()
+	fs.StringVar(&o.netConf, "net-conf", "/etc/tulle/net-conf.json", "path of net-conf.json")
+	fs.StringVar(&o.node, "node-name", host, "this node's name in the lease store")
+	fs.StringVar(&o.iface, "iface", "", "underlay interface (default: the one holding --public-ip, else the default route's)")
+	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 underlay address peers send to (default: the first on --iface)")
+	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 underlay address peers send to")
+	fs.StringVar(&o.leaseDir, "lease-dir", "/var/lib/tulle/leases", "directory of the local lease store, shared by the nodes of a host")
+	fs.DurationVar(&o.leaseTTL, "lease-ttl", local.DefaultTTL, "lease lifetime without renewal")
+	fs.StringVar(&o.runDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
+	fs.StringVar(&o.tunName, "tun", "tulle0", "TUN device name")
+	fs.BoolVar(&o.gro, "tun-gro", true, "coalesce packets on TUN write (GRO) and pass UDP GSO through the TUN")
+	fs.BoolVar(&o.udpGSO, "udp-gso", true, "send trains with UDP_SEGMENT")
+	fs.BoolVar(&o.udpGRO, "udp-gro", true, "receive with UDP_GRO")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, badConfig("%v", err)
+	}
+	if fs.NArg() > 0 {
+		return nil, badConfig("unexpected argument %q", fs.Arg(0))
+	}
+	if o.node == "" {
+		return nil, badConfig("flag --node-name: empty (and no hostname)")
+	}
+	if strings.ContainsAny(o.node, "/\x00") {
+		return nil, badConfig("flag --node-name: %q contains '/'", o.node)
+	}
+	if len(o.tunName) == 0 || len(o.tunName) > 15 || strings.ContainsAny(o.tunName, "/ \x00") {
+		return nil, badConfig("flag --tun: %q is not a valid interface name (1-15 characters, no '/' or spaces)", o.tunName)
+	}
+	if o.leaseTTL < 2*time.Second {
+		return nil, badConfig("flag --lease-ttl: %s is too short (minimum 2s)", o.leaseTTL)
+	}
+	for _, f := range []struct {
+		name, val string
+		v6        bool
+		dst       *netip.Addr
+	}{{"--public-ip", o.publicIP, false, &o.pub}, {"--public-ipv6", o.publicIPv6, true, &o.pb6}} {
+		if f.val == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f.val)
+		if err != nil || a.Is6() != f.v6 || a.Zone() != "" {
+			return nil, badConfig("flag %s: %q is not an IPv%s address", f.name, f.val, map[bool]string{false: "4", true: "6"}[f.v6])
+		}
+		*f.dst = a
+	}
+	if _, err := slogLevel(o.logLevel); err != nil {
+		return nil, badConfig("flag --log-level: %v", err)
+	}
+	c, err := netconf.Load(o.netConf)
+	if err != nil {
+		return nil, badConfig("%v", err)
+	}
+	o.net = c
+	return o, nil
+}
+
+func slogLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(s))
+	return l, err
+}
+
+func main() {
+	args := os.Args[1:]
+	cmd := "run"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	if cmd != "run" && cmd != "cleanup" {
+		fmt.Fprintf(os.Stderr, "tulled: unknown command %q (want run or cleanup)\n", cmd)
+		os.Exit(2)
+	}
+	o, err := parseFlags(args, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tulled: %v\n", err)
+		os.Exit(2)
+	}
+	level, _ := slogLevel(o.logLevel)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("node", o.node)
+	slog.SetDefault(log)
+	if cmd == "cleanup" {
+		err = cleanup(o, log)
+	} else {
+		err = run(o, log)
+	}
+	var ce *configError
+	switch {
+	case errors.As(err, &ce):
+		fmt.Fprintf(os.Stderr, "tulled: %v\n", err)
+		os.Exit(2)
+	case err != nil:
+		log.Error("tulled failed", "err", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,228 @@
+// Package topo builds throwaway multi-node topologies on one host: a network
+// namespace per node, joined by veth pairs to a bridge in a namespace of its
+// own (the underlay, 198.18.0.0/24 and fd00:198::/64). The e2e tests, the
+// demo and the benchmark harness use it.
+//
+// Everything it creates carries a random suffix, so parallel and aborted
+// runs do not collide, and Close removes all of it (deleting a namespace
+// takes its links with it). It never touches the host's own interfaces.
+package topo
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+
+	"github.com/vishvananda/netns"
+)
+
+// Options shape a topology.
+type Options struct {
+	Nodes int
+	// MTU of the underlay links (default 1500).
+	MTU int
+	// Prefix starts the namespace names (default "tulle").
+	Prefix string
+}
+
+// Topology is a set of node namespaces on one bridged underlay.
+type Topology struct {
+	Suffix string
+	Bridge string // namespace holding the bridge
+	Nodes  []*Node
+	nss    []string
+}
+
+// Node is one namespace on the underlay.
+type Node struct {
+	Name string // short name: n1, n2, …
+	NS   string // namespace name
+	IP4  netip.Addr
+	IP6  netip.Addr
+	Link string // underlay interface inside the namespace
+}
+
+// Require returns why this host cannot build topologies, or "".
+func Require() string {
+	if os.Geteuid() != 0 {
+		return "needs root (network namespaces)"
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return "needs iproute2's ip"
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		return "needs /dev/net/tun"
+	}
+	return ""
+}
+
+// New builds a topology. On error, whatever was built is removed.
+func New(opt Options) (t *Topology, err error) {
+	if opt.Nodes < 1 {
+		return nil, errors.New("topo: need at least one node")
+	}
+	if opt.Nodes > 200 {
+		return nil, errors.New("topo: at most 200 nodes")
+	}
+	if opt.MTU == 0 {
+		opt.MTU = 1500
+	}
+	if opt.Prefix == "" {
+		opt.Prefix = "tulle"
+	}
+	var rnd [3]byte
+	rand.Read(rnd[:])
+	t = &Topology{Suffix: hex.EncodeToString(rnd[:])}
+	defer func() {
+		if err != nil {
+			t.Close()
+			t = nil
+		}
+	}()
+	t.Bridge = fmt.Sprintf("%s-%s-br", opt.Prefix, t.Suffix)
+	if err = t.addNS(t.Bridge); err != nil {
+		return t, err
+	}
+	if err = run("ip", "-n", t.Bridge, "link", "add", "br0", "mtu", fmt.Sprint(opt.MTU), "type", "bridge"); err != nil {
+		return t, err
+	}
+	if err = run("ip", "-n", t.Bridge, "link", "set", "br0", "up"); err != nil {
+		return t, err
+	}
+	for i := 1; i <= opt.Nodes; i++ {
+		n := &Node{
+			Name: fmt.Sprintf("n%d", i),
+			NS:   fmt.Sprintf("%s-%s-n%d", opt.Prefix, t.Suffix, i),
+			IP4:  netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
+			IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
+			Link: "eth0",
+		}
+		if err = t.addNS(n.NS); err != nil {
+			return t, err
+		}
+		port := fmt.Sprintf("p%d", i)
+		for _, c := range [][]string{
+			{"ip", "-n", n.NS, "link", "set", "lo", "up"},
+			{"ip", "-n", n.NS, "link", "add", n.Link, "mtu", fmt.Sprint(opt.MTU), "type", "veth", "peer", "name", port, "mtu", fmt.Sprint(opt.MTU), "netns", t.Bridge},
+			{"ip", "-n", t.Bridge, "link", "set", port, "master", "br0", "up"},
+			{"ip", "-n", n.NS, "addr", "add", n.IP4.String() + "/24", "dev", n.Link},
+			{"ip", "-n", n.NS, "addr", "add", n.IP6.String() + "/64", "dev", n.Link, "nodad"},
+			{"ip", "-n", n.NS, "link", "set", n.Link, "up"},
+		} {
+			if err = run(c[0], c[1:]...); err != nil {
+				return t, err
+			}
+		}
+		t.Nodes = append(t.Nodes, n)
+	}
+	return t, nil
+}
+
+func (t *Topology) addNS(name string) error {
+	if err := run("ip", "netns", "add", name); err != nil {
+		return err
+	}
+	t.nss = append(t.nss, name)
+	return nil
+}
+
+// Close removes every namespace the topology made (and so its links).
+// Processes still running in them must be stopped by their owners first.
+func (t *Topology) Close() error {
+	var errs []error
+	for i := len(t.nss) - 1; i >= 0; i-- {
+		if err := run("ip", "netns", "del", t.nss[i]); err != nil && !strings.Contains(err.Error(), "No such file") {
+			errs = append(errs, err)
+		}
+	}
+	t.nss = nil
+	return errors.Join(errs...)
+}
+
+// Command returns cmd to run inside the node's namespace.
+func (n *Node) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS, name}, args...)...)
+}
+
+// Run runs a command in the namespace and returns its combined output.
+func (n *Node) Run(name string, args ...string) (string, error) {
+	out, err := n.Command(context.Background(), name, args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s in %s: %w: %s", name, strings.Join(args, " "), n.NS, err, bytes.TrimSpace(out))
+	}
+	return string(out), nil
+}
+
+// Do runs fn on an OS thread switched into the namespace. Sockets fn
+// creates stay in that namespace for their whole life, so a test can dial
+// from one node to another in-process.
+func (n *Node) Do(fn func() error) error {
+	return DoIn(n.NS, fn)
+}
+
+// DoIn runs fn inside the named namespace.
+func DoIn(name string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		// The thread stays locked and dies with the goroutine if it could
+		// not be switched back, so no other goroutine runs in the namespace.
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromName(name)
+		if err != nil {
+			errc <- fmt.Errorf("namespace %s: %w", name, err)
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- err
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Listen opens a TCP listener inside the namespace.
+func (n *Node) Listen(addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := n.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err })
+	return ln, err
+}
+
+// Dial opens a TCP connection from inside the namespace.
+func (n *Node) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := n.Do(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, "tcp", addr)
+		return err
+	})
+	return c, err
+}
+
+func run(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
