@@ -387,4 +387,3 @@ func cleanup(o *options, log *slog.Logger) error {
 	log.Info("cleaned up", "tun", o.tunName)
 	return nil
 }
-

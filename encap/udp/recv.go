@@ -50,6 +50,10 @@ type partial struct {
 	buf    []byte
 	n      int
 	last   time.Time
+	// dropped is the id of the last train counted as incomplete, so its
+	// stray tail is not counted again.
+	dropped      uint16
+	droppedValid bool
 }
 
 func newReceiver(t *Transport, read readFunc, gro bool) *receiver {
@@ -238,9 +242,14 @@ func (r *receiver) inPlace(buf []byte, base int, h Header, dg []byte) (int, bool
 
 func (r *receiver) dropPartial() {
 	if p := r.partial[r.src]; p != nil && p.active {
-		p.active = false
-		r.t.ctr.Add(tunnel.DropIncomplete, 1)
+		p.drop(r.t.ctr)
 	}
+}
+
+func (p *partial) drop(ctr *tunnel.Counters) {
+	p.active = false
+	p.dropped, p.droppedValid = p.id, true
+	ctr.Add(tunnel.DropIncomplete, 1)
 }
 
 // slow rebuilds a train datagram by datagram in a per-peer buffer. Trains
@@ -262,15 +271,17 @@ func (r *receiver) slow(f *tunnel.Frame, h Header, payload []byte) (emitted, sto
 	}
 	if !p.active || h.FrameID != p.id || h.Index != p.next || h.Count != p.count {
 		if p.active {
-			p.active = false
+			p.drop(ctr)
+		} else if h.Index == h.Count-1 && (!p.droppedValid || p.dropped != h.FrameID) {
+			// The tail of a train whose start was lost.
+			p.dropped, p.droppedValid = h.FrameID, true
 			ctr.Add(tunnel.DropIncomplete, 1)
-		} else if h.Index == h.Count-1 {
-			ctr.Add(tunnel.DropIncomplete, 1) // the tail of a train whose start was lost
 		}
 		return false, false
 	}
 	if p.n+len(payload) > len(p.buf) {
 		p.active = false
+		p.dropped, p.droppedValid = p.id, true
 		ctr.Add(tunnel.DropBadHeader, 1)
 		return false, false
 	}

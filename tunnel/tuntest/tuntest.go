@@ -23,7 +23,7 @@ type ChanTUN struct {
 	Inbound chan Packet
 	// Outbound carries what the datapath wrote "to the kernel".
 	Outbound chan Packet
-	refused atomic.Int64
+	refused  atomic.Int64
 
 	closed chan struct{}
 	once   sync.Once

@@ -1,0 +1,260 @@
+package udp
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+
+	"golang.org/x/net/ipv4"
+
+	"github.com/tulle-net/tulle/tunnel"
+	"github.com/tulle-net/tulle/tunnel/tuntest"
+)
+
+func TestHeaderRoundTrip(t *testing.T) {
+	tests := []Header{
+		{Type: TypePacket, Count: 1},
+		{Type: TypeFrame, FrameID: 0xbeef, Index: 0, Count: 1},
+		{Type: TypeFrame, FrameID: 1, Index: 44, Count: 45},
+		{Type: TypeFrame, FrameID: 65535, Index: 254, Count: 255},
+	}
+	for _, h := range tests {
+		b := make([]byte, HeaderLen)
+		h.Marshal(b)
+		got, err := ParseHeader(b)
+		h.Len = HeaderLen
+		if err != nil || got != h {
+			t.Errorf("round trip of %+v: got %+v, %v", h, got, err)
+		}
+	}
+}
+
+func TestParseHeaderRejects(t *testing.T) {
+	tests := []struct {
+		name string
+		b    []byte
+		want error
+	}{
+		{"empty", nil, ErrShort},
+		{"short", []byte{0x11, 2, 0, 0, 0, 1, 0}, ErrShort},
+		{"version 0", []byte{0x01, 2, 0, 0, 0, 1, 0, 0}, ErrVersion},
+		{"version 2", []byte{0x21, 2, 0, 0, 0, 1, 0, 0}, ErrVersion},
+		{"hlen 1", []byte{0x11, 1, 0, 0, 0, 1, 0, 0}, ErrBadHeader},
+		{"hlen past end", []byte{0x11, 3, 0, 0, 0, 1, 0, 0}, ErrBadHeader},
+		{"count 0", []byte{0x12, 2, 0, 0, 0, 0, 0, 0}, ErrBadHeader},
+		{"index ≥ count", []byte{0x12, 2, 0, 0, 3, 3, 0, 0}, ErrBadHeader},
+		{"packet with count 2", []byte{0x11, 2, 0, 0, 0, 2, 0, 0}, ErrBadHeader},
+		{"unknown type", []byte{0x1f, 2, 0, 0, 0, 1, 0, 0}, ErrBadHeader},
+	}
+	for _, tt := range tests {
+		if _, err := ParseHeader(tt.b); !errors.Is(err, tt.want) {
+			t.Errorf("%s: ParseHeader = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+	// A longer header (a future extension) is skipped, not rejected.
+	ext := []byte{0x11, 3, 0, 0, 0, 1, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd, 0x45}
+	if h, err := ParseHeader(ext); err != nil || h.Len != 12 {
+		t.Errorf("extended header: %+v, %v", h, err)
+	}
+}
+
+// fakeReader serves prepared messages to a receiver, as recvmmsg would.
+type fakeReader struct {
+	msgs []fakeMsg
+}
+
+type fakeMsg struct {
+	data []byte
+	gso  int
+	src  netip.AddrPort
+}
+
+func (f *fakeReader) read(ms []ipv4.Message, _ int) (int, error) {
+	if len(f.msgs) == 0 {
+		return 0, net.ErrClosed
+	}
+	n := 0
+	for n < len(ms) && len(f.msgs) > 0 {
+		m := f.msgs[0]
+		f.msgs = f.msgs[1:]
+		ms[n].N = copy(ms[n].Buffers[0], m.data)
+		ms[n].NN = 0
+		if m.gso > 0 {
+			ms[n].NN = len(groCmsg(ms[n].OOB, m.gso))
+		}
+		ms[n].Addr = net.UDPAddrFromAddrPort(m.src)
+		n++
+	}
+	return n, nil
+}
+
+func groCmsg(b []byte, gso int) []byte {
+	out := putSegmentCmsg(b, uint16(gso))
+	h := out[:16]
+	h[12] = 104 // UDP_GRO rather than UDP_SEGMENT
+	return out
+}
+
+func testTransport() *Transport {
+	return &Transport{opt: Options{Accept: func(a netip.Addr) bool { return a != netip.MustParseAddr("198.18.0.66") }},
+		ctr: &tunnel.Counters{}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+}
+
+// layout runs the sender's train layout for one frame and returns the
+// datagrams it would put on the wire.
+func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
+	tr := testTransport()
+	tr.sender.init(tr)
+	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
+	sk := &socket{maxDg: maxDg}
+	tr.sender.train(sk, nil, &f) // lays out only: no socket is touched
+	p := tr.sender.pend[0]
+	var dgs [][]byte
+	for b := p.buf; len(b) > 0; {
+		n := min(len(b), p.seg)
+		dgs = append(dgs, append([]byte(nil), b[:n]...))
+		b = b[n:]
+	}
+	return dgs
+}
+
+func TestTrainReassembly(t *testing.T) {
+	src := netip.MustParseAddrPort("198.18.0.2:8285")
+	pkt := tuntest.TCP(netip.MustParseAddr("100.96.2.1"), netip.MustParseAddr("100.96.1.1"), 20000)
+	o := tuntest.TSO(pkt, 1400)
+	dgs := layout(pkt, o, 1472)
+	if len(dgs) != 14 {
+		t.Fatalf("20040-byte packet laid out in %d datagrams, want 14", len(dgs))
+	}
+	joined := bytes.Join(dgs, nil)
+	split := func(dgs ...[]byte) []fakeMsg {
+		var m []fakeMsg
+		for _, d := range dgs {
+			m = append(m, fakeMsg{data: d, src: src})
+		}
+		return m
+	}
+	tests := []struct {
+		name       string
+		msgs       []fakeMsg
+		frames     int
+		incomplete uint64
+	}{
+		{"one GRO message (in place)", []fakeMsg{{data: joined, gso: 1472, src: src}}, 1, 0},
+		{"datagram by datagram", split(dgs...), 1, 0},
+		{"GRO split in two", []fakeMsg{{data: bytes.Join(dgs[:5], nil), gso: 1472, src: src}, {data: bytes.Join(dgs[5:], nil), gso: 1472, src: src}}, 1, 0},
+		{"lost middle datagram", split(append(append([][]byte{}, dgs[:6]...), dgs[7:]...)...), 0, 1},
+		{"lost first datagram", split(dgs[1:]...), 0, 1},
+		{"reordered", split(append(append(append([][]byte{}, dgs[:3]...), dgs[4], dgs[3]), dgs[5:]...)...), 0, 1},
+		{"duplicate then whole", split(append(append([][]byte{}, dgs[:3]...), dgs...)...), 1, 1},
+		{"unknown source", []fakeMsg{{data: joined, gso: 1472, src: netip.MustParseAddrPort("198.18.0.66:8285")}}, 0, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tr := testTransport()
+			fr := &fakeReader{msgs: tt.msgs}
+			r := newReceiver(tr, fr.read, true)
+			frames := make([]tunnel.Frame, 4)
+			got := 0
+			for {
+				n, err := r.receive(frames)
+				if err != nil {
+					break
+				}
+				for _, f := range frames[:n] {
+					if !bytes.Equal(f.Packet(), pkt) || f.Offload != o || f.Addr != src {
+						t.Fatalf("frame differs: %d bytes (want %d), offload %+v (want %+v), from %s", len(f.Packet()), len(pkt), f.Offload, o, f.Addr)
+					}
+					if f.Off < 0 || f.Off > len(f.Buf) {
+						t.Fatal("bad offset")
+					}
+				}
+				got += n
+			}
+			if got != tt.frames {
+				t.Errorf("got %d frames, want %d", got, tt.frames)
+			}
+			if n := tr.ctr.Get(tunnel.DropIncomplete); n != tt.incomplete {
+				t.Errorf("drop_incomplete = %d, want %d", n, tt.incomplete)
+			}
+		})
+	}
+}
+
+func TestReceiveManySmallPacketsInOneGROMessage(t *testing.T) {
+	// 40 PACKET datagrams coalesced by GRO, read with room for 16 frames a
+	// call: all 40 come out, in order, over three calls.
+	src := netip.MustParseAddrPort("198.18.0.2:8285")
+	var msg []byte
+	var want [][]byte
+	for i := range 40 {
+		p := tuntest.TCP(netip.MustParseAddr("100.96.2.1"), netip.MustParseAddr("100.96.1.1"), 500)
+		p[30] = byte(i)
+		want = append(want, p)
+		h := make([]byte, HeaderLen)
+		Header{Type: TypePacket, Count: 1}.Marshal(h)
+		msg = append(append(msg, h...), p...)
+	}
+	tr := testTransport()
+	r := newReceiver(tr, (&fakeReader{msgs: []fakeMsg{{data: msg, gso: HeaderLen + 540, src: src}}}).read, true)
+	frames := make([]tunnel.Frame, 16)
+	var got [][]byte
+	for {
+		n, err := r.receive(frames)
+		if err != nil {
+			break
+		}
+		for _, f := range frames[:n] {
+			got = append(got, append([]byte(nil), f.Packet()...))
+		}
+	}
+	if len(got) != 40 {
+		t.Fatalf("got %d packets, want 40", len(got))
+	}
+	for i := range got {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Fatalf("packet %d differs", i)
+		}
+	}
+}
+
+// FuzzDecap feeds arbitrary datagrams (and GRO segment sizes) to the
+// receive path and then through the offload check the TUN applies before
+// anything reaches the kernel. It must never panic, and every frame it
+// yields must lie inside its buffer.
+func FuzzDecap(f *testing.F) {
+	pkt := tuntest.TCP(netip.MustParseAddr("100.96.2.1"), netip.MustParseAddr("100.96.1.1"), 3000)
+	f.Add(bytes.Join(layout(pkt, tuntest.TSO(pkt, 1400), 1472), nil), uint16(1472))
+	f.Add(bytes.Join(layout(pkt, tuntest.TSO(pkt, 1400), 600), nil), uint16(600))
+	f.Add([]byte{0x11, 2, 0, 0, 0, 1, 0, 0, 0x45}, uint16(0))
+	f.Add([]byte{0x12, 2, 0, 1, 0, 1, 0, 0, 1, 1, 0, 50, 0, 20, 0, 16}, uint16(0))
+	f.Add([]byte{0x12, 3, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0x12, 2, 0, 1, 1, 2, 0, 0}, uint16(12))
+	f.Fuzz(func(t *testing.T, data []byte, gso uint16) {
+		if len(data) > 65535 {
+			return
+		}
+		tr := testTransport()
+		src := netip.MustParseAddrPort("198.18.0.2:8285")
+		fr := &fakeReader{msgs: []fakeMsg{{data: data, gso: int(gso), src: src}, {data: data, src: src}}}
+		r := newReceiver(tr, fr.read, true)
+		frames := make([]tunnel.Frame, 3)
+		for range 1000 {
+			n, err := r.receive(frames)
+			if err != nil {
+				return
+			}
+			for _, fr := range frames[:n] {
+				if fr.Off < 0 || fr.Off > len(fr.Buf) {
+					t.Fatalf("frame offset %d outside buffer of %d", fr.Off, len(fr.Buf))
+				}
+				tunnel.Addrs(fr.Packet())
+				tunnel.ValidateOffload(fr.Packet(), fr.Offload)
+			}
+		}
+		t.Fatal("receiver did not finish the input")
+	})
+}
