@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/lease/local"
@@ -244,7 +245,7 @@ func run(o *options, log *slog.Logger) error {
 	}
 
 	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: mtu, started: time.Now()}
-	srv, err := serveStatus(filepath.Join(o.runDir, "tulled.sock"), st, log)
+	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {
 		dev.Close()
 		tr.Close()
@@ -376,7 +377,7 @@ func cleanup(o *options, log *slog.Logger) error {
 	} else {
 		errs = append(errs, err)
 	}
-	for _, f := range []string{"subnet.json", "tulled.sock"} {
+	for _, f := range []string{"subnet.json", api.SocketName} {
 		if err := os.Remove(filepath.Join(o.runDir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
 )
@@ -34,22 +35,12 @@ func (s *status) setPeers(p []lease.Peer) {
 	s.mu.Unlock()
 }
 
-// Status is the JSON document of the status API.
-type Status struct {
-	Node     string            `json:"node"`
-	Lease    lease.Lease       `json:"lease"`
-	MTU      int               `json:"mtu"`
-	Uptime   string            `json:"uptime"`
-	Peers    []tunnel.Peer     `json:"peers"`
-	Counters map[string]uint64 `json:"counters"`
-}
-
 func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != "/v1/status" {
+	if r.URL.Path != api.StatusPath {
 		http.NotFound(w, r)
 		return
 	}
-	doc := Status{Node: s.node, Lease: s.lease, MTU: s.mtu, Uptime: time.Since(s.started).Round(time.Second).String(),
+	doc := api.Status{Node: s.node, PID: os.Getpid(), Lease: s.lease, MTU: s.mtu, Uptime: time.Since(s.started).Round(time.Second).String(),
 		Peers: s.peers.Peers(), Counters: s.ctr.Snapshot()}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)

@@ -40,6 +40,8 @@ type Topology struct {
 	Bridge string // namespace holding the bridge
 	Nodes  []*Node
 	nss    []string
+	prefix string
+	mtu    int
 }
 
 // Node is one namespace on the underlay.
@@ -98,33 +100,47 @@ func New(opt Options) (t *Topology, err error) {
 	if err = run("ip", "-n", t.Bridge, "link", "set", "br0", "up"); err != nil {
 		return t, err
 	}
-	for i := 1; i <= opt.Nodes; i++ {
-		n := &Node{
-			Name: fmt.Sprintf("n%d", i),
-			NS:   fmt.Sprintf("%s-%s-n%d", opt.Prefix, t.Suffix, i),
-			IP4:  netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
-			IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
-			Link: "eth0",
-		}
-		if err = t.addNS(n.NS); err != nil {
+	t.prefix, t.mtu = opt.Prefix, opt.MTU
+	for range opt.Nodes {
+		if _, err = t.AddNode(); err != nil {
 			return t, err
 		}
-		port := fmt.Sprintf("p%d", i)
-		for _, c := range [][]string{
-			{"ip", "-n", n.NS, "link", "set", "lo", "up"},
-			{"ip", "-n", n.NS, "link", "add", n.Link, "mtu", fmt.Sprint(opt.MTU), "type", "veth", "peer", "name", port, "mtu", fmt.Sprint(opt.MTU), "netns", t.Bridge},
-			{"ip", "-n", t.Bridge, "link", "set", port, "master", "br0", "up"},
-			{"ip", "-n", n.NS, "addr", "add", n.IP4.String() + "/24", "dev", n.Link},
-			{"ip", "-n", n.NS, "addr", "add", n.IP6.String() + "/64", "dev", n.Link, "nodad"},
-			{"ip", "-n", n.NS, "link", "set", n.Link, "up"},
-		} {
-			if err = run(c[0], c[1:]...); err != nil {
-				return t, err
-			}
-		}
-		t.Nodes = append(t.Nodes, n)
 	}
 	return t, nil
+}
+
+// AddNode adds one more node namespace on the underlay.
+func (t *Topology) AddNode() (*Node, error) {
+	i := len(t.Nodes) + 1
+	if i > 250 {
+		return nil, errors.New("topo: underlay full")
+	}
+	n := &Node{
+		Name: fmt.Sprintf("n%d", i),
+		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
+		IP4:  netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
+		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
+		Link: "eth0",
+	}
+	if err := t.addNS(n.NS); err != nil {
+		return nil, err
+	}
+	port := fmt.Sprintf("p%d", i)
+	mtu := fmt.Sprint(t.mtu)
+	for _, c := range [][]string{
+		{"ip", "-n", n.NS, "link", "set", "lo", "up"},
+		{"ip", "-n", n.NS, "link", "add", n.Link, "mtu", mtu, "type", "veth", "peer", "name", port, "mtu", mtu, "netns", t.Bridge},
+		{"ip", "-n", t.Bridge, "link", "set", port, "master", "br0", "up"},
+		{"ip", "-n", n.NS, "addr", "add", n.IP4.String() + "/24", "dev", n.Link},
+		{"ip", "-n", n.NS, "addr", "add", n.IP6.String() + "/64", "dev", n.Link, "nodad"},
+		{"ip", "-n", n.NS, "link", "set", n.Link, "up"},
+	} {
+		if err := run(c[0], c[1:]...); err != nil {
+			return nil, err
+		}
+	}
+	t.Nodes = append(t.Nodes, n)
+	return n, nil
 }
 
 func (t *Topology) addNS(name string) error {

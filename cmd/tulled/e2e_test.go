@@ -1,0 +1,491 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+var (
+	buildOnce sync.Once
+	tulledBin string
+	buildErr  error
+)
+
+// requireNetns skips tests that need root and network namespaces.
+func requireNetns(t *testing.T) {
+	t.Helper()
+	if why := topo.Require(); why != "" {
+		t.Skipf("end-to-end test skipped: %s", why)
+	}
+	for _, tool := range []string{"ping"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("end-to-end test skipped: needs %s (iputils-ping)", tool)
+		}
+	}
+}
+
+// tulled builds the daemon once per test binary.
+func tulled(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "tulled-e2e-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		tulledBin = filepath.Join(dir, "tulled")
+		out, err := exec.Command("go", "build", "-o", tulledBin, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return tulledBin
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if tulledBin != "" {
+		os.RemoveAll(filepath.Dir(tulledBin))
+	}
+	os.Exit(code)
+}
+
+// startCluster builds n namespaces and runs tulled in each; everything is
+// removed when the test ends, also on failure.
+func startCluster(t *testing.T, n int, opt cluster.Options) *cluster.Cluster {
+	t.Helper()
+	requireNetns(t)
+	opt.Tulled = tulled(t)
+	opt.Dir = t.TempDir()
+	tp, err := topo.New(topo.Options{Nodes: n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cluster.New(tp, opt)
+	if err != nil {
+		tp.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range c.Nodes {
+				t.Logf("log of %s:\n%s", n.Name, n.Log())
+			}
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("cluster cleanup: %v", err)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func addr(t *testing.T, n *cluster.Node, v6 bool) netip.Addr {
+	t.Helper()
+	a, err := n.Addr(context.Background(), v6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func ping(t *testing.T, from *cluster.Node, to netip.Addr) {
+	t.Helper()
+	if out, err := from.Run("ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", to.String()); err != nil {
+		t.Errorf("ping %s from %s failed: %v\n%s", to, from.Name, err, out)
+	}
+}
+
+func counter(t *testing.T, n *cluster.Node, name string) uint64 {
+	t.Helper()
+	s, err := n.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, ok := s.Counters[name]
+	if !ok {
+		t.Fatalf("no counter %q", name)
+	}
+	return v
+}
+
+func waitCounter(t *testing.T, n *cluster.Node, name string, atLeast uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for counter(t, n, name) < atLeast {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: counter %s = %d, want ≥ %d", n.Name, name, counter(t, n, name), atLeast)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// pattern is a deterministic byte stream, so the far end's checksum can be
+// compared with one computed independently.
+type pattern struct{ n uint64 }
+
+func (p *pattern) Read(b []byte) (int, error) {
+	for i := range b {
+		b[i] = byte(p.n*2654435761>>13) ^ byte(p.n)
+		p.n++
+	}
+	return len(b), nil
+}
+
+// transfer sends size bytes over TCP from one node to another's overlay
+// address and returns the checksums at both ends. pace > 0 spreads the
+// transfer over at least that long (so a restart can land in the middle).
+func transfer(t *testing.T, from, to *cluster.Node, dst netip.Addr, size int64, pace time.Duration) (sent, got [32]byte) {
+	t.Helper()
+	ln, err := to.Listen(net.JoinHostPort(dst.String(), "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type result struct {
+		sum [32]byte
+		n   int64
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		var s [32]byte
+		copy(s[:], h.Sum(nil))
+		res <- result{s, n, err}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, err := from.Dial(ctx, ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	h := sha256.New()
+	src := io.TeeReader(io.LimitReader(&pattern{}, size), h)
+	start := time.Now()
+	const chunk = 1 << 20
+	for written := int64(0); written < size; {
+		n, err := io.CopyN(c, src, min(chunk, size-written))
+		written += n
+		if err != nil {
+			t.Fatalf("send after %d bytes: %v", written, err)
+		}
+		if pace > 0 {
+			if due := time.Duration(float64(pace) * float64(written) / float64(size)); time.Since(start) < due {
+				time.Sleep(due - time.Since(start))
+			}
+		}
+	}
+	c.(*net.TCPConn).CloseWrite()
+	r := <-res
+	c.Close()
+	if r.err != nil {
+		t.Fatalf("receive: %v", r.err)
+	}
+	if r.n != size {
+		t.Fatalf("received %d bytes, want %d", r.n, size)
+	}
+	copy(sent[:], h.Sum(nil))
+	return sent, r.sum
+}
+
+func TestThreeNodes(t *testing.T) {
+	c := startCluster(t, 3, cluster.Options{})
+	ns := c.Nodes
+
+	t.Run("ping all pairs IPv4 and IPv6", func(t *testing.T) {
+		for _, from := range ns {
+			for _, to := range ns {
+				if from != to {
+					ping(t, from, addr(t, to, false))
+					ping(t, from, addr(t, to, true))
+				}
+			}
+		}
+	})
+
+	t.Run("200 MB TCP transfer intact", func(t *testing.T) {
+		sent, got := transfer(t, ns[0], ns[1], addr(t, ns[1], false), 200<<20, 0)
+		if sent != got {
+			t.Fatalf("checksum mismatch: sent %x, received %x", sent, got)
+		}
+	})
+
+	t.Run("datagrams from a non-peer are dropped and counted", func(t *testing.T) {
+		intruder, err := c.Topo.AddNode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := counter(t, ns[0], "drop_unknown_source")
+		// A well-formed tulle datagram carrying a packet for n1's subnet.
+		pkt := ipv4Packet(intruder.IP4, addr(t, ns[0], false), 17, 32)
+		d := append([]byte{0x11, 2, 0, 0, 0, 1, 0, 0}, pkt...)
+		err = intruder.Do(func() error {
+			conn, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: ns[0].IP4.AsSlice(), Port: 8285})
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			for range 5 {
+				if _, err := conn.Write(d); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitCounter(t, ns[0], "drop_unknown_source", before+5)
+	})
+
+	t.Run("spoofed inner sources are dropped and counted", func(t *testing.T) {
+		before := counter(t, ns[1], "drop_spoofed")
+		// n1 sends packets whose source lies in n3's subnet to n2: n1's
+		// kernel routes them into tulle0, n1's tulled forwards them, n2
+		// must refuse them because n1 does not own that source.
+		spoofSrc := addr(t, ns[2], false).Next()
+		pkt := ipv4Packet(spoofSrc, addr(t, ns[1], false), 17, 32)
+		err := ns[0].Do(func() error {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			to := &unix.SockaddrInet4{Addr: addr(t, ns[1], false).As4()}
+			for range 3 {
+				if err := unix.Sendto(fd, pkt, 0, to); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitCounter(t, ns[1], "drop_spoofed", before+3)
+	})
+
+	t.Run("a peer that leaves is removed from every table", func(t *testing.T) {
+		if err := ns[2].Stop(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := ns[2].Cleanup(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		for _, n := range ns[:2] {
+			if err := n.WaitPeers(ctx, 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if out, err := ns[2].Run("ip", "link", "show", "tulle0"); err == nil {
+			t.Errorf("cleanup left tulle0 behind: %s", out)
+		}
+	})
+}
+
+// ipv4Packet builds an IPv4 packet with a valid header checksum.
+func ipv4Packet(src, dst netip.Addr, proto byte, payload int) []byte {
+	p := make([]byte, 20+payload)
+	p[0], p[8], p[9] = 0x45, 64, proto
+	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	s, d := src.As4(), dst.As4()
+	copy(p[12:], s[:])
+	copy(p[16:], d[:])
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(p[i:]))
+	}
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	binary.BigEndian.PutUint16(p[10:], ^uint16(sum))
+	if proto == 17 {
+		binary.BigEndian.PutUint16(p[20:], 40000)
+		binary.BigEndian.PutUint16(p[22:], 9)
+		binary.BigEndian.PutUint16(p[24:], uint16(payload))
+	}
+	return p
+}
+
+func TestRestartDuringTransfer(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		t.Run(sig.String(), func(t *testing.T) {
+			c := startCluster(t, 2, cluster.Options{})
+			a, b := c.Nodes[0], c.Nodes[1]
+			dst := addr(t, b, false)
+			done := make(chan [2][32]byte, 1)
+			go func() {
+				s, g := transfer(t, a, b, dst, 200<<20, 4*time.Second)
+				done <- [2][32]byte{s, g}
+			}()
+			time.Sleep(1200 * time.Millisecond)
+			if err := b.Stop(sig); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := b.Run("ip", "route", "show", "dev", "tulle0"); err != nil || !strings.Contains(out, "100.96.0.0/12") {
+				t.Fatalf("after %v the route via tulle0 is gone: %v %s", sig, err, out)
+			}
+			restart := time.Now()
+			if err := b.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.WaitPeers(context.Background(), 1); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("tulled back with its peer %v after the %v restart", time.Since(restart).Round(time.Millisecond), sig)
+			select {
+			case r := <-done:
+				if r[0] != r[1] {
+					t.Fatalf("checksum mismatch after restart: sent %x, received %x", r[0], r[1])
+				}
+			case <-time.After(90 * time.Second):
+				t.Fatal("transfer did not finish after the restart")
+			}
+			if got := addr(t, b, false); got != dst {
+				t.Errorf("restart changed the subnet: %s → %s", dst, got)
+			}
+		})
+	}
+}
+
+func TestIPv6Underlay(t *testing.T) {
+	c := startCluster(t, 2, cluster.Options{IPv6Underlay: true})
+	a, b := c.Nodes[0], c.Nodes[1]
+	ping(t, a, addr(t, b, false))
+	ping(t, b, addr(t, a, true))
+	s, err := a.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.Peers) != 1 || !s.Peers[0].Addr.Addr().Is6() {
+		t.Fatalf("peer not reached over IPv6: %+v", s.Peers)
+	}
+	if s.MTU != 1500-40-8-16 {
+		t.Errorf("MTU over an IPv6 underlay = %d, want %d", s.MTU, 1500-40-8-16)
+	}
+	sent, got := transfer(t, a, b, addr(t, b, true), 50<<20, 0)
+	if sent != got {
+		t.Fatal("checksum mismatch over the IPv6 underlay")
+	}
+}
+
+func TestSelfHealing(t *testing.T) {
+	c := startCluster(t, 2, cluster.Options{})
+	a, b := c.Nodes[0], c.Nodes[1]
+	for _, cmd := range [][]string{
+		{"ip", "route", "del", "100.96.0.0/12", "dev", "tulle0"},
+		{"ip", "-6", "route", "del", "fd00:96::/56", "dev", "tulle0"},
+		{"ip", "addr", "flush", "dev", "tulle0", "scope", "global"},
+		{"ip", "link", "set", "tulle0", "down"},
+		{"ip", "link", "set", "tulle0", "mtu", "9000"},
+	} {
+		if out, err := a.Run(cmd[0], cmd[1:]...); err != nil {
+			t.Fatalf("%v: %v %s", cmd, err, out)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			route, _ := a.Run("ip", "route", "show", "dev", "tulle0")
+			route6, _ := a.Run("ip", "-6", "route", "show", "dev", "tulle0")
+			link, _ := a.Run("ip", "link", "show", "tulle0")
+			if strings.Contains(route, "100.96.0.0/12") && strings.Contains(route6, "fd00:96::/56") && strings.Contains(link, ",UP") && strings.Contains(link, "mtu 1456") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after %v, not repaired within 10s:\n%s%s%s", cmd, route, route6, link)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	ping(t, a, addr(t, b, false))
+	ping(t, a, addr(t, b, true))
+}
+
+func TestBadConfigCreatesNothing(t *testing.T) {
+	requireNetns(t)
+	bin := tulled(t)
+	tp, err := topo.New(topo.Options{Nodes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.Close() })
+	n := tp.Nodes[0]
+	dir := t.TempDir()
+	good := cluster.DefaultNetConf
+	tests := []struct {
+		name    string
+		netConf string
+		args    []string
+		want    string
+	}{
+		{"bad field", `{"Network":"100.96.0.0/12","SubnetLen":"24"}`, nil, "SubnetLen"},
+		{"unknown backend", `{"Network":"100.96.0.0/12","Backend":{"Type":"ipip"}}`, nil, "Backend.Type"},
+		{"no such interface", good, []string{"--iface", "nope0"}, "--iface"},
+		{"address not local", good, []string{"--public-ip", "198.18.0.99"}, "198.18.0.99"},
+		{"bad tun name", good, []string{"--tun", "this-name-is-far-too-long"}, "--tun"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conf := filepath.Join(dir, "net-conf.json")
+			os.WriteFile(conf, []byte(tt.netConf), 0o644)
+			leases, run := filepath.Join(dir, tt.name, "leases"), filepath.Join(dir, tt.name, "run")
+			args := append([]string{"--net-conf", conf, "--node-name", "n1", "--lease-dir", leases, "--run-dir", run}, tt.args...)
+			cmd := n.Command(context.Background(), bin, args...)
+			var stderr strings.Builder
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			ee, ok := err.(*exec.ExitError)
+			if !ok || ee.ExitCode() != 2 {
+				t.Fatalf("exit = %v, want status 2; stderr: %s", err, stderr.String())
+			}
+			msg := strings.TrimSpace(stderr.String())
+			if strings.Count(msg, "\n") != 0 || !strings.Contains(msg, tt.want) {
+				t.Errorf("stderr = %q, want one line naming %s", msg, tt.want)
+			}
+			for _, p := range []string{leases, run} {
+				if _, err := os.Stat(p); err == nil {
+					t.Errorf("%s was created", p)
+				}
+			}
+			if out, err := n.Run("ip", "link", "show", "tulle0"); err == nil {
+				t.Errorf("tulle0 was created: %s", out)
+			}
+		})
+	}
+}
