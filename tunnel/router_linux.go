@@ -40,8 +40,9 @@ type RouterConfig struct {
 // repairing whatever someone else changes. It only ever touches the link it
 // is given and routes through it.
 type Router struct {
-	cfg RouterConfig
-	log *slog.Logger
+	cfg     RouterConfig
+	log     *slog.Logger
+	noLLSet bool // addr_gen_mode none applied once this process
 }
 
 // NewRouter returns a router; call Reconcile once, then Run.
@@ -68,6 +69,16 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 		return nil, fmt.Errorf("link %s: %w", r.cfg.Link, err)
 	}
 	attrs := link.Attrs()
+	if !r.noLLSet {
+		// No IPv6 link-local address on the TUN: nothing there speaks
+		// neighbour discovery, and without it the kernel sends no router
+		// solicitations or MLD reports that no peer could take.
+		const in6AddrGenModeNone = 1
+		if err := netlink.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil {
+			r.log.Debug("set addr_gen_mode none", "err", err)
+		}
+		r.noLLSet = true
+	}
 	if attrs.MTU != r.cfg.MTU {
 		if err := netlink.LinkSetMTU(link, r.cfg.MTU); err != nil {
 			return repaired, fmt.Errorf("set mtu %d on %s: %w", r.cfg.MTU, r.cfg.Link, err)

@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -145,82 +143,16 @@ func waitCounter(t *testing.T, n *cluster.Node, name string, atLeast uint64) {
 	}
 }
 
-// pattern is a deterministic byte stream, so the far end's checksum can be
-// compared with one computed independently.
-type pattern struct{ n uint64 }
-
-func (p *pattern) Read(b []byte) (int, error) {
-	for i := range b {
-		b[i] = byte(p.n*2654435761>>13) ^ byte(p.n)
-		p.n++
-	}
-	return len(b), nil
-}
-
-// transfer sends size bytes over TCP from one node to another's overlay
-// address and returns the checksums at both ends. pace > 0 spreads the
-// transfer over at least that long (so a restart can land in the middle).
+// transfer runs cluster.Transfer and fails the test on error.
 func transfer(t *testing.T, from, to *cluster.Node, dst netip.Addr, size int64, pace time.Duration) (sent, got [32]byte) {
 	t.Helper()
-	ln, err := to.Listen(net.JoinHostPort(dst.String(), "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	type result struct {
-		sum [32]byte
-		n   int64
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			res <- result{err: err}
-			return
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(2 * time.Minute))
-		h := sha256.New()
-		n, err := io.Copy(h, c)
-		var s [32]byte
-		copy(s[:], h.Sum(nil))
-		res <- result{s, n, err}
-	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	c, err := from.Dial(ctx, ln.Addr().String())
+	r, err := cluster.Transfer(ctx, from, to, dst, size, pace)
 	if err != nil {
-		t.Fatal(err)
+		t.Error(err)
 	}
-	c.SetDeadline(time.Now().Add(2 * time.Minute))
-	h := sha256.New()
-	src := io.TeeReader(io.LimitReader(&pattern{}, size), h)
-	start := time.Now()
-	const chunk = 1 << 20
-	for written := int64(0); written < size; {
-		n, err := io.CopyN(c, src, min(chunk, size-written))
-		written += n
-		if err != nil {
-			t.Fatalf("send after %d bytes: %v", written, err)
-		}
-		if pace > 0 {
-			if due := time.Duration(float64(pace) * float64(written) / float64(size)); time.Since(start) < due {
-				time.Sleep(due - time.Since(start))
-			}
-		}
-	}
-	c.(*net.TCPConn).CloseWrite()
-	r := <-res
-	c.Close()
-	if r.err != nil {
-		t.Fatalf("receive: %v", r.err)
-	}
-	if r.n != size {
-		t.Fatalf("received %d bytes, want %d", r.n, size)
-	}
-	copy(sent[:], h.Sum(nil))
-	return sent, r.sum
+	return r.Sent, r.Received
 }
 
 func TestThreeNodes(t *testing.T) {

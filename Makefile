@@ -1,0 +1,34 @@
+# tulle — see README.md. Everything that needs root (namespaces, TUN) is
+# skipped with a reason when not run as root.
+
+GO      ?= go
+BIN     := bin
+CMDS    := tulled tullectl
+
+.PHONY: all build demo test unit fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+
+## demo: three nodes in network namespaces, the local lease store, pings and a TCP transfer (root).
+demo: build
+	$(BIN)/tullectl demo --tulled $(BIN)/tulled
+
+## test: vet, unit tests, the no-root datapath test, the decap fuzz corpus and the namespace e2e tests (root).
+test:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
+	$(GO) test -count=1 -timeout 20m ./...
+
+unit:
+	$(GO) test -count=1 -short ./...
+
+## fuzz: run the decap fuzzer for FUZZTIME (default 60s).
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzDecap -fuzztime $(FUZZTIME) ./encap/udp/
+
+clean:
+	rm -rf $(BIN)
