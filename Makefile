@@ -30,5 +30,12 @@ FUZZTIME ?= 60s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecap -fuzztime $(FUZZTIME) ./encap/udp/
 
+## bench: iperf3 TCP over raw veth, kernel VXLAN and tulle-udp, interleaved (root, iperf3).
+BENCH_ROUNDS ?= 3
+BENCH_SECONDS ?= 10
+bench: build
+	TULLED=$(CURDIR)/$(BIN)/tulled BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SECONDS=$(BENCH_SECONDS) \
+		$(GO) test -run '^$$' -bench Overlays -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
+
 clean:
 	rm -rf $(BIN)
