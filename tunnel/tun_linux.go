@@ -234,8 +234,10 @@ func (t *TUN) writeRaw(f *Frame) error {
 		return nil
 	}
 	putVirtioHdr(t.vhdr[:], f.Offload, hdrLen)
-	t.iov[0].Base, t.iov[0].Len = &t.vhdr[0], VirtioHdrLen
-	t.iov[1].Base, t.iov[1].Len = &pkt[0], uint64(len(pkt))
+	t.iov[0].Base = &t.vhdr[0]
+	t.iov[0].SetLen(VirtioHdrLen)
+	t.iov[1].Base = &pkt[0]
+	t.iov[1].SetLen(len(pkt))
 	var werr error
 	err = t.rc.Write(func(fd uintptr) bool {
 		for {

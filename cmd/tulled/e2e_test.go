@@ -421,3 +421,4 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 		})
 	}
 }
+

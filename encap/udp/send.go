@@ -202,7 +202,7 @@ func (s *sender) write(sk *socket) error {
 		}
 		if errors.Is(err, unix.EIO) && s.segs[i] > 0 && !sk.gsoOff.Swap(true) {
 			ctr.Add(tunnel.GSOFallbacks, 1)
-			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.conn.LocalAddr())
+			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.name)
 		}
 		if sk.gsoOff.Load() && s.segs[i] > 0 {
 			s.splitFrom(i)

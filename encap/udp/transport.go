@@ -52,6 +52,7 @@ type batchConn interface {
 }
 
 type socket struct {
+	name   string // local address, for logs
 	v6     bool
 	conn   *net.UDPConn
 	bc     batchConn
@@ -116,7 +117,7 @@ func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("udp transport: listen %s: %w", la, err)
 	}
-	s := &socket{v6: v6, conn: c, maxDg: MaxPayload(t.opt.MTU, v6)}
+	s := &socket{name: c.LocalAddr().String(), v6: v6, conn: c, maxDg: MaxPayload(t.opt.MTU, v6)}
 	if v6 {
 		s.bc = ipv6.NewPacketConn(c)
 	} else {

@@ -1,0 +1,95 @@
+package udp
+
+import (
+	"bytes"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+
+	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
+
+	"github.com/tulle-net/tulle/tunnel"
+	"github.com/tulle-net/tulle/tunnel/tuntest"
+)
+
+// eioConn fails every GSO message with EIO, as sendmmsg does when the
+// egress device cannot offload, and records what it sends.
+type eioConn struct {
+	calls int
+	sent  [][]byte // datagrams as they would go on the wire
+	gso   int      // GSO messages seen
+}
+
+func (c *eioConn) ReadBatch(ms []ipv4.Message, flags int) (int, error) { return 0, net.ErrClosed }
+
+func (c *eioConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
+	c.calls++
+	for i, m := range ms {
+		if len(m.OOB) > 0 {
+			c.gso++
+			return i, &net.OpError{Op: "write", Err: os.NewSyscallError("sendmmsg", unix.EIO)}
+		}
+		c.sent = append(c.sent, append([]byte(nil), m.Buffers[0]...))
+	}
+	return len(ms), nil
+}
+
+func TestGSOFallbackOnEIO(t *testing.T) {
+	tr := testTransport()
+	fc := &eioConn{}
+	tr.socks = []*socket{{conn: nil, bc: fc, maxDg: 1472}}
+	tr.sender.init(tr)
+	dst := netip.MustParseAddrPort("198.18.0.2:8285")
+	small := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 100)
+	big := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 30000)
+	frame := func(p []byte, o tunnel.Offload) tunnel.Frame {
+		return tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Offload: o, Addr: dst}
+	}
+	frames := []tunnel.Frame{frame(small, tunnel.Offload{}), frame(big, tuntest.TSO(big, 1400)), frame(big, tuntest.TSO(big, 1400))}
+	if err := tr.Send(frames); err != nil {
+		t.Fatal(err)
+	}
+	if !tr.socks[0].gsoOff.Load() {
+		t.Fatal("GSO still on after EIO")
+	}
+	if n := tr.ctr.Get(tunnel.GSOFallbacks); n != 1 {
+		t.Errorf("gso_fallbacks = %d, want 1", n)
+	}
+	if fc.gso != 1 {
+		t.Errorf("%d GSO sends attempted, want exactly 1 (then no more)", fc.gso)
+	}
+	// 1 packet + 2 trains of 21 datagrams (30048 bytes of frame / 1464).
+	if want := 1 + 2*21; len(fc.sent) != want {
+		t.Fatalf("sent %d datagrams, want %d", len(fc.sent), want)
+	}
+	// They reassemble into the original frames.
+	fr := &fakeReader{}
+	for _, d := range fc.sent {
+		fr.msgs = append(fr.msgs, fakeMsg{data: d, src: dst})
+	}
+	r := newReceiver(testTransport(), fr.read, true)
+	out := make([]tunnel.Frame, 4)
+	var got [][]byte
+	for {
+		n, err := r.receive(out)
+		if err != nil {
+			break
+		}
+		for _, f := range out[:n] {
+			got = append(got, append([]byte(nil), f.Packet()...))
+		}
+	}
+	if len(got) != 3 || !bytes.Equal(got[0], small) || !bytes.Equal(got[1], big) || !bytes.Equal(got[2], big) {
+		t.Fatalf("fallback datagrams did not reassemble into the 3 frames (%d came out)", len(got))
+	}
+	// Later sends go straight to single datagrams.
+	before := fc.calls
+	if err := tr.Send([]tunnel.Frame{frame(big, tuntest.TSO(big, 1400))}); err != nil {
+		t.Fatal(err)
+	}
+	if fc.gso != 1 || fc.calls != before+1 {
+		t.Errorf("after fallback: %d GSO attempts, %d calls; want no GSO and one call", fc.gso, fc.calls-before)
+	}
+}
