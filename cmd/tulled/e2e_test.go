@@ -421,4 +421,3 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 		})
 	}
 }
-
