@@ -211,16 +211,20 @@ func (t *TUN) flushGRO() error {
 	bufs := t.groBufs[:t.groN]
 	t.groN = 0
 	_, err := t.wg.Write(bufs, Headroom)
-	if err != nil {
-		if errors.Is(err, os.ErrClosed) {
-			return err
-		}
-		// Partial failures are per packet; some kernels refuse GRO writes
-		// (EINVAL). Count and carry on.
-		t.ctr.Add(DropTUNWrite, 1)
-		t.log.Debug("tun gro write", "err", err)
-	}
 	t.ctr.Add(GROWrites, uint64(len(bufs)))
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, os.ErrClosed) {
+		return err
+	}
+	t.ctr.Add(DropTUNWrite, 1)
+	if errors.Is(err, unix.EINVAL) {
+		// Some kernels refuse coalesced writes. Plain packets are written
+		// one by one from now on; the knob is --tun-gro.
+		t.gro = false
+		t.log.Warn("TUN refused a GRO write (EINVAL); writing packets one by one from now on", "tun", t.name)
+	}
 	return nil
 }
 

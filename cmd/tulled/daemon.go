@@ -257,7 +257,7 @@ func run(o *options, log *slog.Logger) error {
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
-	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, u, l, peers, st, log)) })
+	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, u, l, peers, log)) })
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, log)) })
 	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: tr, Peers: peers, Counters: ctr, MTU: mtu, Logger: log})
 	wg.Go(func() {
@@ -300,7 +300,7 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 }
 
 // watchPeers applies every peer snapshot to the peer table.
-func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay, l lease.Lease, peers *tunnel.PeerTable, st *status, log *slog.Logger) error {
+func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay, l lease.Lease, peers *tunnel.PeerTable, log *slog.Logger) error {
 	ch, err := store.WatchPeers(ctx, self)
 	if err != nil {
 		return fmt.Errorf("watch peers: %w", err)
@@ -339,7 +339,6 @@ func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay
 		}
 		known = seen
 		peers.Set(l.Subnets(), tp)
-		st.setPeers(snap)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/tulle-net/tulle/internal/api"
@@ -25,15 +24,6 @@ type status struct {
 	peers   *tunnel.PeerTable
 	mtu     int
 	started time.Time
-
-	mu       sync.Mutex
-	allPeers []lease.Peer
-}
-
-func (s *status) setPeers(p []lease.Peer) {
-	s.mu.Lock()
-	s.allPeers = p
-	s.mu.Unlock()
 }
 
 func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -69,18 +69,7 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	for _, d := range fc.sent {
 		fr.msgs = append(fr.msgs, fakeMsg{data: d, src: dst})
 	}
-	r := newReceiver(testTransport(), fr.read, true)
-	out := make([]tunnel.Frame, 4)
-	var got [][]byte
-	for {
-		n, err := r.receive(out)
-		if err != nil {
-			break
-		}
-		for _, f := range out[:n] {
-			got = append(got, append([]byte(nil), f.Packet()...))
-		}
-	}
+	got, _ := drain(newReceiver(testTransport(), fr.read, true), 4)
 	if len(got) != 3 || !bytes.Equal(got[0], small) || !bytes.Equal(got[1], big) || !bytes.Equal(got[2], big) {
 		t.Fatalf("fallback datagrams did not reassemble into the 3 frames (%d came out)", len(got))
 	}
