@@ -30,12 +30,10 @@ FUZZTIME ?= 60s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecap -fuzztime $(FUZZTIME) ./encap/udp/
 
-## bench: iperf3 TCP over raw veth, kernel VXLAN and tulle-udp, interleaved (root, iperf3).
-BENCH_ROUNDS ?= 3
-BENCH_SECONDS ?= 10
+## bench: raw veth, kernel VXLAN and every tulle path side by side (root, iperf3); reports in bench-out/.
+BENCH_FLAGS ?=
 bench: build
-	TULLED=$(CURDIR)/$(BIN)/tulled BENCH_ROUNDS=$(BENCH_ROUNDS) BENCH_SECONDS=$(BENCH_SECONDS) \
-		$(GO) test -run '^$$' -bench Overlays -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
+	$(BIN)/tullectl bench --tulled $(BIN)/tulled --out bench-out $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BIN)

@@ -3,6 +3,7 @@
 //	tullectl status [--run-dir DIR]      a running tulled's lease, peers and counters
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
+//	tullectl bench [--out DIR] [flags]   iperf3 over every path side by side, reports in DIR
 package main
 
 import (
@@ -29,7 +30,8 @@ func usage() {
 commands:
   status   show a running tulled's lease, peers and counters
   leases   list the leases in a local lease store
-  demo     run a three-node tulle overlay in network namespaces (root)`)
+  demo     run a three-node tulle overlay in network namespaces (root)
+  bench    measure raw veth, kernel VXLAN and tulle side by side with iperf3 (root)`)
 }
 
 func main() {
@@ -47,6 +49,8 @@ func main() {
 		err = leases(args)
 	case "demo":
 		err = demo(ctx, args)
+	case "bench":
+		err = benchCmd(ctx, args)
 	case "-h", "--help", "help":
 		usage()
 		return

@@ -155,6 +155,14 @@ func (n *Node) Start() error {
 	return nil
 }
 
+// PID returns the running tulled's process id, or 0.
+func (n *Node) PID() int {
+	if !n.Running() {
+		return 0
+	}
+	return n.cmd.Process.Pid
+}
+
 // Running reports whether this node's tulled process is alive.
 func (n *Node) Running() bool {
 	if n.cmd == nil {

@@ -25,6 +25,9 @@ const (
 	BackendUDP = "udp"
 )
 
+// Backends returns the backend types this build implements.
+func Backends() []string { return []string{BackendUDP} }
+
 // Config is a parsed, validated net-conf.json.
 type Config struct {
 	EnableIPv4    bool

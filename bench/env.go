@@ -1,0 +1,229 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+// Path names, as reports use them. Later backends add theirs here
+// (tulle-wireguard, wireguard-go, tulle-vxlan, tulle-vxlan-userspace,
+// tulle-hostgw).
+const (
+	PathRaw         = "raw"
+	PathKernelVXLAN = "kernel-vxlan"
+	PathTulleUDP    = "tulle-udp"
+)
+
+// pathDef is a path the harness knows how to set up.
+type pathDef struct {
+	name string
+	// backend is the tulle backend type, or "" for a reference path.
+	backend string
+}
+
+var knownPaths = []pathDef{
+	{name: PathRaw},
+	{name: PathKernelVXLAN},
+	{name: PathTulleUDP, backend: netconf.BackendUDP},
+}
+
+// SupportedPaths returns the paths this build can measure, in report order.
+func SupportedPaths() []string {
+	var out []string
+	for _, p := range knownPaths {
+		if p.backend == "" || slices.Contains(netconf.Backends(), p.backend) {
+			out = append(out, p.name)
+		}
+	}
+	return out
+}
+
+// ValidatePaths checks a user's path selection.
+func ValidatePaths(names []string) error {
+	if len(names) == 0 {
+		return errors.New("no path selected")
+	}
+	sup := SupportedPaths()
+	for _, n := range names {
+		if !slices.Contains(sup, n) {
+			return fmt.Errorf("path %q is not supported by this build (supported: %s)", n, strings.Join(sup, ", "))
+		}
+	}
+	return nil
+}
+
+// Path is one configured way from node 1 to node 2.
+type Path struct {
+	Name string
+	// Dst is the address on node 2 that clients connect to.
+	Dst netip.Addr
+	// Tulle reports whether tulled carries the traffic (CPU and RSS figures
+	// apply).
+	Tulle bool
+}
+
+// EnvOptions configure an Env.
+type EnvOptions struct {
+	Nodes  int      // 2 to 8
+	Paths  []string // path names, SupportedPaths() if empty
+	Tulled string   // tulled binary (needed for tulle paths)
+	Dir    string   // scratch directory: leases, tulled logs
+	MTU    int      // underlay MTU (1500 if 0)
+	// NetemDelayMS and NetemLossPct, when > 0, put a netem qdisc on every
+	// node's underlay link.
+	NetemDelayMS float64
+	NetemLossPct float64
+	// TulledArgs are extra tulled flags.
+	TulledArgs []string
+	Progress   func(string)
+}
+
+// Env is a cluster of namespaces with every selected path configured.
+type Env struct {
+	Topo    *topo.Topology
+	Cluster *cluster.Cluster
+	Paths   []Path
+}
+
+// Setup builds the environment. On error everything built is removed.
+func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
+	if opt.Nodes == 0 {
+		opt.Nodes = 2
+	}
+	if opt.Nodes < 2 || opt.Nodes > 8 {
+		return nil, fmt.Errorf("nodes: %d, want 2 to 8", opt.Nodes)
+	}
+	if len(opt.Paths) == 0 {
+		opt.Paths = SupportedPaths()
+	}
+	if err := ValidatePaths(opt.Paths); err != nil {
+		return nil, err
+	}
+	progress := opt.Progress
+	if progress == nil {
+		progress = func(string) {}
+	}
+	progress(fmt.Sprintf("building %d nodes in network namespaces (underlay MTU %d)", opt.Nodes, max(opt.MTU, 1500)))
+	tp, err := topo.New(topo.Options{Nodes: opt.Nodes, MTU: opt.MTU, Prefix: "tullebench"})
+	if err != nil {
+		return nil, err
+	}
+	env = &Env{Topo: tp}
+	defer func() {
+		if err != nil {
+			env.Close()
+			env = nil
+		}
+	}()
+	if opt.NetemDelayMS > 0 || opt.NetemLossPct > 0 {
+		args := []string{"qdisc", "replace", "dev", "eth0", "root", "netem"}
+		if opt.NetemDelayMS > 0 {
+			args = append(args, "delay", strconv.FormatFloat(opt.NetemDelayMS, 'f', -1, 64)+"ms")
+		}
+		if opt.NetemLossPct > 0 {
+			args = append(args, "loss", strconv.FormatFloat(opt.NetemLossPct, 'f', -1, 64)+"%")
+		}
+		progress(fmt.Sprintf("netem on every underlay link: %s", strings.Join(args[6:], " ")))
+		for _, n := range tp.Nodes {
+			if _, err := n.Run("tc", args...); err != nil {
+				return env, fmt.Errorf("netem (is sch_netem available?): %w", err)
+			}
+		}
+	}
+	b := tp.Nodes[1]
+	for _, name := range opt.Paths {
+		switch name {
+		case PathRaw:
+			env.Paths = append(env.Paths, Path{Name: name, Dst: b.IP4})
+		case PathKernelVXLAN:
+			progress("configuring kernel VXLAN (VNI 42, port 4789, 100.64.0.0/24)")
+			if err := kernelVXLAN(tp); err != nil {
+				return env, err
+			}
+			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2")})
+		case PathTulleUDP:
+			if err := env.startTulle(ctx, opt, progress); err != nil {
+				return env, err
+			}
+			dst, err := env.Cluster.Nodes[1].Addr(ctx, false)
+			if err != nil {
+				return env, err
+			}
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: true})
+		}
+	}
+	return env, nil
+}
+
+// kernelVXLAN configures a full mesh of unicast VXLAN on every node, as an
+// operator would (an all-zeros FDB entry per peer), in 100.64.0.0/24.
+func kernelVXLAN(tp *topo.Topology) error {
+	for i, n := range tp.Nodes {
+		cmds := [][]string{{"ip", "link", "add", "tvx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", n.IP4.String(), "dev", n.Link}}
+		for _, p := range tp.Nodes {
+			if p != n {
+				cmds = append(cmds, []string{"bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "tvx0", "dst", p.IP4.String()})
+			}
+		}
+		cmds = append(cmds,
+			[]string{"ip", "addr", "add", fmt.Sprintf("100.64.0.%d/24", i+1), "dev", "tvx0"},
+			[]string{"ip", "link", "set", "tvx0", "up"})
+		for _, c := range cmds {
+			if _, err := n.Run(c[0], c[1:]...); err != nil {
+				return fmt.Errorf("kernel vxlan on %s: %w", n.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+func (e *Env) startTulle(ctx context.Context, opt EnvOptions, progress func(string)) error {
+	if e.Cluster != nil {
+		return nil
+	}
+	if opt.Tulled == "" {
+		return errors.New("tulle paths need the tulled binary")
+	}
+	if _, err := os.Stat(opt.Tulled); err != nil {
+		return fmt.Errorf("tulled binary: %w", err)
+	}
+	progress(fmt.Sprintf("starting tulled on %d nodes", len(e.Topo.Nodes)))
+	c, err := cluster.New(e.Topo, cluster.Options{Tulled: opt.Tulled, Dir: opt.Dir, Args: opt.TulledArgs})
+	if err != nil {
+		return err
+	}
+	e.Cluster = c
+	return c.Start(ctx)
+}
+
+// TulledPIDs returns the PIDs of the running tulled processes.
+func (e *Env) TulledPIDs() []int {
+	if e.Cluster == nil {
+		return nil
+	}
+	var pids []int
+	for _, n := range e.Cluster.Nodes {
+		if pid := n.PID(); pid > 0 {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// Close removes everything Setup made.
+func (e *Env) Close() error {
+	if e.Cluster != nil {
+		return e.Cluster.Close()
+	}
+	return e.Topo.Close()
+}

@@ -1,0 +1,287 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Figure keys, the stable names in results.json.
+const (
+	FigTCP1       = "tcp_1_stream_gbps"
+	FigTCPN       = "tcp_multi_stream_gbps"
+	FigUDP64PPS   = "udp_64_pps"
+	FigUDP64Loss  = "udp_64_loss_pct"
+	FigUDP1400PPS = "udp_1400_pps"
+	FigUDP1400Los = "udp_1400_loss_pct"
+	FigRTTP50     = "rtt_p50_us"
+	FigRTTP99     = "rtt_p99_us"
+	FigCPUTulled  = "cpu_tulled_s_per_gb"
+	FigCPUMachine = "cpu_machine_s_per_gb"
+	FigRSS        = "tulled_peak_rss_mib"
+)
+
+// FigureInfo describes a figure for readers of the results.
+type FigureInfo struct {
+	Key            string `json:"key"`
+	Title          string `json:"title"`
+	Unit           string `json:"unit"`
+	HigherIsBetter bool   `json:"higherIsBetter"`
+}
+
+// figureInfos lists every figure in report order; streams names the
+// multi-stream count.
+func figureInfos(streams int) []FigureInfo {
+	return []FigureInfo{
+		{FigTCP1, "TCP, 1 stream", "Gbit/s", true},
+		{FigTCPN, fmt.Sprintf("TCP, %d streams", streams), "Gbit/s", true},
+		{FigUDP64PPS, "UDP 64 B received", "packets/s", true},
+		{FigUDP64Loss, "UDP 64 B loss", "%", false},
+		{FigUDP1400PPS, "UDP 1400 B received", "packets/s", true},
+		{FigUDP1400Los, "UDP 1400 B loss", "%", false},
+		{FigRTTP50, "RTT p50 (TCP request/response)", "µs", false},
+		{FigRTTP99, "RTT p99 (TCP request/response)", "µs", false},
+		{FigCPUTulled, "tulled CPU per GB (TCP 1 stream)", "CPU s/GB", false},
+		{FigCPUMachine, "machine CPU per GB (TCP 1 stream)", "CPU s/GB", false},
+		{FigRSS, "tulled peak RSS (largest node)", "MiB", false},
+	}
+}
+
+// RTTSamples is how many request/response round trips make one RTT figure.
+const RTTSamples = 1000
+
+// Sample is one measurement of one figure on one path in one round.
+type Sample struct {
+	Path   string
+	Figure string
+	Round  int
+	Value  float64
+}
+
+// RunOptions configure Measure.
+type RunOptions struct {
+	Rounds   int           // ≥ 1; reports want ≥ 3
+	Duration time.Duration // per iperf3 run
+	Streams  int           // for the multi-stream figure
+	Progress func(string)
+}
+
+const iperfPort = 5201
+
+// Measure runs every figure on every path of env, Rounds times, paths
+// interleaved within each figure, and returns the samples.
+func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
+	progress := opt.Progress
+	if progress == nil {
+		progress = func(string) {}
+	}
+	a, b := env.Topo.Nodes[0], env.Topo.Nodes[1]
+	srv, err := startIperf3Server(ctx, b, iperfPort)
+	if err != nil {
+		return nil, err
+	}
+	defer srv.stop()
+	var out []Sample
+	add := func(p Path, fig string, round int, v float64) {
+		out = append(out, Sample{Path: p.Name, Figure: fig, Round: round, Value: v})
+	}
+	type step struct {
+		name string
+		run  func(p Path, round int) (string, error)
+	}
+	tcp := func(fig string, streams int) func(Path, int) (string, error) {
+		return func(p Path, round int) (string, error) {
+			before := readCPU(env.TulledPIDs())
+			r, err := runIperf3(ctx, a, iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, Streams: streams})
+			if err != nil {
+				return "", err
+			}
+			add(p, fig, round, r.Gbps())
+			if streams == 1 {
+				after := readCPU(env.TulledPIDs())
+				gb := r.End.SumReceived.Bytes / 1e9
+				add(p, FigCPUMachine, round, (after.machine-before.machine)/gb)
+				if p.Tulle {
+					add(p, FigCPUTulled, round, (after.tulled-before.tulled)/gb)
+				}
+			}
+			return fmt.Sprintf("%.2f Gbit/s, %d retransmits", r.Gbps(), r.End.SumSent.Retransmits), nil
+		}
+	}
+	udp := func(size int, pps, loss string) func(Path, int) (string, error) {
+		return func(p Path, round int) (string, error) {
+			r, err := runIperf3(ctx, a, iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, UDPSize: size})
+			if err != nil {
+				return "", err
+			}
+			add(p, pps, round, r.ReceivedPPS())
+			add(p, loss, round, r.LossPercent())
+			return fmt.Sprintf("%.0f packets/s received, %.2f%% lost", r.ReceivedPPS(), r.LossPercent()), nil
+		}
+	}
+	rtt := func(p Path, round int) (string, error) {
+		p50, p99, err := measureRTT(ctx, env, p, RTTSamples)
+		if err != nil {
+			return "", err
+		}
+		add(p, FigRTTP50, round, p50)
+		add(p, FigRTTP99, round, p99)
+		if p.Tulle {
+			add(p, FigRSS, round, peakRSSMiB(env.TulledPIDs()))
+		}
+		return fmt.Sprintf("p50 %.0f µs, p99 %.0f µs", p50, p99), nil
+	}
+	steps := []step{
+		{"TCP 1 stream", tcp(FigTCP1, 1)},
+		{fmt.Sprintf("TCP %d streams", opt.Streams), tcp(FigTCPN, opt.Streams)},
+		{"UDP 64 B", udp(64, FigUDP64PPS, FigUDP64Loss)},
+		{"UDP 1400 B", udp(1400, FigUDP1400PPS, FigUDP1400Los)},
+		{fmt.Sprintf("RTT (%d round trips)", RTTSamples), rtt},
+	}
+	for round := range opt.Rounds {
+		for _, s := range steps {
+			for _, p := range env.Paths {
+				if err := ctx.Err(); err != nil {
+					return out, err
+				}
+				msg, err := s.run(p, round)
+				if err != nil {
+					return out, fmt.Errorf("round %d, %s, %s: %w", round+1, s.name, p.Name, err)
+				}
+				progress(fmt.Sprintf("round %d/%d  %-22s %-14s %s", round+1, opt.Rounds, s.name, p.Name, msg))
+			}
+		}
+	}
+	return out, nil
+}
+
+// cpuTimes are CPU seconds consumed so far.
+type cpuTimes struct {
+	tulled  float64 // by the given processes
+	machine float64 // by the whole machine (not idle, not iowait)
+}
+
+// clockTicks is USER_HZ, the unit of /proc's CPU times (100 on Linux).
+const clockTicks = 100.0
+
+func readCPU(pids []int) cpuTimes {
+	var t cpuTimes
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) > 12 {
+			u, _ := strconv.ParseFloat(f[11], 64)
+			k, _ := strconv.ParseFloat(f[12], 64)
+			t.tulled += (u + k) / clockTicks
+		}
+	}
+	if f, err := os.Open("/proc/stat"); err == nil {
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		if sc.Scan() {
+			t.machine = machineBusy(sc.Text())
+		}
+	}
+	return t
+}
+
+// machineBusy parses the "cpu" line of /proc/stat into busy CPU seconds.
+func machineBusy(line string) float64 {
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0
+	}
+	var busy float64
+	for i, s := range f[1:9] { // user nice system idle iowait irq softirq steal
+		v, _ := strconv.ParseFloat(s, 64)
+		if i != 3 && i != 4 {
+			busy += v
+		}
+	}
+	return busy / clockTicks
+}
+
+// peakRSSMiB is the largest VmHWM among pids.
+func peakRSSMiB(pids []int) float64 {
+	var peak float64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+				kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+				peak = max(peak, kb/1024)
+			}
+		}
+	}
+	return peak
+}
+
+// measureRTT times n one-byte request/response exchanges over one TCP
+// connection (Nagle off) from node 1 to p.Dst and returns p50 and p99 in µs.
+func measureRTT(ctx context.Context, env *Env, p Path, n int) (p50, p99 float64, err error) {
+	a, b := env.Topo.Nodes[0], env.Topo.Nodes[1]
+	ln, err := b.Listen(net.JoinHostPort(p.Dst.String(), "0"))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c) // echo
+	}()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := a.Dial(ctx, ln.Addr().String())
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	c.(*net.TCPConn).SetNoDelay(true)
+	var buf [1]byte
+	// A few unmeasured exchanges warm the path (ARP, caches).
+	rtts := make([]float64, 0, n)
+	for i := range n + 10 {
+		start := time.Now()
+		if _, err := c.Write(buf[:]); err != nil {
+			return 0, 0, err
+		}
+		if _, err := io.ReadFull(c, buf[:]); err != nil {
+			return 0, 0, err
+		}
+		if i >= 10 {
+			rtts = append(rtts, float64(time.Since(start).Nanoseconds())/1e3)
+		}
+	}
+	slices.Sort(rtts)
+	return percentile(rtts, 50), percentile(rtts, 99), nil
+}
+
+// percentile of sorted values (nearest rank).
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted))*p/100+0.999999) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
