@@ -13,6 +13,8 @@ func fmtValue(v float64) string {
 	switch a := math.Abs(v); {
 	case a >= 100000:
 		return fmt.Sprintf("%.0fk", v/1000)
+	case a >= 10000:
+		return fmt.Sprintf("%.1fk", v/1000)
 	case a >= 100:
 		return fmt.Sprintf("%.0f", v)
 	case a >= 10:

@@ -21,12 +21,16 @@ const (
 	slabSize    = 1 << 20
 )
 
-// pending is one datagram or train laid out and waiting for sendmmsg.
+// pending is a run of datagrams to one peer laid out in the slab, waiting
+// for sendmmsg: a train, or single-datagram frames coalesced because they
+// share a destination and a size. All datagrams but the last are seg bytes,
+// which is the shape UDP GSO sends in one message.
 type pending struct {
-	s    *socket
-	addr *net.UDPAddr
-	buf  []byte
-	seg  int // datagram size within buf (all but the last)
+	s      *socket
+	addr   *net.UDPAddr
+	buf    []byte
+	seg    int  // datagram size (all but the last)
+	closed bool // a shorter last datagram or a train: nothing may follow
 }
 
 // sender lays frames out as datagrams and sends them. Send is called by the
@@ -71,13 +75,17 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		case f.Offload.None() && HeaderLen+len(pkt) <= sk.maxDg && f.Off >= HeaderLen:
 			b := f.Buf[f.Off-HeaderLen:]
 			Header{Type: TypePacket, Count: 1}.Marshal(b)
-			s.pend = append(s.pend, pending{s: sk, addr: addr, buf: b})
+			if err := s.single(sk, addr, b); err != nil {
+				return err
+			}
 		case Overhead+len(pkt) <= sk.maxDg && f.Off >= Overhead:
 			b := f.Buf[f.Off-Overhead:]
 			s.frameID++
 			Header{Type: TypeFrame, FrameID: s.frameID, Count: 1}.Marshal(b)
 			putDesc(b[HeaderLen:], f.Offload)
-			s.pend = append(s.pend, pending{s: sk, addr: addr, buf: b})
+			if err := s.single(sk, addr, b); err != nil {
+				return err
+			}
 		default:
 			if err := s.train(sk, addr, f); err != nil {
 				return err
@@ -85,6 +93,31 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		}
 	}
 	return s.flush()
+}
+
+// single queues one datagram. It joins the previous run when that run goes
+// to the same peer with datagrams of the same size (this one may be
+// shorter, and then ends the run), so a burst of small packets to one peer
+// leaves in one UDP GSO send instead of one message each.
+func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
+	if s.used+len(dg) > len(s.slab) {
+		if err := s.flush(); err != nil {
+			return err
+		}
+	}
+	start := s.used
+	s.used += copy(s.slab[start:], dg)
+	if n := len(s.pend); n > 0 {
+		p := &s.pend[n-1]
+		if p.s == sk && p.addr == addr && !p.closed && len(dg) <= p.seg &&
+			len(p.buf)/p.seg < maxGSOSegments && len(p.buf)+len(dg) <= maxGSOBytes && &p.buf[len(p.buf)-1] == &s.slab[start-1] {
+			p.buf = p.buf[:len(p.buf)+len(dg)]
+			p.closed = len(dg) < p.seg
+			return nil
+		}
+	}
+	s.pend = append(s.pend, pending{s: sk, addr: addr, buf: s.slab[start:s.used], seg: len(dg)})
+	return nil
 }
 
 // train lays out a frame too large for one datagram as a train in the slab.
@@ -117,7 +150,7 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame) error {
 		Header{Type: TypeFrame, FrameID: s.frameID, Index: uint8(i), Count: uint8(count)}.Marshal(s.slab[s.used:])
 		s.used += HeaderLen + copy(s.slab[s.used+HeaderLen:], c)
 	}
-	s.pend = append(s.pend, pending{s: sk, addr: addr, buf: s.slab[start:s.used], seg: HeaderLen + chunk})
+	s.pend = append(s.pend, pending{s: sk, addr: addr, buf: s.slab[start:s.used], seg: HeaderLen + chunk, closed: true})
 	return nil
 }
 
@@ -162,10 +195,6 @@ func (s *sender) flush() error {
 		gso := !sk.gsoOff.Load()
 		for ; i < len(s.pend) && s.pend[i].s == sk; i++ {
 			p := s.pend[i]
-			if p.seg == 0 {
-				s.addMsg(p.addr, p.buf, 0)
-				continue
-			}
 			per := 1
 			if gso {
 				per = min(maxGSOSegments, maxGSOBytes/p.seg)
@@ -190,8 +219,8 @@ func (s *sender) write(sk *socket) error {
 	ctr := s.t.ctr
 	for i := 0; i < len(s.msgs); {
 		n, err := sk.bc.WriteBatch(s.msgs[i:], 0)
-		for _, m := range s.msgs[i : i+n] {
-			ctr.Add(tunnel.DatagramsOut, uint64(datagrams(len(m.Buffers[0]), s.segs[i])))
+		for j := i; j < i+n; j++ {
+			ctr.Add(tunnel.DatagramsOut, uint64(datagrams(len(s.msgs[j].Buffers[0]), s.segs[j])))
 		}
 		i += n
 		if err == nil {

@@ -82,3 +82,64 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 		t.Errorf("after fallback: %d GSO attempts, %d calls; want no GSO and one call", fc.gso, fc.calls-before)
 	}
 }
+
+// recConn records the messages of each WriteBatch.
+type recConn struct {
+	msgs []recMsg
+}
+
+type recMsg struct {
+	to   string
+	size int
+	gso  bool
+}
+
+func (c *recConn) ReadBatch(ms []ipv4.Message, flags int) (int, error) { return 0, net.ErrClosed }
+
+func (c *recConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
+	for _, m := range ms {
+		c.msgs = append(c.msgs, recMsg{to: m.Addr.String(), size: len(m.Buffers[0]), gso: len(m.OOB) > 0})
+	}
+	return len(ms), nil
+}
+
+func TestSingleDatagramsCoalesce(t *testing.T) {
+	tr := testTransport()
+	rc := &recConn{}
+	tr.socks = []*socket{{bc: rc, maxDg: 1472}}
+	tr.sender.init(tr)
+	b, c := netip.MustParseAddrPort("198.18.0.2:8285"), netip.MustParseAddrPort("198.18.0.3:8285")
+	pkt := func(n int, to netip.AddrPort) tunnel.Frame {
+		p := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), n)
+		return tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Addr: to}
+	}
+	var fs []tunnel.Frame
+	for range 70 { // 70 × 108-byte datagrams to b: 64 per GSO message, then 6
+		fs = append(fs, pkt(60, b))
+	}
+	fs = append(fs, pkt(10, b))  // shorter: ends the run, joins it
+	fs = append(fs, pkt(60, b))  // after a shorter one: a new message
+	fs = append(fs, pkt(60, c))  // another peer: a new message
+	fs = append(fs, pkt(100, c)) // larger than the run's size: a new message
+	if err := tr.Send(fs); err != nil {
+		t.Fatal(err)
+	}
+	want := []recMsg{
+		{b.String(), 64 * 108, true},
+		{b.String(), 6*108 + 58, true},
+		{b.String(), 108, false},
+		{c.String(), 108, false},
+		{c.String(), 148, false},
+	}
+	if len(rc.msgs) != len(want) {
+		t.Fatalf("sent %d messages %+v, want %d", len(rc.msgs), rc.msgs, len(want))
+	}
+	for i := range want {
+		if rc.msgs[i] != want[i] {
+			t.Errorf("message %d = %+v, want %+v", i, rc.msgs[i], want[i])
+		}
+	}
+	if n := tr.ctr.Get(tunnel.DatagramsOut); n != 74 {
+		t.Errorf("datagrams_out = %d, want 74", n)
+	}
+}
