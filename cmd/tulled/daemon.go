@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -131,23 +130,6 @@ func defaultRouteLink() (netlink.Link, error) {
 	return nil, badConfig("no default route: name the underlay with --iface or --public-ip")
 }
 
-// subnetFile is what tulled tells the CNI plugin, in run-dir/subnet.json.
-type subnetFile struct {
-	Network     netip.Prefix `json:"network,omitzero"`
-	Subnet      netip.Prefix `json:"subnet,omitzero"`
-	IPv6Network netip.Prefix `json:"ipv6Network,omitzero"`
-	IPv6Subnet  netip.Prefix `json:"ipv6Subnet,omitzero"`
-	MTU         int          `json:"mtu"`
-}
-
-func writeAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
 func openStore(o *options, log *slog.Logger) (*local.Store, error) {
 	return local.New(local.Options{Dir: o.leaseDir, Net: o.net, TTL: o.leaseTTL, Logger: log})
 }
@@ -189,16 +171,15 @@ func run(o *options, log *slog.Logger) error {
 	if err := os.MkdirAll(o.runDir, 0o755); err != nil {
 		return fmt.Errorf("run dir: %w", err)
 	}
-	sf := subnetFile{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, MTU: mtu}
+	sf := api.SubnetFile{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, MTU: mtu}
 	if o.net.EnableIPv4 {
 		sf.Network = o.net.Network
 	}
 	if o.net.EnableIPv6 {
 		sf.IPv6Network = o.net.IPv6Network
 	}
-	b, _ := json.MarshalIndent(sf, "", "  ")
-	if err := writeAtomic(filepath.Join(o.runDir, "subnet.json"), append(b, '\n')); err != nil {
-		return fmt.Errorf("write subnet.json: %w", err)
+	if err := api.WriteSubnetFile(o.runDir, &sf); err != nil {
+		return fmt.Errorf("write %s: %w", api.SubnetFileName, err)
 	}
 
 	ctr := &tunnel.Counters{}
@@ -376,7 +357,7 @@ func cleanup(o *options, log *slog.Logger) error {
 	} else {
 		errs = append(errs, err)
 	}
-	for _, f := range []string{"subnet.json", api.SocketName} {
+	for _, f := range []string{api.SubnetFileName, api.SocketName} {
 		if err := os.Remove(filepath.Join(o.runDir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -1,0 +1,113 @@
+package cni
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// hostVethName names the host side of an attachment's veth pair: stable, so
+// DEL and GC find it without state, and unique per (container, interface).
+func hostVethName(id, ifname string) string {
+	h := sha256.Sum256([]byte(id + "/" + ifname))
+	return "tl" + hex.EncodeToString(h[:])[:12]
+}
+
+// ensureBridge creates the node bridge if needed and gives it the gateway
+// address of each node subnet, the MTU, and state up.
+func ensureBridge(name string, mtu int, subnets []netip.Prefix) (*netlink.Bridge, error) {
+	l, err := netlink.LinkByName(name)
+	var br *netlink.Bridge
+	switch {
+	case err == nil:
+		var ok bool
+		if br, ok = l.(*netlink.Bridge); !ok {
+			return nil, fmt.Errorf("%s exists and is a %s, not a bridge", name, l.Type())
+		}
+	case errors.As(err, new(netlink.LinkNotFoundError)):
+		br = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, TxQLen: -1}}
+		if err := netlink.LinkAdd(br); err != nil && !errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("create bridge %s: %w", name, err)
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return nil, fmt.Errorf("bridge %s: %w", name, err)
+		}
+		br = l.(*netlink.Bridge)
+	default:
+		return nil, fmt.Errorf("bridge %s: %w", name, err)
+	}
+	if br.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(br, mtu); err != nil {
+			return nil, fmt.Errorf("bridge %s mtu: %w", name, err)
+		}
+	}
+	for _, p := range subnets {
+		gw := &netlink.Addr{IPNet: &net.IPNet{IP: gateway(p).AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		if p.Addr().Is6() {
+			gw.Flags = unix.IFA_F_NODAD
+		}
+		if err := netlink.AddrReplace(br, gw); err != nil {
+			return nil, fmt.Errorf("bridge %s address %s: %w", name, gw.IPNet, err)
+		}
+	}
+	if err := netlink.LinkSetUp(br); err != nil {
+		return nil, fmt.Errorf("bridge %s up: %w", name, err)
+	}
+	return br, nil
+}
+
+// setupVeth creates the pair with the container side in netns, attaches
+// the host side to the bridge and sets hairpin mode.
+func setupVeth(netns ns.NetNS, br *netlink.Bridge, ifname, hostName string, mtu int, hairpin bool) (host, cont net.Interface, err error) {
+	err = netns.Do(func(hostNS ns.NetNS) error {
+		h, c, err := ip.SetupVethWithName(ifname, hostName, mtu, "", hostNS)
+		host, cont = h, c
+		return err
+	})
+	if err != nil {
+		return host, cont, err
+	}
+	hl, err := netlink.LinkByName(host.Name)
+	if err != nil {
+		return host, cont, fmt.Errorf("host veth %s: %w", host.Name, err)
+	}
+	if err := netlink.LinkSetMaster(hl, br); err != nil {
+		return host, cont, fmt.Errorf("attach %s to %s: %w", host.Name, br.Name, err)
+	}
+	if err := netlink.LinkSetHairpin(hl, hairpin); err != nil {
+		return host, cont, fmt.Errorf("hairpin on %s: %w", host.Name, err)
+	}
+	return host, cont, nil
+}
+
+// delLink deletes a link by name; a missing link is not an error.
+func delLink(name string) error {
+	l, err := netlink.LinkByName(name)
+	if errors.As(err, new(netlink.LinkNotFoundError)) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+// disableDAD turns duplicate address detection off for ifname in the
+// current namespace: pod addresses are allocated, not guessed, and DAD
+// would hold IPv6 traffic back for a second or more.
+func disableDAD(ifname string) {
+	os.WriteFile("/proc/sys/net/ipv6/conf/"+ifname+"/accept_dad", []byte("0"), 0o644)
+}

@@ -1,0 +1,310 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ip"
+	"github.com/containernetworking/plugins/pkg/ipam"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/tulle-net/tulle/internal/api"
+)
+
+// readLease reads tulled's subnet.json; no lease yet is "try again later".
+func readLease(c *NetConf) (*api.SubnetFile, error) {
+	sub, err := api.ReadSubnetFile(c.RunDir)
+	if errors.Is(err, api.ErrNoLease) {
+		return nil, types.NewError(types.ErrTryAgainLater, "tulled holds no lease yet (is tulled running?)", err.Error())
+	}
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "cannot read tulled's lease", err.Error())
+	}
+	return sub, nil
+}
+
+
+func subnets(sub *api.SubnetFile) []netip.Prefix {
+	var p []netip.Prefix
+	for _, s := range []netip.Prefix{sub.Subnet, sub.IPv6Subnet} {
+		if s.IsValid() {
+			p = append(p, s.Masked())
+		}
+	}
+	return p
+}
+
+// Add attaches the pod: IPAM, bridge, veth, addresses and routes in the pod,
+// masquerade. On failure it undoes what it did.
+func Add(args *skel.CmdArgs) (types.Result, error) {
+	c, err := LoadConf(args.StdinData)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkMasqTools(); err != nil {
+		return nil, err
+	}
+	sub, err := readLease(c)
+	if err != nil {
+		return nil, err
+	}
+	netns, err := ns.GetNS(args.Netns)
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidNetNS, "cannot open the pod's network namespace", fmt.Sprintf("%s: %v", args.Netns, err))
+	}
+	defer netns.Close()
+	mtu := sub.MTU
+	if c.MTU != 0 {
+		mtu = c.MTU
+	}
+
+	m, err := openIPAM(c, sub)
+	if err != nil {
+		return nil, types.NewError(types.ErrIOFailure, "ipam", err.Error())
+	}
+	defer m.close()
+	ips, err := m.allocate(args.ContainerID, args.IfName)
+	if errors.Is(err, errExhausted) {
+		return nil, types.NewError(ErrSubnetExhausted, "node subnet exhausted", err.Error())
+	}
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "ipam", err.Error())
+	}
+	hostName := hostVethName(args.ContainerID, args.IfName)
+	ok := false
+	defer func() {
+		if ok {
+			return
+		}
+		m.release(args.ContainerID, args.IfName)
+		delLink(hostName) // takes the pod side with it
+	}()
+
+	br, err := ensureBridge(c.Bridge, mtu, subnets(sub))
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "node bridge", err.Error())
+	}
+	if sub.Subnet.IsValid() {
+		if err := ip.EnableIP4Forward(); err != nil {
+			return nil, types.NewError(types.ErrInternal, "enable IPv4 forwarding", err.Error())
+		}
+	}
+	if sub.IPv6Subnet.IsValid() {
+		if err := ip.EnableIP6Forward(); err != nil {
+			return nil, types.NewError(types.ErrInternal, "enable IPv6 forwarding", err.Error())
+		}
+	}
+	hostIf, contIf, err := setupVeth(netns, br, args.IfName, hostName, mtu, c.hairpin())
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "veth", err.Error())
+	}
+	res := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: br.Attrs().Name, Mac: br.Attrs().HardwareAddr.String()},
+			{Name: hostIf.Name, Mac: hostIf.HardwareAddr.String()},
+			{Name: contIf.Name, Mac: contIf.HardwareAddr.String(), Sandbox: args.Netns},
+		},
+	}
+	for _, ipc := range ips {
+		ipc.Interface = current.Int(2)
+		res.IPs = append(res.IPs, ipc)
+		dst := net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}
+		if ipc.Address.IP.To4() == nil {
+			dst = net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+		}
+		res.Routes = append(res.Routes, &types.Route{Dst: dst, GW: ipc.Gateway})
+	}
+	err = netns.Do(func(ns.NetNS) error {
+		disableDAD(args.IfName)
+		return ipam.ConfigureIface(args.IfName, res)
+	})
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "configure pod interface", err.Error())
+	}
+	if c.ipMasq() {
+		if err := ensureMasq(c.Name, sub); err != nil {
+			return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
+		}
+	}
+	ok = true
+	return res.GetAsVersion(c.CNIVersion)
+}
+
+// Del detaches the pod. Anything already gone (netns, link, allocation)
+// counts as removed.
+func Del(args *skel.CmdArgs) error {
+	c, err := LoadConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err == nil {
+		// The subnets do not matter for release: open the store only.
+		m, err := openIPAM(c, &api.SubnetFile{})
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			errs = append(errs, m.release(args.ContainerID, args.IfName))
+			m.close()
+		}
+	}
+	if args.Netns != "" {
+		err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return delLink(args.IfName) })
+		var nsErr ns.NSPathNotExistErr
+		if err != nil && !errors.As(err, &nsErr) && !errors.Is(err, os.ErrNotExist) {
+			if _, isNotNS := err.(ns.NSPathNotNSErr); !isNotNS {
+				errs = append(errs, err)
+			}
+		}
+	}
+	errs = append(errs, delLink(hostVethName(args.ContainerID, args.IfName)))
+	if err := errors.Join(errs...); err != nil {
+		return types.NewError(types.ErrInternal, "detach pod", err.Error())
+	}
+	return nil
+}
+
+// Check verifies that the attachment is as ADD left it.
+func Check(args *skel.CmdArgs) error {
+	c, err := LoadConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if c.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "CHECK needs prevResult", "")
+	}
+	prev, err := current.NewResultFromResult(c.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "prevResult", err.Error())
+	}
+	netns, err := ns.GetNS(args.Netns)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetNS, "cannot open the pod's network namespace", err.Error())
+	}
+	defer netns.Close()
+	fail := func(format string, a ...any) error {
+		return types.NewError(types.ErrInternal, "check failed", fmt.Sprintf(format, a...))
+	}
+	hostName := hostVethName(args.ContainerID, args.IfName)
+	hl, err := netlink.LinkByName(hostName)
+	if err != nil {
+		return fail("host veth %s: %v", hostName, err)
+	}
+	br, err := netlink.LinkByName(c.Bridge)
+	if err != nil || hl.Attrs().MasterIndex != br.Attrs().Index {
+		return fail("host veth %s is not attached to bridge %s", hostName, c.Bridge)
+	}
+	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err != nil {
+		return fail("no IPAM state: %v", err)
+	}
+	m, err := openIPAM(c, &api.SubnetFile{})
+	if err != nil {
+		return fail("ipam: %v", err)
+	}
+	defer m.close()
+	if !m.has(args.ContainerID, args.IfName) {
+		return fail("no address allocated to %s/%s", args.ContainerID, args.IfName)
+	}
+	return netns.Do(func(ns.NetNS) error {
+		l, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fail("pod interface %s: %v", args.IfName, err)
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return fail("addresses of %s: %v", args.IfName, err)
+		}
+		for _, ipc := range prev.IPs {
+			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == ipc.Address.String() }) {
+				return fail("%s lacks address %s", args.IfName, ipc.Address.String())
+			}
+		}
+		for _, r := range prev.Routes {
+			routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: l.Attrs().Index}, netlink.RT_FILTER_OIF)
+			if err != nil {
+				return fail("routes: %v", err)
+			}
+			if !slices.ContainsFunc(routes, func(x netlink.Route) bool {
+				ones, _ := r.Dst.Mask.Size()
+				return (x.Dst == nil && ones == 0 || x.Dst != nil && x.Dst.String() == r.Dst.String()) && x.Gw.Equal(r.GW)
+			}) {
+				return fail("route %s via %s missing", r.Dst.String(), r.GW)
+			}
+		}
+		return nil
+	})
+}
+
+// Status reports whether ADD can work: 50 until tulled holds a lease, 51
+// while tulled is not running (pods on this node cannot reach other nodes).
+func Status(args *skel.CmdArgs) error {
+	c, err := LoadConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if _, err := api.ReadSubnetFile(c.RunDir); err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "tulled holds no lease yet", err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := api.Get(ctx, filepath.Join(c.RunDir, api.SocketName)); err != nil {
+		return types.NewError(types.ErrLimitedConnectivity, "tulled is not running: pods have no connectivity to other nodes", err.Error())
+	}
+	return nil
+}
+
+// GC frees every allocation and host veth on the bridge that belongs to no
+// attachment in cni.dev/valid-attachments.
+func GC(args *skel.CmdArgs) error {
+	c, err := LoadConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	valid := map[attachment]bool{}
+	hostNames := map[string]bool{}
+	for _, a := range c.ValidAttachments {
+		valid[attachment{a.ContainerID, a.IfName}] = true
+		hostNames[hostVethName(a.ContainerID, a.IfName)] = true
+	}
+	var errs []error
+	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err == nil {
+		m, err := openIPAM(c, &api.SubnetFile{})
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			if _, err := m.gc(valid); err != nil {
+				errs = append(errs, err)
+			}
+			m.close()
+		}
+	}
+	if br, err := netlink.LinkByName(c.Bridge); err == nil {
+		links, err := netlink.LinkList()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, l := range links {
+			name := l.Attrs().Name
+			if l.Attrs().MasterIndex == br.Attrs().Index && strings.HasPrefix(name, "tl") && len(name) == 14 && !hostNames[name] {
+				errs = append(errs, delLink(name))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return types.NewError(types.ErrInternal, "garbage collection", err.Error())
+	}
+	return nil
+}
