@@ -35,7 +35,6 @@ func readLease(c *NetConf) (*api.SubnetFile, error) {
 	return sub, nil
 }
 
-
 func subnets(sub *api.SubnetFile) []netip.Prefix {
 	var p []netip.Prefix
 	for _, s := range []netip.Prefix{sub.Subnet, sub.IPv6Subnet} {
