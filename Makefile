@@ -3,7 +3,7 @@
 
 GO      ?= go
 BIN     := bin
-CMDS    := tulled tullectl
+CMDS    := tulled tullectl tulle
 
 .PHONY: all build demo test unit fuzz bench clean
 

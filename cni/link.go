@@ -34,7 +34,10 @@ func ensureBridge(name string, mtu int, subnets []netip.Prefix) (*netlink.Bridge
 			return nil, fmt.Errorf("%s exists and is a %s, not a bridge", name, l.Type())
 		}
 	case errors.As(err, new(netlink.LinkNotFoundError)):
-		br = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, TxQLen: -1}}
+		// A fixed MAC: a bridge left to pick one takes the lowest of its
+		// ports' and changes it as pods come and go, leaving every pod's
+		// ARP entry for the gateway stale.
+		br = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, TxQLen: -1, HardwareAddr: bridgeMAC(name, subnets)}}
 		if err := netlink.LinkAdd(br); err != nil && !errors.Is(err, unix.EEXIST) {
 			return nil, fmt.Errorf("create bridge %s: %w", name, err)
 		}
@@ -64,6 +67,18 @@ func ensureBridge(name string, mtu int, subnets []netip.Prefix) (*netlink.Bridge
 		return nil, fmt.Errorf("bridge %s up: %w", name, err)
 	}
 	return br, nil
+}
+
+// bridgeMAC is a stable, locally administered unicast MAC for the bridge.
+func bridgeMAC(name string, subnets []netip.Prefix) net.HardwareAddr {
+	h := sha256.New()
+	h.Write([]byte(name))
+	for _, p := range subnets {
+		h.Write([]byte(p.String()))
+	}
+	mac := net.HardwareAddr(h.Sum(nil)[:6])
+	mac[0] = mac[0]&^0x01 | 0x02
+	return mac
 }
 
 // setupVeth creates the pair with the container side in netns, attaches

@@ -305,6 +305,7 @@ func TestGC(t *testing.T) {
 	if n := allocations(t, e); n != 8 {
 		t.Fatalf("%d allocations before GC, want 8", n)
 	}
+	macBefore := run(t, "ip", "-n", e.node, "-br", "link", "show", DefaultBridge)
 	gcConf := e.conf("1.1.0", `,"cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]`)
 	if err := e.in(func() error { return GC(&skel.CmdArgs{StdinData: gcConf}) }); err != nil {
 		t.Fatalf("GC: %v", err)
@@ -314,6 +315,10 @@ func TestGC(t *testing.T) {
 	}
 	if v := hostVeths(t, e); len(v) != 1 || v[0] != hostVethName("keep", "eth0") {
 		t.Errorf("host veths after GC: %v, want only keep's", v)
+	}
+	// Removing ports must not change the bridge's MAC (pods' gateway ARP).
+	if macAfter := run(t, "ip", "-n", e.node, "-br", "link", "show", DefaultBridge); strings.Fields(macAfter)[2] != strings.Fields(macBefore)[2] {
+		t.Errorf("bridge MAC changed: %s → %s", strings.Fields(macBefore)[2], strings.Fields(macAfter)[2])
 	}
 }
 
