@@ -74,19 +74,26 @@ type Options struct {
 	Namespace string
 	// TTL is the Lease duration (lease mode); renewal is the caller's, at
 	// TTL/3.
-	TTL    time.Duration
-	Logger *slog.Logger
+	TTL time.Duration
+	// ProbeInterval is how often the API server's /readyz is checked for
+	// Ready (DefaultProbeInterval if zero).
+	ProbeInterval time.Duration
+	Logger        *slog.Logger
 }
+
+// DefaultProbeInterval keeps the probe load at 1/3 of a kubelet's node
+// lease renewals.
+const DefaultProbeInterval = 30 * time.Second
 
 // Store implements lease.Store on the Kubernetes API.
 type Store struct {
 	opt Options
 	log *slog.Logger
 
-	mu      sync.Mutex
-	warned  map[string]string // object → last reason logged
-	apiErr  error             // last watch error, nil once the watch recovered
-	synced  bool
+	mu     sync.Mutex
+	warned map[string]string // object → last reason logged
+	apiErr error             // last watch error, nil once the watch recovered
+	synced bool
 }
 
 var _ lease.Store = (*Store)(nil)
@@ -117,6 +124,9 @@ func New(opt Options) (*Store, error) {
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
+	}
+	if opt.ProbeInterval <= 0 {
+		opt.ProbeInterval = DefaultProbeInterval
 	}
 	return &Store{opt: opt, log: opt.Logger.With("store", "kube", "mode", string(opt.Mode)), warned: map[string]string{}}, nil
 }
@@ -332,4 +342,3 @@ func (s *Store) retry(ctx context.Context, what string, fn func(context.Context)
 type permanent struct{ err error }
 
 func (p permanent) Error() string { return p.err.Error() }
-

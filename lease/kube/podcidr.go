@@ -253,6 +253,7 @@ func (s *Store) startInformer(ctx context.Context, factory informers.SharedInfor
 		return nil, err
 	}
 	factory.Start(ctx.Done())
+	go s.probe(ctx)
 	go func() {
 		if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 			return
@@ -264,4 +265,31 @@ func (s *Store) startInformer(ctx context.Context, factory informers.SharedInfor
 		sn.run(ctx, tick)
 	}()
 	return sn.ch, nil
+}
+
+// probe checks the API server's /readyz every ProbeInterval: client-go's
+// reflector retries a refused watch silently, so without a probe a dead API
+// server would look healthy until the next renewal.
+func (s *Store) probe(ctx context.Context) {
+	t := time.NewTicker(s.opt.ProbeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := s.opt.Client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		s.mu.Lock()
+		synced := s.synced
+		s.mu.Unlock()
+		if err != nil || synced {
+			s.setAPIErr(err)
+		}
+	}
 }
