@@ -102,6 +102,18 @@ type Store interface {
 	WatchPeers(ctx context.Context, self string) (<-chan []Peer, error)
 }
 
+// Lookuper is implemented by stores that can find a node's lease without
+// claiming it (for cleanup).
+type Lookuper interface {
+	Lookup(ctx context.Context, node string) (Lease, bool, error)
+}
+
+// ReadyReporter is implemented by stores that depend on a remote service:
+// Ready returns why the store is not ready, or nil.
+type ReadyReporter interface {
+	Ready() error
+}
+
 // SortPeers orders peers by key, the order WatchPeers delivers them in.
 func SortPeers(p []Peer) {
 	slices.SortFunc(p, func(a, b Peer) int {

@@ -80,6 +80,11 @@ func status(ctx context.Context, args []string) error {
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "node\t%s (pid %d, up %s)\n", s.Node, s.PID, s.Uptime)
+	ready := "yes"
+	if s.NotReady != "" {
+		ready = "no: " + s.NotReady
+	}
+	fmt.Fprintf(w, "ready\t%s\n", ready)
 	fmt.Fprintf(w, "subnets\t%v\n", s.Lease.Subnets())
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))

@@ -15,11 +15,15 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/lease/kube"
 	"github.com/tulle-net/tulle/lease/local"
 	"github.com/tulle-net/tulle/tunnel"
 )
@@ -130,8 +134,32 @@ func defaultRouteLink() (netlink.Link, error) {
 	return nil, badConfig("no default route: name the underlay with --iface or --public-ip")
 }
 
-func openStore(o *options, log *slog.Logger) (*local.Store, error) {
-	return local.New(local.Options{Dir: o.leaseDir, Net: o.net, TTL: o.leaseTTL, Logger: log})
+// store is what tulled needs of a lease store.
+type store interface {
+	lease.Store
+	lease.Lookuper
+}
+
+func openStore(o *options, log *slog.Logger) (store, error) {
+	if o.leaseStore == "local" {
+		return local.New(local.Options{Dir: o.leaseDir, Net: o.net, TTL: o.leaseTTL, Logger: log})
+	}
+	var cfg *rest.Config
+	var err error
+	if o.kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, badConfig("kubernetes client config (--kubeconfig, or in-cluster): %v", err)
+	}
+	cfg.UserAgent = "tulled"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, badConfig("kubernetes client: %v", err)
+	}
+	return kube.New(kube.Options{Client: client, Net: o.net, Mode: kube.Mode(o.kubeMode), Namespace: o.kubeNS, TTL: o.leaseTTL, Logger: log})
 }
 
 func networks(c *netconf.Config) []netip.Prefix {
@@ -226,6 +254,9 @@ func run(o *options, log *slog.Logger) error {
 	}
 
 	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: mtu, started: time.Now()}
+	if rr, ok := store.(lease.ReadyReporter); ok {
+		st.ready = rr.Ready
+	}
 	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {
 		dev.Close()
@@ -349,7 +380,7 @@ func cleanup(o *options, log *slog.Logger) error {
 	}
 	store, err := openStore(o, log)
 	if err == nil {
-		if l, ok, err := store.Lookup(o.node); err != nil {
+		if l, ok, err := store.Lookup(context.Background(), o.node); err != nil {
 			errs = append(errs, err)
 		} else if ok {
 			errs = append(errs, store.Release(context.Background(), l))

@@ -31,6 +31,10 @@ type options struct {
 	iface      string
 	publicIP   string
 	publicIPv6 string
+	leaseStore string
+	kubeconfig string
+	kubeMode   string
+	kubeNS     string
 	leaseDir   string
 	leaseTTL   time.Duration
 	runDir     string
@@ -62,6 +66,10 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.iface, "iface", "", "underlay interface (default: the one holding --public-ip, else the default route's)")
 	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 underlay address peers send to (default: the first on --iface)")
 	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 underlay address peers send to")
+	fs.StringVar(&o.leaseStore, "lease-store", "local", "where leases live: local (a shared directory) or kube (the Kubernetes API)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --lease-store kube (default: in-cluster config)")
+	fs.StringVar(&o.kubeMode, "kube-mode", "podcidr", "podcidr (subnets from Node.spec.podCIDRs) or lease (tulled claims subnets with Lease objects)")
+	fs.StringVar(&o.kubeNS, "kube-namespace", defaultNamespace(), "namespace of the Lease objects in --kube-mode lease")
 	fs.StringVar(&o.leaseDir, "lease-dir", "/var/lib/tulle/leases", "directory of the local lease store, shared by the nodes of a host")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", local.DefaultTTL, "lease lifetime without renewal")
 	fs.StringVar(&o.runDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
@@ -87,6 +95,19 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if len(o.tunName) == 0 || len(o.tunName) > 15 || strings.ContainsAny(o.tunName, "/ \x00") {
 		return nil, badConfig("flag --tun: %q is not a valid interface name (1-15 characters, no '/' or spaces)", o.tunName)
+	}
+	switch o.leaseStore {
+	case "local", "kube":
+	default:
+		return nil, badConfig("flag --lease-store: %q, want local or kube", o.leaseStore)
+	}
+	if o.kubeMode != "podcidr" && o.kubeMode != "lease" {
+		return nil, badConfig("flag --kube-mode: %q, want podcidr or lease", o.kubeMode)
+	}
+	if o.kubeconfig != "" {
+		if _, err := os.Stat(o.kubeconfig); err != nil {
+			return nil, badConfig("flag --kubeconfig: %v", err)
+		}
 	}
 	if o.leaseTTL < 2*time.Second {
 		return nil, badConfig("flag --lease-ttl: %s is too short (minimum 2s)", o.leaseTTL)
@@ -114,6 +135,18 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	o.net = c
 	return o, nil
+}
+
+// defaultNamespace is the pod's namespace in a cluster (POD_NAMESPACE from
+// the downward API, or the service account's), else kube-system.
+func defaultNamespace() string {
+	if ns := os.Getenv("POD_NAMESPACE"); ns != "" {
+		return ns
+	}
+	if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil && len(b) > 0 {
+		return strings.TrimSpace(string(b))
+	}
+	return "kube-system"
 }
 
 func slogLevel(s string) (slog.Level, error) {

@@ -24,6 +24,18 @@ type status struct {
 	peers   *tunnel.PeerTable
 	mtu     int
 	started time.Time
+	// ready, if set, reports why the lease store is not ready.
+	ready func() error
+}
+
+func (s *status) notReady() string {
+	if s.ready == nil {
+		return ""
+	}
+	if err := s.ready(); err != nil {
+		return err.Error()
+	}
+	return ""
 }
 
 func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -31,7 +43,7 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	doc := api.Status{Node: s.node, PID: os.Getpid(), Lease: s.lease, MTU: s.mtu, Uptime: time.Since(s.started).Round(time.Second).String(),
+	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), Lease: s.lease, MTU: s.mtu, Uptime: time.Since(s.started).Round(time.Second).String(),
 		Peers: s.peers.Peers(), Counters: s.ctr.Snapshot()}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
@@ -50,6 +62,17 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 	// it; it is how datapath time is profiled in the field.
 	mux := http.NewServeMux()
 	mux.Handle(api.StatusPath, h)
+	if st, ok := h.(*status); ok {
+		// For a DaemonSet readiness probe (exec through the socket, or
+		// tullectl status): 200 when forwarding with a healthy store.
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+			if why := st.notReady(); why != "" {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -23,8 +23,11 @@ const StatusPath = "/v1/status"
 
 // Status is the document GET /v1/status returns.
 type Status struct {
-	Node     string            `json:"node"`
-	PID      int               `json:"pid"`
+	Node string `json:"node"`
+	PID  int    `json:"pid"`
+	// NotReady says why tulled is not ready (e.g. the Kubernetes API is
+	// unreachable; it forwards with the last known peers meanwhile).
+	NotReady string            `json:"notReady,omitempty"`
 	Lease    lease.Lease       `json:"lease"`
 	MTU      int               `json:"mtu"`
 	Uptime   string            `json:"uptime"`

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/tulle-net/tulle/lease"
 )
 
@@ -50,4 +53,26 @@ func (s *Store) WatchPeers(ctx context.Context, self string) (<-chan []lease.Pee
 		return s.watchLeases(ctx, self)
 	}
 	return s.watchNodes(ctx, self)
+}
+
+// Lookup returns the lease node holds, for cleanup.
+func (s *Store) Lookup(ctx context.Context, node string) (lease.Lease, bool, error) {
+	if s.opt.Mode == ModeLease {
+		list, err := s.opt.Client.CoordinationV1().Leases(s.opt.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return lease.Lease{}, false, err
+		}
+		for i := range list.Items {
+			if ptrString(list.Items[i].Spec.HolderIdentity) == node {
+				l, err := s.toLease(&list.Items[i])
+				return l, err == nil, nil
+			}
+		}
+		return lease.Lease{}, false, nil
+	}
+	_, err := s.opt.Client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return lease.Lease{}, false, nil
+	}
+	return lease.Lease{Node: node}, err == nil, err
 }

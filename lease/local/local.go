@@ -352,7 +352,7 @@ func (s *Store) Release(ctx context.Context, l lease.Lease) error {
 }
 
 // Lookup returns the lease the node holds, live or expired.
-func (s *Store) Lookup(node string) (lease.Lease, bool, error) {
+func (s *Store) Lookup(_ context.Context, node string) (lease.Lease, bool, error) {
 	all, err := s.readAll()
 	if err != nil {
 		return lease.Lease{}, false, err

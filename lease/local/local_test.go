@@ -146,7 +146,7 @@ func TestExpiryRenewalAndTakeover(t *testing.T) {
 	if err := s.Release(ctx, a); err != nil {
 		t.Errorf("release of a lost lease: %v", err)
 	}
-	if got, ok, _ := s.Lookup("b"); !ok || got.Node != "b" {
+	if got, ok, _ := s.Lookup(ctx, "b"); !ok || got.Node != "b" {
 		t.Errorf("releasing the old holder's lease removed the new holder's: %+v %v", got, ok)
 	}
 	if err := s.Release(ctx, b); err != nil {
