@@ -16,6 +16,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -245,4 +246,37 @@ func freePorts(n int) ([]int, error) {
 		return nil, errors.New("no free ports")
 	}
 	return ports, nil
+}
+
+// ForwardInto makes the API server reachable at the same loopback address
+// from inside network namespace ns: a listener opened there relays each
+// connection to the host's loopback (a socket keeps the namespace it was
+// created in). Call stop to close it.
+func (c *Cluster) ForwardInto(ns string, doIn func(string, func() error) error) (stop func(), err error) {
+	var ln net.Listener
+	if err := doIn(ns, func() (err error) {
+		ln, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", c.port))
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("forward into %s: %w", ns, err)
+	}
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer in.Close()
+				out, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.port))
+				if err != nil {
+					return
+				}
+				defer out.Close()
+				go io.Copy(out, in)
+				io.Copy(in, out)
+			}()
+		}
+	}()
+	return func() { ln.Close() }, nil
 }
