@@ -5,7 +5,7 @@ GO      ?= go
 BIN     := bin
 CMDS    := tulled tullectl tulle
 
-.PHONY: all build demo test unit fuzz bench clean
+.PHONY: all build demo test unit fuzz bench bench-kube clean
 
 all: build
 
@@ -34,6 +34,11 @@ fuzz:
 BENCH_FLAGS ?=
 bench: build
 	$(BIN)/tullectl bench --tulled $(BIN)/tulled --out bench-out $(BENCH_FLAGS)
+
+## bench-kube: a real tulled against KUBE_NODES (5000) realistic Nodes in a real kube-apiserver (root, etcd, kube-apiserver: see .ci/run).
+KUBE_NODES ?= 5000
+bench-kube: build
+	TULLED=$(CURDIR)/$(BIN)/tulled KUBE_NODES=$(KUBE_NODES) $(GO) test -run '^$$' -bench KubePeers -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
 
 clean:
 	rm -rf $(BIN)

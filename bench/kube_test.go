@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -167,6 +168,10 @@ func BenchmarkKubePeers(b *testing.B) {
 		st, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(n.PID()), "status"))
 		rss, hwm := procKB(string(st), "VmRSS:"), procKB(string(st), "VmHWM:")
 		b.Logf("tulled: %d peers %v after start; RSS %.1f MiB, peak %.1f MiB", count, elapsed.Round(time.Millisecond), rss/1024, hwm/1024)
+		if p := os.Getenv("KUBE_HEAP_PROFILE"); p != "" {
+			out, _ := exec.Command("curl", "-s", "-o", p, "--unix-socket", filepath.Join(n.RunDir, "tulled.sock"), "http://x/debug/pprof/heap").CombinedOutput()
+			b.Log("heap profile:", p, string(out))
+		}
 		b.ReportMetric(elapsed.Seconds(), "s-to-all-peers")
 		b.ReportMetric(hwm/1024, "MiB-peak-RSS")
 		b.ReportMetric(rss/1024, "MiB-RSS")

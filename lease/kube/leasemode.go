@@ -282,5 +282,5 @@ func (s *Store) watchLeases(ctx context.Context, self string) (<-chan []lease.Pe
 		return out
 	})
 	tick := min(max(s.opt.TTL/10, time.Second), 30*time.Second)
-	return s.startInformer(ctx, factory, inf, sn, tick)
+	return s.startInformer(ctx, func() { factory.Start(ctx.Done()) }, inf, sn, tick)
 }
