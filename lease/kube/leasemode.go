@@ -20,7 +20,7 @@ import (
 )
 
 // leaseName names the Lease of a subnet: "tulle-100-96-3-0-24",
-// "tulle-fd00-96-0-3--64" (IPv6-only clusters).
+// "tulle-fd00-96-0-3---64" (IPv6-only clusters).
 func leaseName(p netip.Prefix) string {
 	r := strings.NewReplacer(".", "-", ":", "-", "/", "-")
 	return "tulle-" + strings.Trim(r.Replace(p.String()), "-")

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/kubetest"
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+// TestKubeStore runs tulled on two namespace nodes with --lease-store kube
+// (podcidr mode) against a real API server, then kills the API server:
+// traffic keeps flowing with the last known peers and tulled reports
+// not-ready until the API is back.
+func TestKubeStore(t *testing.T) {
+	requireNetns(t)
+	if why := kubetest.Missing(); why != "" {
+		if os.Getenv("TULLE_REQUIRE_KUBE") != "" {
+			t.Fatal("needs " + why)
+		}
+		t.Skip("needs " + why)
+	}
+	kc, err := kubetest.Start(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(kc.Stop)
+	admin, _ := kc.Client(kubetest.AdminToken)
+	tp, err := topo.New(topo.Options{Nodes: 2, Prefix: "tullekube"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kcfg, err := kc.Kubeconfig(kubetest.AdminToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cluster.New(tp, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg}})
+	if err != nil {
+		tp.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range c.Nodes {
+				t.Logf("log of %s:\n%s", n.Name, n.Log())
+			}
+		}
+		c.Close()
+	})
+	for i, n := range tp.Nodes {
+		stop, err := kc.ForwardInto(n.NS, topo.DoIn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(stop)
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}, Spec: corev1.NodeSpec{
+			PodCIDRs: []string{[]string{"100.96.11.0/24", "100.96.12.0/24"}[i], []string{"fd00:96:0:11::/64", "fd00:96:0:12::/64"}[i]}}}
+		if _, err := admin.CoreV1().Nodes().Create(context.Background(), node, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, b := c.Nodes[0], c.Nodes[1]
+	if got := addr(t, b, false).String(); got != "100.96.12.0" {
+		t.Errorf("n2's subnet address %s, want 100.96.12.0 (from its podCIDR)", got)
+	}
+	ping(t, a, addr(t, b, false))
+	ping(t, a, addr(t, b, true))
+	n, err := admin.CoreV1().Nodes().Get(ctx, "n1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Annotations["tulle.dev/public-ip"] != "198.18.0.1" {
+		t.Errorf("n1 annotations: %v", n.Annotations)
+	}
+
+	kc.StopAPIServer()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		s, err := a.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.NotReady != "" {
+			t.Logf("not ready while the API server is down: %s", s.NotReady)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("tulled still ready 60s after the API server died")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	// The datapath does not care: the last known peers keep working.
+	ping(t, a, addr(t, b, false))
+	sent, got := transfer(t, a, b, addr(t, b, false), 20<<20, 0)
+	if sent != got {
+		t.Error("transfer corrupted while the API server was down")
+	}
+	if err := kc.StartAPIServer(); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(90 * time.Second)
+	for {
+		s, err := a.Status(ctx)
+		if err == nil && s.NotReady == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tulled not ready 90s after the API server came back: %v %+v", err, s)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}

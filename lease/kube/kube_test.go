@@ -1,0 +1,93 @@
+package kube
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/tulle-net/tulle/lease"
+)
+
+func TestAttrsRoundTrip(t *testing.T) {
+	a := lease.Attrs{PublicIP: netip.MustParseAddr("198.18.0.1"), PublicIPv6: netip.MustParseAddr("fd00:198::1"),
+		Backend: lease.Backend{Type: "udp", Port: 8285}}
+	got, err := decodeAttrs(encodeAttrs(a))
+	if err != nil || got.PublicIP != a.PublicIP || got.PublicIPv6 != a.PublicIPv6 || got.Backend.Type != "udp" || got.Backend.Port != 8285 {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	good := encodeAttrs(a)
+	tests := []struct {
+		name string
+		edit func(map[string]string)
+		want string
+	}{
+		{"no backend", func(m map[string]string) { delete(m, AnnBackendType) }, "no tulle.dev/backend-type"},
+		{"unknown backend", func(m map[string]string) { m[AnnBackendType] = "ipip" }, "unknown backend"},
+		{"bad json", func(m map[string]string) { m[AnnBackendData] = "{" }, "malformed tulle.dev/backend-data"},
+		{"no port", func(m map[string]string) { m[AnnBackendData] = "{}" }, "no port"},
+		{"v6 as v4", func(m map[string]string) { m[AnnPublicIP] = "fd00::1" }, "malformed tulle.dev/public-ip"},
+		{"no address", func(m map[string]string) { delete(m, AnnPublicIP); delete(m, AnnPublicIPv6) }, "no public address"},
+	}
+	for _, tt := range tests {
+		m := map[string]string{}
+		for k, v := range good {
+			m[k] = v
+		}
+		tt.edit(m)
+		if _, err := decodeAttrs(m); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v, want %q", tt.name, err, tt.want)
+		}
+	}
+}
+
+func TestLeaseNames(t *testing.T) {
+	for p, want := range map[string]string{
+		"100.96.3.0/24":    "tulle-100-96-3-0-24",
+		"fd00:96:0:3::/64": "tulle-fd00-96-0-3---64",
+		"100.127.255.0/24": "tulle-100-127-255-0-24",
+	} {
+		if got := leaseName(netip.MustParsePrefix(p)); got != want {
+			t.Errorf("leaseName(%s) = %s, want %s", p, got, want)
+		}
+	}
+}
+
+func TestSlimNodeKeepsOnlyWhatTulleReads(t *testing.T) {
+	n := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "n", ResourceVersion: "7", Labels: map[string]string{"a": "b"},
+			Annotations:   map[string]string{AnnPublicIP: "198.18.0.1", "other": strings.Repeat("x", 1000)},
+			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}},
+		Spec:   corev1.NodeSpec{PodCIDRs: []string{"100.96.1.0/24"}, ProviderID: "p"},
+		Status: corev1.NodeStatus{Images: []corev1.ContainerImage{{Names: []string{"img"}}}},
+	}
+	o, _ := slimNode(n)
+	s := o.(*corev1.Node)
+	if s.Name != "n" || s.ResourceVersion != "7" || s.Annotations[AnnPublicIP] != "198.18.0.1" || len(s.Spec.PodCIDRs) != 1 {
+		t.Errorf("lost what tulle reads: %+v", s)
+	}
+	if len(s.Annotations) != 1 || s.Labels != nil || s.ManagedFields != nil || s.Status.Images != nil || s.Spec.ProviderID != "" {
+		t.Errorf("kept what tulle does not read: %+v", s)
+	}
+}
+
+func TestNewValidates(t *testing.T) {
+	nc := netConf(t, `{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:96::/60","IPv6SubnetLen":64}`)
+	c := fake.NewClientset()
+	if _, err := New(Options{Client: c, Net: nc, Mode: "bogus"}); err == nil {
+		t.Error("unknown mode accepted")
+	}
+	if _, err := New(Options{Client: c, Net: nc, Mode: ModeLease}); err == nil {
+		t.Error("lease mode without namespace accepted")
+	}
+	// 255 IPv4 subnets but only 16 IPv6 ones: cannot pair them.
+	if _, err := New(Options{Client: c, Net: nc, Mode: ModeLease, Namespace: "x"}); err == nil {
+		t.Error("lease mode with too few IPv6 subnets accepted")
+	}
+	if _, err := New(Options{Client: c, Net: nc}); err != nil {
+		t.Errorf("podcidr mode: %v", err)
+	}
+}
