@@ -45,6 +45,19 @@ func subnets(sub *api.SubnetFile) []netip.Prefix {
 	return p
 }
 
+// existingIPAM opens the network's IPAM store if it exists (DEL, CHECK and
+// GC need no subnets; a missing store means nothing was ever allocated).
+func existingIPAM(c *NetConf) (*addrPool, bool, error) {
+	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err != nil {
+		return nil, false, nil
+	}
+	m, err := openIPAM(c, &api.SubnetFile{})
+	if err != nil {
+		return nil, false, err
+	}
+	return m, true, nil
+}
+
 // Add attaches the pod: IPAM, bridge, veth, addresses and routes in the pod,
 // masquerade. On failure it undoes what it did.
 func Add(args *skel.CmdArgs) (types.Result, error) {
@@ -150,15 +163,11 @@ func Del(args *skel.CmdArgs) error {
 		return err
 	}
 	var errs []error
-	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err == nil {
-		// The subnets do not matter for release: open the store only.
-		m, err := openIPAM(c, &api.SubnetFile{})
-		if err != nil {
-			errs = append(errs, err)
-		} else {
-			errs = append(errs, m.release(args.ContainerID, args.IfName))
-			m.close()
-		}
+	if m, ok, err := existingIPAM(c); err != nil {
+		errs = append(errs, err)
+	} else if ok {
+		errs = append(errs, m.release(args.ContainerID, args.IfName))
+		m.close()
 	}
 	if args.Netns != "" {
 		err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return delLink(args.IfName) })
@@ -206,12 +215,9 @@ func Check(args *skel.CmdArgs) error {
 	if err != nil || hl.Attrs().MasterIndex != br.Attrs().Index {
 		return fail("host veth %s is not attached to bridge %s", hostName, c.Bridge)
 	}
-	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err != nil {
+	m, ok, err := existingIPAM(c)
+	if err != nil || !ok {
 		return fail("no IPAM state: %v", err)
-	}
-	m, err := openIPAM(c, &api.SubnetFile{})
-	if err != nil {
-		return fail("ipam: %v", err)
 	}
 	defer m.close()
 	if !m.has(args.ContainerID, args.IfName) {
@@ -279,16 +285,13 @@ func GC(args *skel.CmdArgs) error {
 		hostNames[hostVethName(a.ContainerID, a.IfName)] = true
 	}
 	var errs []error
-	if _, err := os.Stat(filepath.Join(c.DataDir, c.Name)); err == nil {
-		m, err := openIPAM(c, &api.SubnetFile{})
-		if err != nil {
+	if m, ok, err := existingIPAM(c); err != nil {
+		errs = append(errs, err)
+	} else if ok {
+		if _, err := m.gc(valid); err != nil {
 			errs = append(errs, err)
-		} else {
-			if _, err := m.gc(valid); err != nil {
-				errs = append(errs, err)
-			}
-			m.close()
 		}
+		m.close()
 	}
 	if br, err := netlink.LinkByName(c.Bridge); err == nil {
 		links, err := netlink.LinkList()

@@ -153,14 +153,7 @@ func TestPodsAcrossNodes(t *testing.T) {
 		tp.Close()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, n := range c.Nodes {
-				t.Logf("log of %s:\n%s", n.Name, n.Log())
-			}
-		}
-		c.Close()
-	})
+	t.Cleanup(func() { c.CloseFor(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := c.Start(ctx); err != nil {

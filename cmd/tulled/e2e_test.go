@@ -85,16 +85,7 @@ func startCluster(t *testing.T, n int, opt cluster.Options) *cluster.Cluster {
 		tp.Close()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, n := range c.Nodes {
-				t.Logf("log of %s:\n%s", n.Name, n.Log())
-			}
-		}
-		if err := c.Close(); err != nil {
-			t.Errorf("cluster cleanup: %v", err)
-		}
-	})
+	t.Cleanup(func() { c.CloseFor(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := c.Start(ctx); err != nil {

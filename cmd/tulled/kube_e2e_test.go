@@ -36,6 +36,14 @@ func TestKubeStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, n := range tp.Nodes {
+		stop, err := kc.ForwardInto(n.NS, topo.DoIn)
+		if err != nil {
+			tp.Close()
+			t.Fatal(err)
+		}
+		t.Cleanup(stop) // after the cluster's cleanup, which needs the API
+	}
 	kcfg, err := kc.Kubeconfig(kubetest.AdminToken)
 	if err != nil {
 		t.Fatal(err)
@@ -45,20 +53,8 @@ func TestKubeStore(t *testing.T) {
 		tp.Close()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, n := range c.Nodes {
-				t.Logf("log of %s:\n%s", n.Name, n.Log())
-			}
-		}
-		c.Close()
-	})
+	t.Cleanup(func() { c.CloseFor(t) })
 	for i, n := range tp.Nodes {
-		stop, err := kc.ForwardInto(n.NS, topo.DoIn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(stop)
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}, Spec: corev1.NodeSpec{
 			PodCIDRs: []string{[]string{"100.96.11.0/24", "100.96.12.0/24"}[i], []string{"fd00:96:0:11::/64", "fd00:96:0:12::/64"}[i]}}}
 		if _, err := admin.CoreV1().Nodes().Create(context.Background(), node, metav1.CreateOptions{}); err != nil {

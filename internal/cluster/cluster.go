@@ -288,3 +288,23 @@ func (c *Cluster) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// TB is the part of testing.TB CloseFor needs.
+type TB interface {
+	Failed() bool
+	Logf(format string, args ...any)
+	Errorf(format string, args ...any)
+}
+
+// CloseFor closes the cluster at the end of a test, first logging every
+// node's tulled log if the test failed.
+func (c *Cluster) CloseFor(t TB) {
+	if t.Failed() {
+		for _, n := range c.Nodes {
+			t.Logf("log of %s:\n%s", n.Name, n.Log())
+		}
+	}
+	if err := c.Close(); err != nil {
+		t.Errorf("cluster cleanup: %v", err)
+	}
+}
