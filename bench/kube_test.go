@@ -131,28 +131,25 @@ func BenchmarkKubePeers(b *testing.B) {
 		size := createNodes(b, admin, nc, count)
 		b.Logf("created %d Nodes of %d bytes each (as stored, protobuf) in %v", count, size, time.Since(start).Round(time.Millisecond))
 
-		tp, err := topo.New(topo.Options{Nodes: 1, Prefix: "tullekbench"})
-		if err != nil {
-			b.Fatal(err)
-		}
 		self := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}, Spec: corev1.NodeSpec{PodCIDRs: []string{netconf.SubnetAt(nc.SubnetMin, nc.SubnetLen, count+1).String()}}}
 		if _, err := admin.CoreV1().Nodes().Create(context.Background(), self, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
-		stopFwd, err := kc.ForwardInto(tp.Nodes[0].NS, topo.DoIn)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer stopFwd()
 		kcfg, err := kc.Kubeconfig(kubetest.AdminToken)
 		if err != nil {
 			b.Fatal(err)
 		}
-		cl, err := cluster.New(tp, cluster.Options{Tulled: tulled, Dir: b.TempDir(), NetConf: netConf,
+		cl, err := cluster.Build(topo.Options{Nodes: 1, Prefix: "tullekbench"}, cluster.Options{Tulled: tulled, Dir: b.TempDir(), NetConf: netConf,
 			Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg}})
 		if err != nil {
 			b.Fatal(err)
 		}
+		stopFwd, err := kc.ForwardInto(cl.Topo.Nodes[0].NS, topo.DoIn)
+		if err != nil {
+			cl.Close()
+			b.Fatal(err)
+		}
+		defer stopFwd() // after cl.Close: tulled cleanup needs the API
 		defer cl.Close()
 		n := cl.Nodes[0]
 		t0 := time.Now()
@@ -165,8 +162,7 @@ func BenchmarkKubePeers(b *testing.B) {
 			b.Fatal(err)
 		}
 		elapsed := time.Since(t0)
-		st, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(n.PID()), "status"))
-		rss, hwm := procKB(string(st), "VmRSS:"), procKB(string(st), "VmHWM:")
+		rss, hwm := procStatusKB(n.PID(), "VmRSS:"), procStatusKB(n.PID(), "VmHWM:")
 		b.Logf("tulled: %d peers %v after start; RSS %.1f MiB, peak %.1f MiB", count, elapsed.Round(time.Millisecond), rss/1024, hwm/1024)
 		if p := os.Getenv("KUBE_HEAP_PROFILE"); p != "" {
 			out, _ := exec.Command("curl", "-s", "-o", p, "--unix-socket", filepath.Join(n.RunDir, "tulled.sock"), "http://x/debug/pprof/heap").CombinedOutput()
@@ -176,14 +172,4 @@ func BenchmarkKubePeers(b *testing.B) {
 		b.ReportMetric(hwm/1024, "MiB-peak-RSS")
 		b.ReportMetric(rss/1024, "MiB-RSS")
 	}
-}
-
-func procKB(status, key string) float64 {
-	for _, l := range strings.Split(status, "\n") {
-		if v, ok := strings.CutPrefix(l, key); ok {
-			f, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return f
-		}
-	}
-	return 0
 }

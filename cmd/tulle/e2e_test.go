@@ -144,13 +144,8 @@ func pingFrom(t *testing.T, ns string, dst netip.Addr) {
 func TestPodsAcrossNodes(t *testing.T) {
 	requireRealCNI(t)
 	binDir := build(t)
-	tp, err := topo.New(topo.Options{Nodes: 2, Prefix: "tullecni"})
+	c, err := cluster.Build(topo.Options{Nodes: 2, Prefix: "tullecni"}, cluster.Options{Tulled: filepath.Join(binDir, "tulled"), Dir: t.TempDir()})
 	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := cluster.New(tp, cluster.Options{Tulled: filepath.Join(binDir, "tulled"), Dir: t.TempDir()})
-	if err != nil {
-		tp.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.CloseFor(t) })

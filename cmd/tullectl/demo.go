@@ -48,15 +48,11 @@ func demo(ctx context.Context, args []string) (err error) {
 	defer os.RemoveAll(dir)
 
 	step("building %d nodes in network namespaces (underlay 198.18.0.0/24, fd00:198::/64)", *nodes)
-	tp, err := topo.New(topo.Options{Nodes: *nodes, Prefix: "tulledemo"})
+	c, err := cluster.Build(topo.Options{Nodes: *nodes, Prefix: "tulledemo"}, cluster.Options{Tulled: tulled, Dir: dir})
 	if err != nil {
 		return err
 	}
-	c, err := cluster.New(tp, cluster.Options{Tulled: tulled, Dir: dir})
-	if err != nil {
-		tp.Close()
-		return err
-	}
+	tp := c.Topo
 	defer func() {
 		step("cleaning up: stopping tulled, tulled cleanup on each node, removing namespaces")
 		if cerr := c.Close(); cerr != nil {

@@ -76,13 +76,8 @@ func startCluster(t *testing.T, n int, opt cluster.Options) *cluster.Cluster {
 	requireNetns(t)
 	opt.Tulled = tulled(t)
 	opt.Dir = t.TempDir()
-	tp, err := topo.New(topo.Options{Nodes: n})
+	c, err := cluster.Build(topo.Options{Nodes: n}, opt)
 	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := cluster.New(tp, opt)
-	if err != nil {
-		tp.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.CloseFor(t) })

@@ -32,29 +32,24 @@ func TestKubeStore(t *testing.T) {
 	}
 	t.Cleanup(kc.Stop)
 	admin, _ := kc.Client(kubetest.AdminToken)
-	tp, err := topo.New(topo.Options{Nodes: 2, Prefix: "tullekube"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, n := range tp.Nodes {
-		stop, err := kc.ForwardInto(n.NS, topo.DoIn)
-		if err != nil {
-			tp.Close()
-			t.Fatal(err)
-		}
-		t.Cleanup(stop) // after the cluster's cleanup, which needs the API
-	}
 	kcfg, err := kc.Kubeconfig(kubetest.AdminToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := cluster.New(tp, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg}})
+	c, err := cluster.Build(topo.Options{Nodes: 2, Prefix: "tullekube"}, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg}})
 	if err != nil {
-		tp.Close()
 		t.Fatal(err)
 	}
+	for _, n := range c.Topo.Nodes {
+		stop, err := kc.ForwardInto(n.NS, topo.DoIn)
+		if err != nil {
+			c.Close()
+			t.Fatal(err)
+		}
+		t.Cleanup(stop) // runs after the cluster's cleanup, which needs the API
+	}
 	t.Cleanup(func() { c.CloseFor(t) })
-	for i, n := range tp.Nodes {
+	for i, n := range c.Topo.Nodes {
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}, Spec: corev1.NodeSpec{
 			PodCIDRs: []string{[]string{"100.96.11.0/24", "100.96.12.0/24"}[i], []string{"fd00:96:0:11::/64", "fd00:96:0:12::/64"}[i]}}}
 		if _, err := admin.CoreV1().Nodes().Create(context.Background(), node, metav1.CreateOptions{}); err != nil {

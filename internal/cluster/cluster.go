@@ -85,6 +85,21 @@ func New(t *topo.Topology, opt Options) (*Cluster, error) {
 	return c, nil
 }
 
+// Build makes a topology and prepares tulled on every node of it. On
+// error nothing is left behind; on success Close removes both.
+func Build(to topo.Options, opt Options) (*Cluster, error) {
+	tp, err := topo.New(to)
+	if err != nil {
+		return nil, err
+	}
+	c, err := New(tp, opt)
+	if err != nil {
+		tp.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
 // Args returns the tulled flags for node n (without the command).
 func (n *Node) Args() []string {
 	o := n.c.opt
