@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tulle-net/tulle/internal/testenv"
 )
 
 func TestParseIperf3Fixtures(t *testing.T) {
@@ -212,7 +214,7 @@ func TestSmoke(t *testing.T) {
 		t.Skip("smoke run skipped in -short mode")
 	}
 	if err := Check(); err != nil {
-		t.Skipf("bench smoke skipped: %v", err)
+		testenv.Skip(t, "bench smoke: %v", err)
 	}
 	bin := filepath.Join(t.TempDir(), "tulled")
 	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/tulled").CombinedOutput(); err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/tulle-net/tulle/internal/api"
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/internal/topo"
 )
 
@@ -34,12 +35,8 @@ type env struct {
 
 func newEnv(t *testing.T, subnet string) *env {
 	t.Helper()
-	if why := topo.Require(); why != "" {
-		t.Skipf("CNI namespace test skipped: %s", why)
-	}
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("CNI namespace test skipped: needs nft (nftables)")
-	}
+	testenv.Require(t, topo.Require())
+	testenv.RequireTools(t, "nft")
 	e := &env{t: t, node: "tullecni-" + randSuffix() + "-node", runDir: t.TempDir(), data: t.TempDir()}
 	run(t, "ip", "netns", "add", e.node)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", e.node).Run() })

@@ -29,7 +29,8 @@ const (
 	DropBadVersion    // tulle header version this build does not speak
 	DropBadHeader     // truncated or inconsistent tulle header or descriptor
 	DropIncomplete    // frames whose train lost, reordered or interleaved a datagram
-	DropUnknownSource // datagrams from an address that is no peer's (before reassembly)
+	DropUnknownSource // datagrams from an address and port that are no peer's (before any state is kept)
+	DropTrainEvicted  // trains abandoned, or not started, because the reassembly buffers were all in use
 	GSOFallbacks      // times UDP GSO was turned off after EIO
 	numCounters
 )
@@ -42,6 +43,7 @@ var counterNames = [numCounters]string{
 	GROWrites:    "gro_writes",
 	DatagramsOut: "datagrams_out", DatagramsIn: "datagrams_in", DropBadVersion: "drop_bad_version",
 	DropBadHeader: "drop_bad_header", DropIncomplete: "drop_incomplete", DropUnknownSource: "drop_unknown_source",
+	DropTrainEvicted: "drop_train_evicted",
 	GSOFallbacks: "gso_fallbacks",
 }
 

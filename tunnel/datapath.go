@@ -168,7 +168,7 @@ func (d *Datapath) rxLoop(recv ReceiveFunc) error {
 		out = out[:0]
 		for i := range in[:n] {
 			f := &in[i]
-			peer := peers.ByAddr(f.Addr.Addr())
+			peer := peers.ByAddr(f.Addr)
 			if peer == nil {
 				ctr.Add(DropUnknownPeer, 1)
 				continue

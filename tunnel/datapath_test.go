@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -45,7 +46,7 @@ func newNode(t *testing.T, ip string, local ...netip.Prefix) *node {
 	tr, err := udp.New(udp.Options{
 		Local4:   netip.AddrPortFrom(netip.MustParseAddr(ip), 0),
 		MTU:      1500,
-		Accept:   func(a netip.Addr) bool { return n.peers.ByAddr(a) != nil },
+		Accept:   func(a netip.AddrPort) bool { return n.peers.ByAddr(a) != nil },
 		Counters: n.ctr,
 		Logger:   quiet(),
 	})
@@ -103,10 +104,16 @@ func expectNone(t *testing.T, c chan tuntest.Packet) {
 
 func waitCounter(t *testing.T, c *tunnel.Counters, k tunnel.Counter, want uint64) {
 	t.Helper()
+	waitFor(t, func() bool { return c.Get(k) >= want }, func() string { return fmt.Sprintf("counter %s = %d, want ≥ %d", k, c.Get(k), want) })
+}
+
+// waitFor polls cond until it holds, failing with what() after 5 s.
+func waitFor(t *testing.T, cond func() bool, what func() string) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for c.Get(k) < want {
+	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("counter %s = %d, want ≥ %d", k, c.Get(k), want)
+			t.Fatal(what())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -189,13 +196,32 @@ func TestDatapathDropsAndCounts(t *testing.T) {
 	}
 	waitCounter(t, b.ctr, tunnel.DropUnknownSource, 2)
 
-	// From a's own socket, garbage: bad version, bad header, bad offload.
-	raw, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.addr.Addr(), 0)), net.UDPAddrFromAddrPort(b.addr))
+	// From a's host but not a's port (any process there): dropped before
+	// any state, like a stranger.
+	other, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.addr.Addr(), 0)), net.UDPAddrFromAddrPort(b.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := other.Write(valid); err != nil {
+		t.Fatal(err)
+	}
+	waitCounter(t, b.ctr, tunnel.DropUnknownSource, 3)
+
+	// From a known peer's endpoint (a third peer c that the test plays),
+	// garbage: bad version, bad header, bad offload.
+	raw, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 4)}, net.UDPAddrFromAddrPort(b.addr))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer raw.Close()
-	badOffload := append([]byte{udp.Version<<4 | udp.TypeFrame, 2, 0, 9, 0, 1, 0, 0, tunnel.FlagNeedsCsum, tunnel.GSOTCPv6, 5, 0, 0, 20, 0, 16}, tuntest.TCP(podA, podB, 10)...)
+	subnetC := netip.MustParsePrefix("100.96.3.0/24")
+	b.peers.Set([]netip.Prefix{subnetB, subB6}, []tunnel.Peer{
+		{Name: "a", Addr: a.addr, Subnets: []netip.Prefix{subnetA, subA6}},
+		{Name: "c", Addr: raw.LocalAddr().(*net.UDPAddr).AddrPort(), Subnets: []netip.Prefix{subnetC}},
+	})
+	fromC := netip.MustParseAddr("100.96.3.5")
+	badOffload := append([]byte{udp.Version<<4 | udp.TypeFrame, 2, 0, 9, 0, 1, 0, 0, tunnel.FlagNeedsCsum, tunnel.GSOTCPv6, 5, 0, 0, 20, 0, 16}, tuntest.TCP(fromC, podB, 10)...)
 	for _, d := range [][]byte{{0x21, 2, 0, 0, 0, 1, 0, 0}, {0x12, 1}, {0x17, 2, 0, 0, 0, 1, 0, 0}, badOffload} {
 		if _, err := raw.Write(d); err != nil {
 			t.Fatal(err)
@@ -203,11 +229,11 @@ func TestDatapathDropsAndCounts(t *testing.T) {
 	}
 	waitCounter(t, b.ctr, tunnel.DropBadVersion, 1)
 	waitCounter(t, b.ctr, tunnel.DropBadHeader, 2)
-	time.Sleep(50 * time.Millisecond)
+	waitFor(t, func() bool { return b.tun.Refused() >= 1 }, func() string { return "the write with bad offload metadata was not refused" })
+	expectNone(t, b.tun.Outbound)
 	if r := b.tun.Refused(); r != 1 {
 		t.Errorf("refused %d writes with bad offload metadata, want 1", r)
 	}
-	expectNone(t, b.tun.Outbound)
 
 	// Still forwarding after all that.
 	ok := tuntest.TCP(podA, podB, 10)

@@ -24,7 +24,7 @@ type PeerTable struct {
 
 type peerSnapshot struct {
 	v4, v6 lpm
-	byAddr map[netip.Addr]*Peer
+	byAddr map[netip.AddrPort]*Peer
 	local  []netip.Prefix
 	peers  []Peer
 }
@@ -70,14 +70,14 @@ func NewPeerTable(local []netip.Prefix) *PeerTable {
 // Set replaces the table's contents. Subnets that overlap a local subnet are
 // ignored: a peer can never take traffic for this node's own pods.
 func (t *PeerTable) Set(local []netip.Prefix, peers []Peer) {
-	s := &peerSnapshot{byAddr: map[netip.Addr]*Peer{}, local: slices.Clone(local), peers: make([]Peer, len(peers))}
+	s := &peerSnapshot{byAddr: map[netip.AddrPort]*Peer{}, local: slices.Clone(local), peers: make([]Peer, len(peers))}
 	for i := range peers {
 		p := &s.peers[i]
 		*p = peers[i]
 		p.Subnets = slices.DeleteFunc(slices.Clone(p.Subnets), func(n netip.Prefix) bool {
 			return slices.ContainsFunc(local, n.Overlaps)
 		})
-		s.byAddr[p.Addr.Addr().Unmap()] = p
+		s.byAddr[unmap(p.Addr)] = p
 		for _, n := range p.Subnets {
 			if n.Addr().Is4() {
 				s.v4.insert(n, p)
@@ -98,10 +98,14 @@ func (t *PeerTable) Lookup(dst netip.Addr) *Peer {
 	return s.v6.lookup(dst)
 }
 
-// ByAddr returns the peer whose underlay address is a, or nil.
-func (t *PeerTable) ByAddr(a netip.Addr) *Peer {
-	return t.snap.Load().byAddr[a.Unmap()]
+// ByAddr returns the peer whose underlay endpoint (address and port) is a,
+// or nil. Only a peer's published endpoint counts: another port on a
+// peer's host is any process there, not the peer's tulled.
+func (t *PeerTable) ByAddr(a netip.AddrPort) *Peer {
+	return t.snap.Load().byAddr[unmap(a)]
 }
+
+func unmap(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
 
 // IsLocal reports whether a lies in one of this node's subnets.
 func (t *PeerTable) IsLocal(a netip.Addr) bool {

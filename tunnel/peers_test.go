@@ -38,16 +38,25 @@ func TestPeerTableLookup(t *testing.T) {
 			t.Errorf("Lookup(%s) = %q, want %q", tt.dst, got, tt.want)
 		}
 	}
-	if p := tbl.ByAddr(netip.MustParseAddr("::ffff:198.18.0.2")); p == nil || p.Name != "b" {
-		t.Errorf("ByAddr(v4-mapped b) = %v, want b", p)
-	}
-	if p := tbl.ByAddr(netip.MustParseAddr("198.18.0.9")); p != nil {
-		t.Errorf("ByAddr(unknown) = %v, want nil", p)
+	for _, tt := range []struct{ ep, want string }{
+		{"[::ffff:198.18.0.2]:8285", "b"},
+		{"198.18.0.2:8285", "b"},
+		{"198.18.0.2:40000", ""}, // another process on b's host
+		{"198.18.0.9:8285", ""},
+		{"[fd00:198::5]:8285", "greedy"},
+	} {
+		got := ""
+		if p := tbl.ByAddr(netip.MustParseAddrPort(tt.ep)); p != nil {
+			got = p.Name
+		}
+		if got != tt.want {
+			t.Errorf("ByAddr(%s) = %q, want %q", tt.ep, got, tt.want)
+		}
 	}
 	if !tbl.IsLocal(netip.MustParseAddr("fd00:96:0:1::9")) || tbl.IsLocal(netip.MustParseAddr("100.96.2.1")) {
 		t.Error("IsLocal wrong")
 	}
-	if b := tbl.ByAddr(netip.MustParseAddr("198.18.0.2")); !b.Owns(netip.MustParseAddr("100.96.2.3")) || b.Owns(netip.MustParseAddr("100.96.3.3")) {
+	if b := tbl.ByAddr(netip.MustParseAddrPort("198.18.0.2:8285")); !b.Owns(netip.MustParseAddr("100.96.2.3")) || b.Owns(netip.MustParseAddr("100.96.3.3")) {
 		t.Error("Owns wrong")
 	}
 	tbl.Set(local, nil)

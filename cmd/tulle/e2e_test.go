@@ -20,6 +20,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/internal/topo"
 )
 
@@ -28,16 +29,10 @@ const debianCNI = "/usr/lib/cni"
 
 func requireRealCNI(t *testing.T) {
 	t.Helper()
-	if why := topo.Require(); why != "" {
-		t.Skipf("CNI e2e skipped: %s", why)
-	}
-	for _, need := range []string{"nft", "ping", "iptables"} {
-		if _, err := exec.LookPath(need); err != nil {
-			t.Skipf("CNI e2e skipped: needs %s", need)
-		}
-	}
+	testenv.Require(t, topo.Require())
+	testenv.RequireTools(t, "nft", "ping", "iptables")
 	if _, err := os.Stat(filepath.Join(debianCNI, "portmap")); err != nil {
-		t.Skip("CNI e2e skipped: needs Debian's containernetworking-plugins (portmap)")
+		testenv.Skip(t, "needs Debian's containernetworking-plugins (portmap)")
 	}
 }
 

@@ -230,7 +230,7 @@ func run(o *options, log *slog.Logger) error {
 	peers := tunnel.NewPeerTable(l.Subnets())
 	var tr *udp.Transport
 	uopt := udp.Options{
-		MTU: u.mtu, Accept: func(a netip.Addr) bool { return peers.ByAddr(a) != nil },
+		MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
 		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: ctr, Logger: log,
 	}
 	if u.ip4.IsValid() {

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/internal/topo"
 )
 
@@ -30,14 +31,8 @@ var (
 // requireNetns skips tests that need root and network namespaces.
 func requireNetns(t *testing.T) {
 	t.Helper()
-	if why := topo.Require(); why != "" {
-		t.Skipf("end-to-end test skipped: %s", why)
-	}
-	for _, tool := range []string{"ping"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("end-to-end test skipped: needs %s (iputils-ping)", tool)
-		}
-	}
+	testenv.Require(t, topo.Require())
+	testenv.RequireTools(t, "ping")
 }
 
 // tulled builds the daemon once per test binary.

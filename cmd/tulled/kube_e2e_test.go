@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"os"
 	"testing"
 	"time"
 
@@ -11,6 +10,7 @@ import (
 
 	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/kubetest"
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/internal/topo"
 )
 
@@ -20,12 +20,7 @@ import (
 // not-ready until the API is back.
 func TestKubeStore(t *testing.T) {
 	requireNetns(t)
-	if why := kubetest.Missing(); why != "" {
-		if os.Getenv("TULLE_REQUIRE_KUBE") != "" {
-			t.Fatal("needs " + why)
-		}
-		t.Skip("needs " + why)
-	}
+	testenv.Require(t, kubetest.Missing())
 	kc, err := kubetest.Start(t.TempDir())
 	if err != nil {
 		t.Fatal(err)

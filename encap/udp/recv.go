@@ -15,7 +15,22 @@ import (
 const (
 	recvBatch   = 8
 	recvBufSize = tunnel.Headroom + 65536
-	partialIdle = 10 * time.Second
+
+	// TrainSlots is how many trains one peer may have in reassembly at
+	// once: enough for a few interleaved trains, small enough that a
+	// flood forging one peer's address holds at most this many buffers.
+	TrainSlots = 4
+	// MaxTrainBuffers caps the reassembly buffers of one socket, whatever
+	// the number of peers: TrainSlots × 64 KiB per peer, and this many in
+	// all (4.2 MB per underlay family).
+	MaxTrainBuffers = 64
+	// trainTimeout abandons a train that stopped arriving; trains cross
+	// in well under a millisecond, so anything this old lost a datagram.
+	trainTimeout = 2 * time.Second
+	// sweepInterval is how often abandoned trains and the state of
+	// departed peers are freed.
+	sweepInterval = time.Second
+	trainBufSize  = tunnel.Headroom + DescLen + tunnel.MaxPacket
 )
 
 type readFunc func(ms []ipv4.Message, flags int) (int, error)
@@ -36,28 +51,77 @@ type receiver struct {
 	seg   int            // datagram size of the current message (GRO segment size)
 	src   netip.AddrPort // sender of the current message
 
-	partial map[netip.AddrPort]*partial
-	calls   int
+	clock     func() time.Time
+	now       time.Time // taken once per recvmmsg batch
+	nextSweep time.Time
+	trains    reassembly
 }
 
-// partial is a train being rebuilt across messages.
-type partial struct {
+// reassembly holds the trains being rebuilt datagram by datagram, per peer
+// endpoint. Entries exist only for sources Accept admitted, each with at
+// most TrainSlots trains, all drawing on at most MaxTrainBuffers buffers.
+type reassembly struct {
+	peers map[netip.AddrPort]*peerTrains
+	free  [][]byte // buffers not in use
+	alloc int      // buffers allocated, in use or free
+	// active lists the trains holding a buffer, least recently started
+	// first: the eviction order when the buffers run out.
+	active trainList
+}
+
+// trainList is an intrusive doubly linked list of trains.
+type trainList struct{ head, tail *train }
+
+func (l *trainList) push(t *train) {
+	t.prev, t.next = l.tail, nil
+	if l.tail != nil {
+		l.tail.next = t
+	} else {
+		l.head = t
+	}
+	l.tail = t
+}
+
+func (l *trainList) remove(t *train) {
+	if t.prev != nil {
+		t.prev.next = t.next
+	} else if l.head == t {
+		l.head = t.next
+	}
+	if t.next != nil {
+		t.next.prev = t.prev
+	} else if l.tail == t {
+		l.tail = t.prev
+	}
+	t.prev, t.next = nil, nil
+}
+
+// peerTrains are one peer's trains in flight.
+type peerTrains struct {
+	slots [TrainSlots]train
+	// dropped remembers the last abandoned frame ids, so the rest of an
+	// abandoned train is not counted again.
+	dropped [TrainSlots]uint16
+	ndrop   int
+	last    time.Time
+}
+
+// train is one frame being rebuilt in order.
+type train struct {
 	active bool
 	id     uint16
 	count  uint8
-	next   uint8
-	hlen   int
+	want   uint8 // index of the next datagram
 	buf    []byte
 	n      int
 	last   time.Time
-	// dropped is the id of the last train counted as incomplete, so its
-	// stray tail is not counted again.
-	dropped      uint16
-	droppedValid bool
+	owner  *peerTrains
+	// prev and next link the trains holding buffers (reassembly.active).
+	prev, next *train
 }
 
 func newReceiver(t *Transport, read readFunc, gro bool) *receiver {
-	r := &receiver{t: t, read: read, partial: map[netip.AddrPort]*partial{}}
+	r := &receiver{t: t, read: read, clock: time.Now, trains: reassembly{peers: map[netip.AddrPort]*peerTrains{}}}
 	r.msgs = make([]ipv4.Message, recvBatch)
 	r.iovs = make([][1][]byte, recvBatch)
 	r.bufs = make([][]byte, recvBatch)
@@ -71,10 +135,6 @@ func newReceiver(t *Transport, read readFunc, gro bool) *receiver {
 
 func (r *receiver) receive(frames []tunnel.Frame) (int, error) {
 	out := 0
-	r.calls++
-	if r.calls%4096 == 0 {
-		r.sweep()
-	}
 	for out < len(frames) {
 		if r.mi >= r.n {
 			if out > 0 {
@@ -115,6 +175,11 @@ func (r *receiver) fill() error {
 	if err != nil {
 		return err
 	}
+	r.now = r.clock()
+	if r.now.After(r.nextSweep) {
+		r.sweep()
+		r.nextSweep = r.now.Add(sweepInterval)
+	}
 	r.n, r.mi = n, -1
 	r.next()
 	return nil
@@ -138,7 +203,7 @@ func (r *receiver) next() {
 		ap := ua.AddrPort()
 		r.src = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 		ctr.Add(tunnel.DatagramsIn, dgs)
-		if !r.t.opt.Accept(r.src.Addr()) {
+		if !r.t.opt.Accept(r.src) {
 			ctr.Add(tunnel.DropUnknownSource, dgs)
 			continue
 		}
@@ -195,7 +260,6 @@ func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg, msg []byt
 	}
 	if h.Index == 0 {
 		if n, ok := r.inPlace(buf, base, h, dg); ok {
-			r.dropPartial()
 			return r.frame(f, buf[:base+h.Len+n], base+h.Len), false
 		}
 	}
@@ -240,66 +304,160 @@ func (r *receiver) inPlace(buf []byte, base int, h Header, dg []byte) (int, bool
 	return w, true
 }
 
-func (r *receiver) dropPartial() {
-	if p := r.partial[r.src]; p != nil && p.active {
-		p.drop(r.t.ctr)
-	}
-}
-
-func (p *partial) drop(ctr *tunnel.Counters) {
-	p.active = false
-	p.dropped, p.droppedValid = p.id, true
-	ctr.Add(tunnel.DropIncomplete, 1)
-}
-
-// slow rebuilds a train datagram by datagram in a per-peer buffer. Trains
-// are taken in order only: a gap, a reordering or an interleaved train
-// drops the frame (TCP recovers; this keeps memory to one frame per peer).
+// slow rebuilds a train datagram by datagram in a buffer of the peer's.
+// Each train is taken in order: a gap or a reordering inside it drops that
+// frame (TCP recovers); up to TrainSlots trains of one peer may interleave.
 func (r *receiver) slow(f *tunnel.Frame, h Header, payload []byte) (emitted, stop bool) {
 	ctr := r.t.ctr
-	p := r.partial[r.src]
+	rs := &r.trains
+	p := rs.peers[r.src]
 	if p == nil {
-		p = &partial{buf: make([]byte, tunnel.Headroom+DescLen+tunnel.MaxPacket)}
-		r.partial[r.src] = p
+		p = &peerTrains{}
+		rs.peers[r.src] = p
 	}
-	p.last = time.Now()
+	p.last = r.now
 	if h.Index == 0 {
-		r.dropPartial()
-		p.active, p.id, p.count, p.next, p.hlen = true, h.FrameID, h.Count, 1, h.Len
-		p.n = tunnel.Headroom + copy(p.buf[tunnel.Headroom:], payload)
+		tr := p.slotFor(h.FrameID)
+		if tr.active {
+			r.abandon(p, tr, tunnel.DropIncomplete) // a repeated start, or the peer's oldest
+		}
+		if tr.buf == nil && !r.takeBuffer(tr) {
+			return false, false
+		}
+		tr.active, tr.id, tr.count, tr.want, tr.last, tr.owner = true, h.FrameID, h.Count, 1, r.now, p
+		tr.n = tunnel.Headroom + copy(tr.buf[tunnel.Headroom:], payload)
 		return false, false
 	}
-	if !p.active || h.FrameID != p.id || h.Index != p.next || h.Count != p.count {
-		if p.active {
-			p.drop(ctr)
-		} else if h.Index == h.Count-1 && (!p.droppedValid || p.dropped != h.FrameID) {
+	tr := p.find(h.FrameID)
+	if tr == nil {
+		if h.Index == h.Count-1 && !p.wasDropped(h.FrameID) {
 			// The tail of a train whose start was lost.
-			p.dropped, p.droppedValid = h.FrameID, true
+			p.remember(h.FrameID)
 			ctr.Add(tunnel.DropIncomplete, 1)
 		}
 		return false, false
 	}
-	if p.n+len(payload) > len(p.buf) {
-		p.active = false
-		p.dropped, p.droppedValid = p.id, true
-		ctr.Add(tunnel.DropBadHeader, 1)
+	if h.Index != tr.want || h.Count != tr.count {
+		r.abandon(p, tr, tunnel.DropIncomplete)
 		return false, false
 	}
-	p.n += copy(p.buf[p.n:], payload)
-	p.next++
-	if p.next < p.count {
+	if tr.n+len(payload) > len(tr.buf) {
+		r.abandon(p, tr, tunnel.DropBadHeader)
 		return false, false
 	}
-	p.active = false
-	return r.frame(f, p.buf[:p.n], tunnel.Headroom), true
+	tr.n += copy(tr.buf[tr.n:], payload)
+	tr.want++
+	tr.last = r.now
+	if tr.want < tr.count {
+		return false, false
+	}
+	// Complete: the frame points into the buffer, which goes back to the
+	// pool but is not written before the caller's next receive.
+	buf, n := tr.buf, tr.n
+	tr.active = false
+	r.release(tr)
+	return r.frame(f, buf[:n], tunnel.Headroom), true
 }
 
-// sweep forgets reassembly state of peers that went quiet.
+// slotFor returns the slot a new train id goes in: its own if the start is
+// repeated, else a free one, else the peer's least recently active one.
+func (p *peerTrains) slotFor(id uint16) *train {
+	if tr := p.find(id); tr != nil {
+		return tr
+	}
+	var oldest *train
+	for i := range p.slots {
+		tr := &p.slots[i]
+		if !tr.active {
+			return tr
+		}
+		if oldest == nil || tr.last.Before(oldest.last) {
+			oldest = tr
+		}
+	}
+	return oldest
+}
+
+func (p *peerTrains) find(id uint16) *train {
+	for i := range p.slots {
+		if p.slots[i].active && p.slots[i].id == id {
+			return &p.slots[i]
+		}
+	}
+	return nil
+}
+
+func (p *peerTrains) remember(id uint16) {
+	p.dropped[p.ndrop%len(p.dropped)] = id
+	p.ndrop++
+}
+
+func (p *peerTrains) wasDropped(id uint16) bool {
+	for i := range min(p.ndrop, len(p.dropped)) {
+		if p.dropped[i] == id {
+			return true
+		}
+	}
+	return false
+}
+
+// abandon drops an active train, counts it under why and frees its buffer.
+func (r *receiver) abandon(p *peerTrains, tr *train, why tunnel.Counter) {
+	tr.active = false
+	p.remember(tr.id)
+	r.t.ctr.Add(why, 1)
+	r.release(tr)
+}
+
+// takeBuffer gives tr a reassembly buffer: a free one, a new one while
+// under MaxTrainBuffers, else the buffer of the least recently active train
+// of any peer, which is abandoned (counted as drop_train_evicted).
+func (r *receiver) takeBuffer(tr *train) bool {
+	rs := &r.trains
+	switch {
+	case len(rs.free) > 0:
+		tr.buf = rs.free[len(rs.free)-1]
+		rs.free = rs.free[:len(rs.free)-1]
+	case rs.alloc < MaxTrainBuffers:
+		rs.alloc++
+		tr.buf = make([]byte, trainBufSize)
+	default:
+		victim := rs.active.head
+		if victim == nil || victim == tr {
+			r.t.ctr.Add(tunnel.DropTrainEvicted, 1)
+			return false
+		}
+		r.abandon(victim.owner, victim, tunnel.DropTrainEvicted)
+		return r.takeBuffer(tr)
+	}
+	rs.active.push(tr)
+	return true
+}
+
+// release returns tr's buffer to the pool.
+func (r *receiver) release(tr *train) {
+	if tr.buf != nil {
+		r.trains.active.remove(tr)
+		r.trains.free = append(r.trains.free, tr.buf)
+		tr.buf = nil
+	}
+}
+
+// sweep abandons trains that stopped arriving and forgets peers that went
+// quiet or are no longer accepted (a peer that left the cluster).
 func (r *receiver) sweep() {
-	now := time.Now()
-	for k, p := range r.partial {
-		if now.Sub(p.last) > partialIdle {
-			delete(r.partial, k)
+	for src, p := range r.trains.peers {
+		gone := !r.t.opt.Accept(src)
+		busy := false
+		for i := range p.slots {
+			tr := &p.slots[i]
+			if tr.active && (gone || r.now.Sub(tr.last) > trainTimeout) {
+				r.abandon(p, tr, tunnel.DropIncomplete)
+			}
+			busy = busy || tr.active
+		}
+		if gone || (!busy && r.now.Sub(p.last) > trainTimeout) {
+			delete(r.trains.peers, src)
 		}
 	}
 }

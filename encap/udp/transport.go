@@ -23,9 +23,11 @@ type Options struct {
 	Local4, Local6 netip.AddrPort
 	// MTU is the underlay link MTU; datagrams never exceed it.
 	MTU int
-	// Accept reports whether a source address is a peer's. Datagrams from
-	// anyone else are dropped before any state is kept. Nil accepts all.
-	Accept func(netip.Addr) bool
+	// Accept reports whether a source address and port are a peer's
+	// published endpoint. Datagrams from anywhere else (another host, or
+	// another port on a peer's host) are dropped before any state is kept.
+	// Nil accepts all (tests).
+	Accept func(netip.AddrPort) bool
 	// DisableGSO and DisableGRO turn UDP_SEGMENT sends and UDP_GRO
 	// receives off (for comparison and for broken drivers).
 	DisableGSO, DisableGRO bool
@@ -83,7 +85,7 @@ func New(opt Options) (*Transport, error) {
 		opt.Logger = slog.Default()
 	}
 	if opt.Accept == nil {
-		opt.Accept = func(netip.Addr) bool { return true }
+		opt.Accept = func(netip.AddrPort) bool { return true }
 	}
 	if !opt.Local4.IsValid() && !opt.Local6.IsValid() {
 		return nil, errors.New("udp transport: no local address to bind")

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
@@ -54,7 +55,7 @@ func TestTransportLoopbackIPv6(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tx, err := New(Options{Local6: netip.MustParseAddrPort("[::1]:0"), MTU: 1500, Logger: log})
 	if err != nil {
-		t.Skipf("no IPv6 loopback: %v", err)
+		testenv.Skip(t, "no IPv6 loopback: %v", err)
 	}
 	defer tx.Close()
 	rx, err := New(Options{Local6: netip.MustParseAddrPort("[::1]:0"), MTU: 1500, Logger: log})

@@ -116,7 +116,7 @@ func drain(r *receiver, room int) (pkts [][]byte, frames []tunnel.Frame) {
 }
 
 func testTransport() *Transport {
-	return &Transport{opt: Options{Accept: func(a netip.Addr) bool { return a != netip.MustParseAddr("198.18.0.66") }},
+	return &Transport{opt: Options{Accept: func(a netip.AddrPort) bool { return a.Addr() != netip.MustParseAddr("198.18.0.66") && a.Port() == 8285 }},
 		ctr: &tunnel.Counters{}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/testenv"
 	"github.com/tulle-net/tulle/lease"
 )
 
@@ -28,7 +29,7 @@ var (
 
 func TestMain(m *testing.M) {
 	if why := kubetest.Missing(); why != "" {
-		if os.Getenv("TULLE_REQUIRE_KUBE") != "" {
+		if testenv.Strict() {
 			fmt.Fprintln(os.Stderr, "kube integration tests need", why)
 			os.Exit(1)
 		}
@@ -51,7 +52,7 @@ func TestMain(m *testing.M) {
 func needAPI(t *testing.T) {
 	t.Helper()
 	if kc == nil {
-		t.Skip("no kube-apiserver/etcd: " + kubetest.Missing())
+		testenv.Skip(t, "no kube-apiserver/etcd: %s", kubetest.Missing())
 	}
 }
 
