@@ -44,7 +44,7 @@ var counterNames = [numCounters]string{
 	DatagramsOut: "datagrams_out", DatagramsIn: "datagrams_in", DropBadVersion: "drop_bad_version",
 	DropBadHeader: "drop_bad_header", DropIncomplete: "drop_incomplete", DropUnknownSource: "drop_unknown_source",
 	DropTrainEvicted: "drop_train_evicted",
-	GSOFallbacks: "gso_fallbacks",
+	GSOFallbacks:     "gso_fallbacks",
 }
 
 // String returns the counter's name as the status API reports it.
