@@ -62,15 +62,18 @@ func toIPNet(p netip.Prefix) net.IPNet {
 
 var errExhausted = errors.New("no free address")
 
-// allocate gets one address per family for the attachment. A pod that is
-// re-added with the same ID and interface keeps its addresses.
+// allocate gets one address per family for an attachment that holds none.
+// On failure it frees what this call allocated and nothing else: an
+// attachment's existing addresses are never touched here.
 func (m *addrPool) allocate(id, ifname string) ([]*current.IPConfig, error) {
 	var out []*current.IPConfig
 	for i, rs := range m.ranges {
 		a := allocator.NewIPAllocator(rs, m.store, i)
 		ipc, err := a.Get(id, ifname, nil)
 		if err != nil {
-			m.release(id, ifname)
+			if rerr := m.releaseIPs(id, ifname, out); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("undo: %w", rerr))
+			}
 			if strings.Contains(err.Error(), "no IP addresses available") {
 				return nil, fmt.Errorf("%w in %s", errExhausted, m.nets[i])
 			}
@@ -79,6 +82,52 @@ func (m *addrPool) allocate(id, ifname string) ([]*current.IPConfig, error) {
 		out = append(out, ipc)
 	}
 	return out, nil
+}
+
+// releaseIPs frees exactly the given addresses, each only while it is still
+// recorded for the attachment.
+func (m *addrPool) releaseIPs(id, ifname string, ips []*current.IPConfig) error {
+	m.store.Lock()
+	defer m.store.Unlock()
+	want := strings.TrimSpace(id) + disk.LineBreak + ifname
+	var errs []error
+	for _, ipc := range ips {
+		path := filepath.Join(m.dir, ipc.Address.IP.String())
+		b, err := os.ReadFile(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if strings.TrimSpace(string(b)) != want {
+			continue // someone else's now
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("release %s: %w", ipc.Address.IP, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// held returns the attachment's recorded addresses as IP configurations of
+// the node's subnets (gateway included), IPv4 first.
+func (m *addrPool) held(id, ifname string) []*current.IPConfig {
+	var out []*current.IPConfig
+	ips := m.store.GetByID(id, ifname)
+	for _, n := range m.nets {
+		for _, ip := range ips {
+			a, ok := netip.AddrFromSlice(ip)
+			if !ok || !n.Contains(a.Unmap()) {
+				continue
+			}
+			ipn := toIPNet(n)
+			ipn.IP = a.Unmap().AsSlice()
+			out = append(out, &current.IPConfig{Address: ipn, Gateway: gateway(n).AsSlice()})
+		}
+	}
+	return out
 }
 
 // release frees every address of the attachment; none is fine.

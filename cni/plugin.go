@@ -59,8 +59,13 @@ func existingIPAM(c *NetConf) (*addrPool, bool, error) {
 }
 
 // Add attaches the pod: IPAM, bridge, veth, addresses and routes in the pod,
-// masquerade. On failure it undoes what it did.
-func Add(args *skel.CmdArgs) (types.Result, error) {
+// masquerade. On failure it undoes what this call did, and only that; the
+// returned error names anything the undo could not remove.
+//
+// A repeated ADD of a live attachment (a runtime retrying) returns the
+// attachment as it is when it is intact, and otherwise fails without
+// touching it: its addresses belong to a running pod.
+func Add(args *skel.CmdArgs) (result types.Result, err error) {
 	c, err := LoadConf(args.StdinData)
 	if err != nil {
 		return nil, err
@@ -87,6 +92,20 @@ func Add(args *skel.CmdArgs) (types.Result, error) {
 		return nil, types.NewError(types.ErrIOFailure, "ipam", err.Error())
 	}
 	defer m.close()
+	if m.has(args.ContainerID, args.IfName) {
+		res, err := liveResult(c, args, netns, m.held(args.ContainerID, args.IfName))
+		if err != nil {
+			return nil, types.NewError(types.ErrInternal, "attachment already exists but is not intact; DEL it before adding it again",
+				fmt.Sprintf("container %s interface %s: %v", args.ContainerID, args.IfName, err))
+		}
+		if c.ipMasq() {
+			if err := ensureMasq(c.Name, sub); err != nil {
+				return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
+			}
+		}
+		return res.GetAsVersion(c.CNIVersion)
+	}
+
 	ips, err := m.allocate(args.ContainerID, args.IfName)
 	if errors.Is(err, errExhausted) {
 		return nil, types.NewError(ErrSubnetExhausted, "node subnet exhausted", err.Error())
@@ -95,13 +114,19 @@ func Add(args *skel.CmdArgs) (types.Result, error) {
 		return nil, types.NewError(types.ErrInternal, "ipam", err.Error())
 	}
 	hostName := hostVethName(args.ContainerID, args.IfName)
-	ok := false
+	createdVeth := false
 	defer func() {
-		if ok {
+		if err == nil {
 			return
 		}
-		m.release(args.ContainerID, args.IfName)
-		delLink(hostName) // takes the pod side with it
+		var undo []error
+		if createdVeth {
+			undo = append(undo, delLink(hostName)) // takes the pod side with it
+		}
+		undo = append(undo, m.releaseIPs(args.ContainerID, args.IfName, ips))
+		if uerr := errors.Join(undo...); uerr != nil {
+			err = withDetails(err, "undo failed, left behind: "+uerr.Error())
+		}
 	}()
 
 	br, err := ensureBridge(c.Bridge, mtu, subnets(sub))
@@ -118,14 +143,50 @@ func Add(args *skel.CmdArgs) (types.Result, error) {
 			return nil, types.NewError(types.ErrInternal, "enable IPv6 forwarding", err.Error())
 		}
 	}
+	if _, lerr := netlink.LinkByName(hostName); lerr == nil {
+		return nil, types.NewError(types.ErrInternal, "host veth already exists without an allocation (a leftover: DEL or GC removes it)", hostName)
+	}
+	createdVeth = true
 	hostIf, contIf, err := setupVeth(netns, br, args.IfName, hostName, mtu, c.hairpin())
 	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "veth", err.Error())
 	}
+	res := newResult(args, br.Attrs(), hostIf, contIf, ips)
+	err = netns.Do(func(ns.NetNS) error {
+		disableDAD(args.IfName)
+		return ipam.ConfigureIface(args.IfName, res)
+	})
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "configure pod interface", err.Error())
+	}
+	if c.ipMasq() {
+		if err := ensureMasq(c.Name, sub); err != nil {
+			return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
+		}
+	}
+	return res.GetAsVersion(c.CNIVersion)
+}
+
+// withDetails appends to a CNI error's details.
+func withDetails(err error, more string) error {
+	var te *types.Error
+	if errors.As(err, &te) {
+		d := te.Details
+		if d != "" {
+			d += "; "
+		}
+		return types.NewError(te.Code, te.Msg, d+more)
+	}
+	return fmt.Errorf("%w (%s)", err, more)
+}
+
+// newResult is the result of an attachment: bridge, host veth, pod
+// interface, one address per family and a default route per family.
+func newResult(args *skel.CmdArgs, br *netlink.LinkAttrs, hostIf, contIf net.Interface, ips []*current.IPConfig) *current.Result {
 	res := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{
-			{Name: br.Attrs().Name, Mac: br.Attrs().HardwareAddr.String()},
+			{Name: br.Name, Mac: br.HardwareAddr.String()},
 			{Name: hostIf.Name, Mac: hostIf.HardwareAddr.String()},
 			{Name: contIf.Name, Mac: contIf.HardwareAddr.String(), Sandbox: args.Netns},
 		},
@@ -139,20 +200,49 @@ func Add(args *skel.CmdArgs) (types.Result, error) {
 		}
 		res.Routes = append(res.Routes, &types.Route{Dst: dst, GW: ipc.Gateway})
 	}
+	return res
+}
+
+// liveResult reads an existing attachment with addresses ips back from the
+// node and the pod and rebuilds its result, failing with what is missing:
+// the host veth on the bridge, the addresses, the pod interface carrying
+// them.
+func liveResult(c *NetConf, args *skel.CmdArgs, netns ns.NetNS, ips []*current.IPConfig) (*current.Result, error) {
+	hostName := hostVethName(args.ContainerID, args.IfName)
+	hl, err := netlink.LinkByName(hostName)
+	if err != nil {
+		return nil, fmt.Errorf("host veth %s: %w", hostName, err)
+	}
+	br, err := netlink.LinkByName(c.Bridge)
+	if err != nil || hl.Attrs().MasterIndex != br.Attrs().Index {
+		return nil, fmt.Errorf("host veth %s is not attached to bridge %s", hostName, c.Bridge)
+	}
+	if len(ips) == 0 {
+		return nil, fmt.Errorf("no address recorded for %s/%s", args.ContainerID, args.IfName)
+	}
+	var cont net.Interface
 	err = netns.Do(func(ns.NetNS) error {
-		disableDAD(args.IfName)
-		return ipam.ConfigureIface(args.IfName, res)
+		l, err := netlink.LinkByName(args.IfName)
+		if err != nil {
+			return fmt.Errorf("pod interface %s: %w", args.IfName, err)
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("addresses of %s: %w", args.IfName, err)
+		}
+		for _, ipc := range ips {
+			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == ipc.Address.String() }) {
+				return fmt.Errorf("%s lacks address %s", args.IfName, ipc.Address.String())
+			}
+		}
+		cont = net.Interface{Name: l.Attrs().Name, HardwareAddr: l.Attrs().HardwareAddr}
+		return nil
 	})
 	if err != nil {
-		return nil, types.NewError(types.ErrInternal, "configure pod interface", err.Error())
+		return nil, err
 	}
-	if c.ipMasq() {
-		if err := ensureMasq(c.Name, sub); err != nil {
-			return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
-		}
-	}
-	ok = true
-	return res.GetAsVersion(c.CNIVersion)
+	host := net.Interface{Name: hostName, HardwareAddr: hl.Attrs().HardwareAddr}
+	return newResult(args, br.Attrs(), host, cont, ips), nil
 }
 
 // Del detaches the pod. Anything already gone (netns, link, allocation)
@@ -206,15 +296,6 @@ func Check(args *skel.CmdArgs) error {
 	fail := func(format string, a ...any) error {
 		return types.NewError(types.ErrInternal, "check failed", fmt.Sprintf(format, a...))
 	}
-	hostName := hostVethName(args.ContainerID, args.IfName)
-	hl, err := netlink.LinkByName(hostName)
-	if err != nil {
-		return fail("host veth %s: %v", hostName, err)
-	}
-	br, err := netlink.LinkByName(c.Bridge)
-	if err != nil || hl.Attrs().MasterIndex != br.Attrs().Index {
-		return fail("host veth %s is not attached to bridge %s", hostName, c.Bridge)
-	}
 	m, ok, err := existingIPAM(c)
 	if err != nil || !ok {
 		return fail("no IPAM state: %v", err)
@@ -223,19 +304,13 @@ func Check(args *skel.CmdArgs) error {
 	if !m.has(args.ContainerID, args.IfName) {
 		return fail("no address allocated to %s/%s", args.ContainerID, args.IfName)
 	}
+	if _, err := liveResult(c, args, netns, prev.IPs); err != nil {
+		return fail("%v", err)
+	}
 	return netns.Do(func(ns.NetNS) error {
 		l, err := netlink.LinkByName(args.IfName)
 		if err != nil {
 			return fail("pod interface %s: %v", args.IfName, err)
-		}
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
-		if err != nil {
-			return fail("addresses of %s: %v", args.IfName, err)
-		}
-		for _, ipc := range prev.IPs {
-			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == ipc.Address.String() }) {
-				return fail("%s lacks address %s", args.IfName, ipc.Address.String())
-			}
 		}
 		for _, r := range prev.Routes {
 			routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: l.Attrs().Index}, netlink.RT_FILTER_OIF)

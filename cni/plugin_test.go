@@ -345,3 +345,69 @@ func TestLoadConf(t *testing.T) {
 		t.Errorf("hostVethName not stable, unique and 14 characters: %s", n)
 	}
 }
+
+// TestRepeatedAdd plays a runtime that retries ADD: a live attachment keeps
+// its addresses and gets its result back; a broken one makes ADD fail
+// without freeing anything; a failing ADD of another pod frees only its own.
+func TestRepeatedAdd(t *testing.T) {
+	e := newEnv(t, "100.96.5.0/24")
+	conf := e.conf("1.1.0", "")
+	netns := e.pod()
+	r1, err := e.add(args(netns, "c1", conf))
+	if err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	first, _ := current.NewResultFromResult(r1)
+
+	r2, err := e.add(args(netns, "c1", conf))
+	if err != nil {
+		t.Fatalf("repeated ADD of a live attachment: %v", err)
+	}
+	again, _ := current.NewResultFromResult(r2)
+	if len(again.IPs) != 2 || again.IPs[0].Address.String() != first.IPs[0].Address.String() || again.IPs[1].Address.String() != first.IPs[1].Address.String() {
+		t.Errorf("repeated ADD returned %v, want the live %v", again.IPs, first.IPs)
+	}
+	if len(again.Interfaces) != 3 || again.Interfaces[2].Mac != first.Interfaces[2].Mac || again.Interfaces[2].Sandbox != netns {
+		t.Errorf("repeated ADD interfaces %+v, want %+v", again.Interfaces, first.Interfaces)
+	}
+	if n := allocations(t, e); n != 2 {
+		t.Errorf("allocations after a repeated ADD: %d, want 2", n)
+	}
+	podNS := filepath.Base(netns)
+	run(t, "ip", "netns", "exec", podNS, "ping", "-c", "1", "-W", "2", "100.96.5.1")
+
+	// Another pod whose ADD fails half-way (its namespace already has an
+	// eth0) frees its own addresses and leaves c1's alone.
+	other := e.pod()
+	run(t, "ip", "-n", filepath.Base(other), "link", "add", "eth0", "type", "veth", "peer", "name", "x0")
+	if _, err := e.add(args(other, "c2", conf)); err == nil {
+		t.Fatal("ADD into a namespace that already has eth0 succeeded")
+	}
+	if n := allocations(t, e); n != 2 {
+		t.Errorf("allocations after a failed ADD of another pod: %d, want c1's 2", n)
+	}
+	if v := hostVeths(t, e); len(v) != 1 {
+		t.Errorf("host veths after a failed ADD: %v, want c1's only", v)
+	}
+
+	// c1 broken (addresses gone): ADD fails, naming the problem, and frees
+	// nothing.
+	run(t, "ip", "-n", podNS, "addr", "flush", "dev", "eth0", "scope", "global")
+	_, err = e.add(args(netns, "c1", conf))
+	if err == nil || !strings.Contains(err.Error(), "not intact") {
+		t.Fatalf("ADD of a broken attachment = %v, want a 'not intact' error", err)
+	}
+	if n := allocations(t, e); n != 2 {
+		t.Errorf("allocations after ADD of a broken attachment: %d, want 2", n)
+	}
+	if v := hostVeths(t, e); len(v) != 1 {
+		t.Errorf("host veths after ADD of a broken attachment: %v, want 1", v)
+	}
+	// DEL then ADD repairs it.
+	if err := e.del(args(netns, "c1", conf)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.add(args(netns, "c1", conf)); err != nil {
+		t.Fatalf("ADD after DEL: %v", err)
+	}
+}
