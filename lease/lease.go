@@ -2,7 +2,7 @@
 // about its peers, and the small Store interface through which the daemon
 // claims, renews and releases its lease and watches everyone else's.
 //
-// Stores (lease/local for single hosts, a Kubernetes store later) own the
+// Stores (lease/local for single hosts, lease/kube for clusters) own the
 // bookkeeping of who holds which subnet. They never touch the datapath: the
 // daemon turns the peer sets they deliver into routes and peer-table entries.
 package lease
@@ -11,8 +11,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -23,7 +25,19 @@ var (
 	// ErrLost means the lease was taken over by another node (it had
 	// expired) or removed; the caller must claim again.
 	ErrLost = errors.New("lease lost")
+	// ErrInUse means another live tulled holds the node name: it renewed
+	// the lease recently and publishes other underlay addresses. Two
+	// daemons with one name would share one subnet and flip its peers'
+	// view of where it is.
+	ErrInUse = errors.New("node name held by another live tulled")
 )
+
+// RenewInterval is how often a holder renews a lease of the given TTL.
+func RenewInterval(ttl time.Duration) time.Duration { return ttl / 3 }
+
+// renewSlack is how late a live holder's renewal may be (a slow store, a
+// retry) before the holder counts as gone.
+const renewSlack = 30 * time.Second
 
 // Backend is what a peer needs to know to reach a node's datapath.
 type Backend struct {
@@ -48,6 +62,42 @@ type Lease struct {
 	IPv6Subnet netip.Prefix `json:"ipv6Subnet,omitzero"`
 	Attrs      Attrs        `json:"attrs"`
 	Expiration time.Time    `json:"expiration"`
+	// Renewed is when the holder last claimed or renewed the lease, by
+	// the holder's clock.
+	Renewed time.Time `json:"renewed,omitzero"`
+}
+
+// HeldByOther reports whether a live holder other than one publishing
+// attrs has the lease (of lifetime ttl) at now: it renewed within one
+// renewal interval (plus slack) and publishes other underlay addresses. A
+// restart of the same node (same addresses), or a holder that stopped
+// renewing, is not one.
+func (l *Lease) HeldByOther(attrs Attrs, ttl time.Duration, now time.Time) bool {
+	if l.Renewed.IsZero() || (l.Attrs.PublicIP == attrs.PublicIP && l.Attrs.PublicIPv6 == attrs.PublicIPv6) {
+		return false
+	}
+	return ttl > 0 && now.Sub(l.Renewed) < RenewInterval(ttl)+renewSlack
+}
+
+// InUseError says which live tulled holds the node name, and where the
+// refused one is.
+func InUseError(l *Lease, attrs Attrs, now time.Time) error {
+	return fmt.Errorf("%w: node %q is held by a tulled at %s (lease %s, renewed %s ago); this one is at %s: give each node its own --node-name",
+		ErrInUse, l.Node, l.Attrs.Where(), l.Key(), now.Sub(l.Renewed).Round(time.Second), attrs.Where())
+}
+
+// Where names the underlay addresses the attributes publish.
+func (a Attrs) Where() string {
+	var s []string
+	for _, ip := range []netip.Addr{a.PublicIP, a.PublicIPv6} {
+		if ip.IsValid() {
+			s = append(s, ip.String())
+		}
+	}
+	if len(s) == 0 {
+		return "no address"
+	}
+	return strings.Join(s, " and ")
 }
 
 // Subnets returns the lease's valid subnets, IPv4 first.

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -29,6 +30,7 @@ type Config struct {
 // Datapath runs the loops between a Device and a Transport.
 type Datapath struct {
 	cfg   Config
+	mtu   atomic.Int64
 	log   *slog.Logger
 	icmp  tokenBucket
 	icmpB []byte
@@ -42,13 +44,19 @@ func NewDatapath(cfg Config) *Datapath {
 	if cfg.Counters == nil {
 		cfg.Counters = &Counters{}
 	}
-	return &Datapath{
+	d := &Datapath{
 		cfg:   cfg,
 		log:   cfg.Logger,
 		icmp:  tokenBucket{rate: 10, burst: 10, tokens: 10, last: time.Now()},
 		icmpB: make([]byte, BufSize),
 	}
+	d.mtu.Store(int64(cfg.MTU))
+	return d
 }
+
+// SetMTU changes the largest plain packet carried (the underlay MTU
+// changed): larger DF packets get ICMP too-big from now on.
+func (d *Datapath) SetMTU(mtu int) { d.mtu.Store(int64(mtu)) }
 
 // Run forwards until ctx ends or the device or transport dies. On return
 // both are closed: that is how blocked loops are released. Closing the TUN
@@ -107,7 +115,7 @@ func (d *Datapath) txLoop() error {
 				ctr.Add(DropNoRoute, 1)
 				continue
 			}
-			if f.Offload.GSOType == GSONone && len(pkt) > d.cfg.MTU && d.sendTooBig(pkt) {
+			if f.Offload.GSOType == GSONone && len(pkt) > int(d.mtu.Load()) && d.sendTooBig(pkt) {
 				continue
 			}
 			f.Addr = peer.Addr
@@ -135,7 +143,7 @@ func (d *Datapath) sendTooBig(pkt []byte) bool {
 			break
 		}
 	}
-	n := tooBig(d.icmpB[Headroom:], pkt, from, d.cfg.MTU)
+	n := tooBig(d.icmpB[Headroom:], pkt, from, int(d.mtu.Load()))
 	if n == 0 {
 		if pkt[0]>>4 == 4 && pkt[6]&0x40 == 0 {
 			return false // no DF: carry it

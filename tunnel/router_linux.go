@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -24,8 +26,21 @@ const ReconcileInterval = 5 * time.Second
 // RouterConfig is the kernel state tulled owns for its TUN device.
 type RouterConfig struct {
 	Link string
-	MTU  int
-	// GSOMaxSize caps super-packets so a frame fits one UDP GSO send.
+	// Underlay is the interface the overlay runs over. When set, the
+	// device's MTU and GSO cap follow its MTU (through Size), and
+	// readiness requires it up with the Public addresses on it.
+	Underlay string
+	Public   []netip.Addr
+	// Size returns the device MTU and GSO cap for an underlay MTU.
+	Size func(underlayMTU int) (mtu, gsoMax int)
+	// OnResize is called from the reconcile loop when the underlay MTU
+	// changed, with the new sizes, before the device is changed: the owner
+	// resizes what sends datagrams first, so nothing in flight is too big.
+	OnResize func(underlayMTU, mtu, gsoMax int)
+	// MTU and GSOMaxSize are the device's sizes (from Size when Underlay
+	// is set). GSOMaxSize caps super-packets so a frame fits one UDP GSO
+	// send.
+	MTU        int
 	GSOMaxSize int
 	// Local are this node's subnets; the first address of each is put on
 	// the device, so traffic the node itself sends into the overlay has a
@@ -40,9 +55,11 @@ type RouterConfig struct {
 // repairing whatever someone else changes. It only ever touches the link it
 // is given and routes through it.
 type Router struct {
-	cfg     RouterConfig
-	log     *slog.Logger
-	noLLSet bool // addr_gen_mode none applied once this process
+	mu          sync.Mutex // Reconcile and Check
+	cfg         RouterConfig
+	log         *slog.Logger
+	noLLOn      int // index of the link addr_gen_mode none was applied to
+	underlayMTU int
 }
 
 // NewRouter returns a router; call Reconcile once, then Run.
@@ -61,15 +78,56 @@ func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
+// MTU returns the device MTU the router currently enforces.
+func (r *Router) MTU() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg.MTU
+}
+
+// followUnderlay picks up an underlay MTU change.
+func (r *Router) followUnderlay() ([]string, error) {
+	if r.cfg.Underlay == "" || r.cfg.Size == nil {
+		return nil, nil
+	}
+	ul, err := netlink.LinkByName(r.cfg.Underlay)
+	if err != nil {
+		return nil, fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
+	}
+	um := ul.Attrs().MTU
+	if um == r.underlayMTU {
+		return nil, nil
+	}
+	mtu, gso := r.cfg.Size(um)
+	if mtu < 576 {
+		return nil, fmt.Errorf("underlay %s MTU %d is too small for the overlay", r.cfg.Underlay, um)
+	}
+	old := r.underlayMTU
+	r.underlayMTU = um
+	if old == 0 && mtu == r.cfg.MTU {
+		return nil, nil // first look: as configured
+	}
+	if r.cfg.OnResize != nil {
+		r.cfg.OnResize(um, mtu, gso)
+	}
+	r.cfg.MTU, r.cfg.GSOMaxSize = mtu, gso
+	return []string{fmt.Sprintf("underlay mtu %d→%d: device mtu %d", old, um, mtu)}, nil
+}
+
 // Reconcile brings the kernel to the configured state and reports what it
 // had to repair.
 func (r *Router) Reconcile() (repaired []string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if repaired, err = r.followUnderlay(); err != nil {
+		return repaired, err
+	}
 	link, err := netlink.LinkByName(r.cfg.Link)
 	if err != nil {
-		return nil, fmt.Errorf("link %s: %w", r.cfg.Link, err)
+		return repaired, fmt.Errorf("link %s: %w", r.cfg.Link, err)
 	}
 	attrs := link.Attrs()
-	if !r.noLLSet {
+	if r.noLLOn != attrs.Index {
 		// No IPv6 link-local address on the TUN: nothing there speaks
 		// neighbour discovery, and without it the kernel sends no router
 		// solicitations or MLD reports that no peer could take.
@@ -77,7 +135,7 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 		if err := netlink.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil {
 			r.log.Debug("set addr_gen_mode none", "err", err)
 		}
-		r.noLLSet = true
+		r.noLLOn = attrs.Index
 	}
 	if attrs.MTU != r.cfg.MTU {
 		if err := netlink.LinkSetMTU(link, r.cfg.MTU); err != nil {
@@ -125,15 +183,9 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 	}
 	for _, n := range r.cfg.Networks {
 		route := r.route(attrs.Index, n)
-		cur, err := netlink.RouteListFiltered(family(n), &netlink.Route{Dst: route.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+		ok, err := routePresent(route, n)
 		if err != nil {
-			return repaired, fmt.Errorf("list routes to %s: %w", n, err)
-		}
-		ok := false
-		for _, c := range cur {
-			if c.LinkIndex == attrs.Index && c.Src.Equal(route.Src) && c.Protocol == RouteProtocol {
-				ok = true
-			}
+			return repaired, err
 		}
 		if ok {
 			continue
@@ -144,6 +196,79 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 		repaired = append(repaired, "route "+n.String())
 	}
 	return repaired, nil
+}
+
+// routePresent reports whether the main table has route (to n) as tulled
+// installs it.
+func routePresent(route *netlink.Route, n netip.Prefix) (bool, error) {
+	cur, err := netlink.RouteListFiltered(family(n), &netlink.Route{Dst: route.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return false, fmt.Errorf("list routes to %s: %w", n, err)
+	}
+	for _, c := range cur {
+		if c.LinkIndex == route.LinkIndex && c.Src.Equal(route.Src) && c.Protocol == RouteProtocol {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// Check reports, without changing anything, why the kernel state is not
+// what forwarding needs right now: the device missing, down or of the wrong
+// MTU, an address or route missing, the underlay down or without its
+// addresses. Readiness is this, live.
+func (r *Router) Check() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cfg.Underlay != "" {
+		ul, err := netlink.LinkByName(r.cfg.Underlay)
+		if err != nil {
+			return fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
+		}
+		if ul.Attrs().Flags&net.FlagUp == 0 {
+			return fmt.Errorf("underlay %s is down", r.cfg.Underlay)
+		}
+		addrs, err := netlink.AddrList(ul, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("addresses of %s: %w", r.cfg.Underlay, err)
+		}
+		for _, p := range r.cfg.Public {
+			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { ip, _ := netip.AddrFromSlice(a.IP); return ip.Unmap() == p }) {
+				return fmt.Errorf("underlay %s lost address %s", r.cfg.Underlay, p)
+			}
+		}
+	}
+	link, err := netlink.LinkByName(r.cfg.Link)
+	if err != nil {
+		return fmt.Errorf("device %s: %w", r.cfg.Link, err)
+	}
+	attrs := link.Attrs()
+	switch {
+	case attrs.Flags&net.FlagUp == 0:
+		return fmt.Errorf("device %s is down", r.cfg.Link)
+	case attrs.MTU != r.cfg.MTU:
+		return fmt.Errorf("device %s has MTU %d, want %d", r.cfg.Link, attrs.MTU, r.cfg.MTU)
+	}
+	for _, p := range r.cfg.Local {
+		addrs, err := netlink.AddrList(link, family(p))
+		if err != nil {
+			return fmt.Errorf("addresses of %s: %w", r.cfg.Link, err)
+		}
+		want := hostPrefix(p.Addr()).String()
+		if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == want }) {
+			return fmt.Errorf("device %s lacks address %s", r.cfg.Link, want)
+		}
+	}
+	for _, n := range r.cfg.Networks {
+		ok, err := routePresent(r.route(attrs.Index, n), n)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("route %s via %s missing", n, r.cfg.Link)
+		}
+	}
+	return nil
 }
 
 func family(p netip.Prefix) int {
@@ -165,7 +290,8 @@ func (r *Router) route(index int, n netip.Prefix) *netlink.Route {
 
 // Run reconciles on every link, address or route change and every
 // ReconcileInterval until ctx ends. A deleted route or address comes back
-// within milliseconds; a deleted device is the datapath's to recreate.
+// within milliseconds, an underlay MTU change is followed at once; a
+// deleted device is recreated by its reader (ReopeningTUN), which kicks.
 func (r *Router) Run(ctx context.Context, kick <-chan struct{}) {
 	done := make(chan struct{})
 	defer close(done)

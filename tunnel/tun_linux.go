@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -49,6 +50,7 @@ type TUN struct {
 	ctr  *Counters
 	log  *slog.Logger
 
+	closed  atomic.Bool
 	writeMu sync.Mutex // Write is called by the receive loops and for ICMP replies
 	groBufs [][]byte   // 64 KiB buffers for the GRO path
 	groN    int
@@ -130,7 +132,19 @@ func OpenTUN(opt TUNOptions) (*TUN, error) {
 func (t *TUN) Name() string { return t.name }
 
 // Close implements Device. The interface stays (it is persistent).
-func (t *TUN) Close() error { return t.wg.Close() }
+func (t *TUN) Close() error {
+	t.closed.Store(true)
+	return t.wg.Close()
+}
+
+// gone maps the errors of a dead fd: ErrDetached when the interface was
+// deleted under an open fd, os.ErrClosed after Close.
+func (t *TUN) gone(error) error {
+	if t.closed.Load() {
+		return os.ErrClosed
+	}
+	return ErrDetached
+}
 
 // Read implements Device: one read(2) per frame, as many as are ready
 // without blocking, after blocking for the first.
@@ -171,7 +185,7 @@ func (t *TUN) Read(frames []Frame) (int, error) {
 		rerr = err
 	}
 	if errors.Is(rerr, unix.EBADFD) || errors.Is(rerr, os.ErrClosed) {
-		return 0, os.ErrClosed
+		return 0, t.gone(rerr)
 	}
 	return 0, fmt.Errorf("read tun %s: %w", t.name, rerr)
 }
@@ -216,7 +230,7 @@ func (t *TUN) flushGRO() error {
 		return nil
 	}
 	if errors.Is(err, os.ErrClosed) {
-		return err
+		return t.gone(err)
 	}
 	t.ctr.Add(DropTUNWrite, 1)
 	if errors.Is(err, unix.EINVAL) {
@@ -258,11 +272,11 @@ func (t *TUN) writeRaw(f *Frame) error {
 		}
 	})
 	if err != nil {
-		return os.ErrClosed
+		return t.gone(err)
 	}
 	if werr != nil {
 		if werr == unix.EBADFD {
-			return os.ErrClosed
+			return t.gone(werr)
 		}
 		t.ctr.Add(DropTUNWrite, 1)
 	}

@@ -193,6 +193,9 @@ func run(o *options, log *slog.Logger) error {
 	}
 	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}}
 	l, err := store.Claim(ctx, o.node, attrs)
+	if errors.Is(err, lease.ErrInUse) {
+		return badConfig("flag --node-name: %v", err)
+	}
 	if err != nil {
 		return fmt.Errorf("claim lease: %w", err)
 	}
@@ -221,14 +224,7 @@ func run(o *options, log *slog.Logger) error {
 		default:
 		}
 	}
-	// A frame must fit one UDP GSO send: cap the device's super-packets.
-	maxDg := udp.MaxPayload(u.mtu, u.primaryIs6)
-	gsoMax := min(64, 65000/maxDg)*(maxDg-udp.HeaderLen) - udp.DescLen
-	router := tunnel.NewRouter(tunnel.RouterConfig{
-		Link: o.tunName, MTU: mtu, GSOMaxSize: min(gsoMax, 65536), Local: l.Subnets(), Networks: networks(o.net), Logger: log,
-	})
 	peers := tunnel.NewPeerTable(l.Subnets())
-	var tr *udp.Transport
 	uopt := udp.Options{
 		MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
 		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: ctr, Logger: log,
@@ -239,15 +235,33 @@ func run(o *options, log *slog.Logger) error {
 	if u.ip6.IsValid() {
 		uopt.Local6 = netip.AddrPortFrom(u.ip6, o.net.Backend.Port)
 	}
-	if tr, err = udp.New(uopt); err != nil {
+	tr, err := udp.New(uopt)
+	if err != nil {
 		return err
 	}
-
-	dev, err := tunnel.OpenTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
+	dev, err := tunnel.OpenReopeningTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
 	if err != nil {
 		tr.Close()
 		return err
 	}
+	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: tr, Peers: peers, Counters: ctr, MTU: mtu, Logger: log})
+
+	// The underlay's MTU can change under a running node: everything that
+	// sizes packets follows it, the senders first.
+	resize := func(underlayMTU, mtu, _ int) {
+		tr.SetMTU(underlayMTU)
+		dp.SetMTU(mtu)
+		dev.SetMTU(mtu)
+		sf.MTU = mtu
+		if err := api.WriteSubnetFile(o.runDir, &sf); err != nil {
+			log.Warn("rewrite subnet file with the new MTU", "err", err)
+		}
+		log.Info("underlay MTU changed; following it", "underlay", u.iface, "underlay_mtu", underlayMTU, "mtu", mtu)
+	}
+	router := tunnel.NewRouter(tunnel.RouterConfig{
+		Link: o.tunName, Underlay: u.iface, Public: u.public(), Size: u.sizes, OnResize: resize,
+		MTU: mtu, GSOMaxSize: udp.MaxFrame(u.mtu, u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net), Logger: log,
+	})
 	if repaired, err := router.Reconcile(); err != nil {
 		dev.Close()
 		tr.Close()
@@ -256,9 +270,9 @@ func run(o *options, log *slog.Logger) error {
 		log.Info("configured device", "link", o.tunName, "changes", repaired)
 	}
 
-	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: mtu, started: time.Now()}
+	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
 	if rr, ok := store.(lease.ReadyReporter); ok {
-		st.ready = rr.Ready
+		st.checks = append(st.checks, rr.Ready)
 	}
 	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {
@@ -273,12 +287,13 @@ func run(o *options, log *slog.Logger) error {
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
 	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, u, l, peers, log)) })
-	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, log)) })
-	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: tr, Peers: peers, Counters: ctr, MTU: mtu, Logger: log})
+	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
-		if err := dp.Run(runCtx); err != nil {
-			cancel(err)
+		err := dp.Run(runCtx)
+		if err == nil && runCtx.Err() == nil {
+			err = errors.New("datapath stopped")
 		}
+		cancel(err)
 	})
 	log.Info("tulled forwarding", "tun", o.tunName, "port", o.net.Backend.Port)
 	<-runCtx.Done()
@@ -291,26 +306,50 @@ func run(o *options, log *slog.Logger) error {
 	return nil
 }
 
-// renew extends the lease every TTL/3. Losing it is fatal: the subnet's pods
-// are now someone else's addresses.
-func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, log *slog.Logger) error {
-	t := time.NewTicker(ttl / 3)
-	defer t.Stop()
+// public returns the underlay addresses peers send to.
+func (u *underlay) public() []netip.Addr {
+	var a []netip.Addr
+	for _, ip := range []netip.Addr{u.ip4, u.ip6} {
+		if ip.IsValid() {
+			a = append(a, ip)
+		}
+	}
+	return a
+}
+
+// sizes returns the TUN MTU and GSO cap for an underlay MTU.
+func (u *underlay) sizes(underlayMTU int) (mtu, gsoMax int) {
+	return udp.InnerMTU(underlayMTU, u.primaryIs6), udp.MaxFrame(underlayMTU, u.primaryIs6)
+}
+
+// renew extends the lease every lease.RenewInterval. A failed renewal is
+// retried with backoff (1 s doubling, at most a quarter of the interval),
+// so a store that comes back in time never sees the lease expire. Losing
+// the lease is fatal: the subnet's pods are now someone else's addresses.
+func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, renewed func(lease.Lease), log *slog.Logger) error {
+	interval := lease.RenewInterval(ttl)
+	wait, backoff := interval, time.Duration(0)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-time.After(wait):
 		}
 		nl, err := store.Renew(ctx, l)
 		if errors.Is(err, lease.ErrLost) {
 			return fmt.Errorf("lease %s: %w", l.Key(), err)
 		}
 		if err != nil {
-			log.Warn("renew lease", "subnet", l.Key(), "err", err)
+			backoff = min(max(2*backoff, time.Second), interval/4)
+			log.Warn("renew lease; retrying", "subnet", l.Key(), "in", backoff, "expires", l.Expiration, "err", err)
+			wait = backoff
 			continue
 		}
-		l = nl
+		if backoff > 0 {
+			log.Info("lease renewed again", "subnet", l.Key())
+		}
+		l, wait, backoff = nl, interval, 0
+		renewed(l)
 	}
 }
 

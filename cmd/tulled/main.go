@@ -69,7 +69,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.leaseStore, "lease-store", "local", "where leases live: local (a shared directory) or kube (the Kubernetes API)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --lease-store kube (default: in-cluster config)")
 	fs.StringVar(&o.kubeMode, "kube-mode", "podcidr", "podcidr (subnets from Node.spec.podCIDRs) or lease (tulled claims subnets with Lease objects)")
-	fs.StringVar(&o.kubeNS, "kube-namespace", defaultNamespace(), "namespace of the Lease objects in --kube-mode lease")
+	fs.StringVar(&o.kubeNS, "kube-namespace", DefaultNamespace, "namespace of the Lease objects in --kube-mode lease (tulle's own: its Role grants Leases there only)")
 	fs.StringVar(&o.leaseDir, "lease-dir", "/var/lib/tulle/leases", "directory of the local lease store, shared by the nodes of a host")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", local.DefaultTTL, "lease lifetime without renewal")
 	fs.StringVar(&o.runDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
@@ -137,17 +137,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	return o, nil
 }
 
-// defaultNamespace is the pod's namespace in a cluster (POD_NAMESPACE from
-// the downward API, or the service account's), else kube-system.
-func defaultNamespace() string {
-	if ns := os.Getenv("POD_NAMESPACE"); ns != "" {
-		return ns
-	}
-	if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil && len(b) > 0 {
-		return strings.TrimSpace(string(b))
-	}
-	return "kube-system"
-}
+// DefaultNamespace holds tulle's Leases (lease mode): a namespace of its
+// own, so its RBAC never reaches the control plane's Leases in kube-system.
+const DefaultNamespace = "tulle-system"
 
 func slogLevel(s string) (slog.Level, error) {
 	var l slog.Level

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/tulle-net/tulle/internal/api"
@@ -19,21 +20,29 @@ import (
 // status is what GET /v1/status on the status socket returns.
 type status struct {
 	node    string
-	lease   lease.Lease
 	ctr     *tunnel.Counters
 	peers   *tunnel.PeerTable
-	mtu     int
+	mtu     func() int
 	started time.Time
-	// ready, if set, reports why the lease store is not ready.
-	ready func() error
+	// checks report, live, why the node cannot forward (device, routes,
+	// underlay; the lease store).
+	checks []func() error
+
+	mu    sync.Mutex
+	lease lease.Lease // as last renewed
+}
+
+func (s *status) setLease(l lease.Lease) {
+	s.mu.Lock()
+	s.lease = l
+	s.mu.Unlock()
 }
 
 func (s *status) notReady() string {
-	if s.ready == nil {
-		return ""
-	}
-	if err := s.ready(); err != nil {
-		return err.Error()
+	for _, c := range s.checks {
+		if err := c(); err != nil {
+			return err.Error()
+		}
 	}
 	return ""
 }
@@ -43,7 +52,10 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), Lease: s.lease, MTU: s.mtu, Uptime: time.Since(s.started).Round(time.Second).String(),
+	s.mu.Lock()
+	l := s.lease
+	s.mu.Unlock()
+	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), Lease: l, MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
 		Peers: s.peers.Peers(), Counters: s.ctr.Snapshot()}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)

@@ -143,7 +143,7 @@ func TestInterleavedTrains(t *testing.T) {
 	lay := func(p []byte) [][]byte {
 		f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Offload: tuntest.TSO(p, 1400)}
 		tr.sender.pend, tr.sender.used = tr.sender.pend[:0], 0
-		tr.sender.train(&socket{maxDg: 1472}, nil, &f)
+		tr.sender.train(&socket{}, nil, &f, 1472)
 		var out [][]byte
 		for b := tr.sender.pend[0].buf; len(b) > 0; {
 			n := min(len(b), tr.sender.pend[0].seg)

@@ -71,14 +71,15 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		}
 		addr := s.addrs.get(f.Addr)
 		pkt := f.Packet()
+		maxDg := int(sk.maxDg.Load())
 		switch {
-		case f.Offload.None() && HeaderLen+len(pkt) <= sk.maxDg && f.Off >= HeaderLen:
+		case f.Offload.None() && HeaderLen+len(pkt) <= maxDg && f.Off >= HeaderLen:
 			b := f.Buf[f.Off-HeaderLen:]
 			Header{Type: TypePacket, Count: 1}.Marshal(b)
 			if err := s.single(sk, addr, b); err != nil {
 				return err
 			}
-		case Overhead+len(pkt) <= sk.maxDg && f.Off >= Overhead:
+		case Overhead+len(pkt) <= maxDg && f.Off >= Overhead:
 			b := f.Buf[f.Off-Overhead:]
 			s.frameID++
 			Header{Type: TypeFrame, FrameID: s.frameID, Count: 1}.Marshal(b)
@@ -87,7 +88,7 @@ func (s *sender) send(frames []tunnel.Frame) error {
 				return err
 			}
 		default:
-			if err := s.train(sk, addr, f); err != nil {
+			if err := s.train(sk, addr, f, maxDg); err != nil {
 				return err
 			}
 		}
@@ -121,7 +122,7 @@ func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
 }
 
 // train lays out a frame too large for one datagram as a train in the slab.
-func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame) error {
+func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int) error {
 	pkt := f.Packet()
 	var frame []byte
 	if f.Off >= DescLen {
@@ -131,7 +132,7 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame) error {
 		copy(frame[DescLen:], pkt)
 	}
 	putDesc(frame, f.Offload)
-	chunk := sk.maxDg - HeaderLen
+	chunk := maxDg - HeaderLen
 	count := (len(frame) + chunk - 1) / chunk
 	if count > MaxSegments {
 		s.t.ctr.Add(tunnel.DropSend, 1)

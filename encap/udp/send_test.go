@@ -39,7 +39,8 @@ func (c *eioConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestGSOFallbackOnEIO(t *testing.T) {
 	tr := testTransport()
 	fc := &eioConn{}
-	tr.socks = []*socket{{conn: nil, bc: fc, maxDg: 1472}}
+	tr.socks = []*socket{{conn: nil, bc: fc}}
+	tr.socks[0].maxDg.Store(1472)
 	tr.sender.init(tr)
 	dst := netip.MustParseAddrPort("198.18.0.2:8285")
 	small := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 100)
@@ -106,7 +107,8 @@ func (c *recConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestSingleDatagramsCoalesce(t *testing.T) {
 	tr := testTransport()
 	rc := &recConn{}
-	tr.socks = []*socket{{bc: rc, maxDg: 1472}}
+	tr.socks = []*socket{{bc: rc}}
+	tr.socks[0].maxDg.Store(1472)
 	tr.sender.init(tr)
 	b, c := netip.MustParseAddrPort("198.18.0.2:8285"), netip.MustParseAddrPort("198.18.0.3:8285")
 	pkt := func(n int, to netip.AddrPort) tunnel.Frame {

@@ -58,7 +58,7 @@ type socket struct {
 	v6     bool
 	conn   *net.UDPConn
 	bc     batchConn
-	maxDg  int         // largest UDP payload that fits the underlay MTU
+	maxDg  atomic.Int32 // largest UDP payload that fits the underlay MTU
 	gsoOff atomic.Bool // UDP GSO failed (EIO) or is disabled
 	gro    bool
 }
@@ -75,6 +75,23 @@ func MaxPayload(mtu int, v6 bool) int {
 // InnerMTU is the TUN MTU for an underlay MTU: the largest plain packet
 // that fits one datagram with header and descriptor.
 func InnerMTU(mtu int, v6 bool) int { return MaxPayload(mtu, v6) - Overhead }
+
+// MaxFrame is the largest super-packet (the TUN's gso_max_size) whose
+// train fits one UDP GSO send on an underlay of the given MTU: at most
+// maxGSOSegments datagrams and maxGSOBytes bytes.
+func MaxFrame(mtu int, v6 bool) int {
+	dg := MaxPayload(mtu, v6)
+	return min(min(maxGSOSegments, maxGSOBytes/dg)*(dg-HeaderLen)-DescLen, 65536)
+}
+
+// SetMTU follows an underlay MTU change: datagrams are cut to fit it from
+// the next frame on (frames are carried whole, so a super-packet in flight
+// just becomes a longer train).
+func (t *Transport) SetMTU(mtu int) {
+	for _, s := range t.socks {
+		s.maxDg.Store(int32(MaxPayload(mtu, s.v6)))
+	}
+}
 
 // New binds the sockets.
 func New(opt Options) (*Transport, error) {
@@ -119,7 +136,8 @@ func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
 	if err != nil {
 		return nil, fmt.Errorf("udp transport: listen %s: %w", la, err)
 	}
-	s := &socket{name: c.LocalAddr().String(), v6: v6, conn: c, maxDg: MaxPayload(t.opt.MTU, v6)}
+	s := &socket{name: c.LocalAddr().String(), v6: v6, conn: c}
+	s.maxDg.Store(int32(MaxPayload(t.opt.MTU, v6)))
 	if v6 {
 		s.bc = ipv6.NewPacketConn(c)
 	} else {
@@ -145,7 +163,7 @@ func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
 			s.gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
 		}
 	})
-	t.log.Info("udp transport listening", "addr", c.LocalAddr(), "gso", !s.gsoOff.Load(), "gro", s.gro, "max_datagram", s.maxDg)
+	t.log.Info("udp transport listening", "addr", c.LocalAddr(), "gso", !s.gsoOff.Load(), "gro", s.gro, "max_datagram", s.maxDg.Load())
 	return s, nil
 }
 

@@ -126,8 +126,7 @@ func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	tr := testTransport()
 	tr.sender.init(tr)
 	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
-	sk := &socket{maxDg: maxDg}
-	tr.sender.train(sk, nil, &f) // lays out only: no socket is touched
+	tr.sender.train(&socket{}, nil, &f, maxDg) // lays out only: no socket is touched
 	p := tr.sender.pend[0]
 	var dgs [][]byte
 	for b := p.buf; len(b) > 0; {

@@ -49,6 +49,49 @@ type Backend struct {
 	Port uint16
 }
 
+// CheckSubnet reports why p cannot be a node subnet of this network: its
+// family must be enabled, and it must be a masked prefix of the configured
+// subnet length inside the cluster network of its family. It is what keeps a
+// malformed or hostile lease (0.0.0.0/0, another network) out of the peer
+// table.
+func (c *Config) CheckSubnet(p netip.Prefix) error {
+	network, bits := c.Network, c.SubnetLen
+	if p.Addr().Is6() {
+		network, bits = c.IPv6Network, c.IPv6SubnetLen
+	}
+	switch {
+	case !p.IsValid():
+		return errors.New("invalid subnet")
+	case p.Addr().Is4() && !c.EnableIPv4, p.Addr().Is6() && !c.EnableIPv6:
+		return fmt.Errorf("%s is of a family the network does not enable", p)
+	case p.Bits() != bits || p.Masked() != p || !network.Contains(p.Addr()):
+		return fmt.Errorf("%s is not a /%d of %s", p, bits, network)
+	}
+	return nil
+}
+
+// CheckSubnets checks a lease's subnet pair: at least one, each of the
+// family of its field (v4 IPv4, v6 IPv6), each a valid node subnet.
+func (c *Config) CheckSubnets(v4, v6 netip.Prefix) error {
+	if !v4.IsValid() && !v6.IsValid() {
+		return errors.New("no subnet")
+	}
+	if v4.IsValid() && !v4.Addr().Is4() {
+		return fmt.Errorf("IPv4 subnet %s is not IPv4", v4)
+	}
+	if v6.IsValid() && (!v6.Addr().Is6() || v6.Addr().Is4In6()) {
+		return fmt.Errorf("IPv6 subnet %s is not IPv6", v6)
+	}
+	for _, p := range []netip.Prefix{v4, v6} {
+		if p.IsValid() {
+			if err := c.CheckSubnet(p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // FieldError names the net-conf.json field that is wrong.
 type FieldError struct {
 	Field string

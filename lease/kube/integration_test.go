@@ -302,7 +302,16 @@ func TestLeaseMode(t *testing.T) {
 		}
 	}
 	owner := won[n0]
-	l, err := newStore(t, admin, ModeLease, nc, "lease-mode", time.Hour).Claim(ctx, owner, attrs("198.18.0.7"))
+	// Another live tulled with the same name elsewhere is refused, and
+	// the holder keeps the Lease.
+	if _, err := newStore(t, admin, ModeLease, nc, "lease-mode", time.Hour).Claim(ctx, owner, attrs("198.18.0.7")); !errors.Is(err, lease.ErrInUse) {
+		t.Errorf("claim of %s from another address = %v, want ErrInUse", owner, err)
+	}
+	// The same node restarting (same address, new backend data) gets its
+	// subnet back and republishes.
+	restart := attrs("198.18.0.1")
+	restart.Backend.Port = 8299
+	l, err := newStore(t, admin, ModeLease, nc, "lease-mode", time.Hour).Claim(ctx, owner, restart)
 	if err != nil || l.Subnet != n0 {
 		t.Errorf("restart of %s got %s, %v; want %s", owner, l.Subnet, err, n0)
 	}
@@ -314,7 +323,7 @@ func TestLeaseMode(t *testing.T) {
 	}
 	p := waitPeers(t, ch, "16 peers", func(p []lease.Peer) bool { return len(p) == 16 })
 	for _, x := range p {
-		if x.Node == owner && x.Attrs.PublicIP.String() != "198.18.0.7" {
+		if x.Node == owner && x.Attrs.Backend.Port != 8299 {
 			t.Errorf("republished attrs not seen: %+v", x.Attrs)
 		}
 	}

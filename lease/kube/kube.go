@@ -79,6 +79,8 @@ type Options struct {
 	// Ready (DefaultProbeInterval if zero).
 	ProbeInterval time.Duration
 	Logger        *slog.Logger
+	// Now is the clock (time.Now if nil); tests move it.
+	Now func() time.Time
 }
 
 // DefaultProbeInterval keeps the probe load at 1/3 of a kubelet's node
@@ -94,6 +96,8 @@ type Store struct {
 	warned map[string]string // object → last reason logged
 	apiErr error             // last watch error, nil once the watch recovered
 	synced bool
+
+	renewals renewals // lease mode: when this node saw each Lease renewed
 }
 
 var _ lease.Store = (*Store)(nil)
@@ -128,7 +132,11 @@ func New(opt Options) (*Store, error) {
 	if opt.ProbeInterval <= 0 {
 		opt.ProbeInterval = DefaultProbeInterval
 	}
-	return &Store{opt: opt, log: opt.Logger.With("store", "kube", "mode", string(opt.Mode)), warned: map[string]string{}}, nil
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
+	return &Store{opt: opt, log: opt.Logger.With("store", "kube", "mode", string(opt.Mode)), warned: map[string]string{},
+		renewals: renewals{now: opt.Now, seen: map[string]sighting{}}}, nil
 }
 
 // Ready reports why the store is not ready: the API server was not reached
@@ -235,25 +243,6 @@ func contains(s []string, v string) bool {
 		}
 	}
 	return false
-}
-
-// inNetwork checks that p is a subnet of the configured network of its
-// family with the configured length.
-func (s *Store) inNetwork(p netip.Prefix) error {
-	c := s.opt.Net
-	switch {
-	case p.Addr().Is4() && c.EnableIPv4:
-		if p.Bits() != c.SubnetLen || !c.Network.Contains(p.Addr()) || p.Masked() != p {
-			return fmt.Errorf("%s is not a /%d of %s", p, c.SubnetLen, c.Network)
-		}
-	case p.Addr().Is6() && c.EnableIPv6:
-		if p.Bits() != c.IPv6SubnetLen || !c.IPv6Network.Contains(p.Addr()) || p.Masked() != p {
-			return fmt.Errorf("%s is not a /%d of %s", p, c.IPv6SubnetLen, c.IPv6Network)
-		}
-	default:
-		return fmt.Errorf("%s is of a family the network does not enable", p)
-	}
-	return nil
 }
 
 // snapshotter turns "something changed" signals into debounced peer

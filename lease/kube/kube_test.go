@@ -4,6 +4,9 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
+
+	coordv1 "k8s.io/api/coordination/v1"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -89,5 +92,59 @@ func TestNewValidates(t *testing.T) {
 	}
 	if _, err := New(Options{Client: c, Net: nc}); err != nil {
 		t.Errorf("podcidr mode: %v", err)
+	}
+}
+
+// TestLeaseExpiryByObservation: a Lease's expiry is judged by when this
+// node saw its renewal, so holders with skewed clocks neither lose their
+// subnet while they renew nor keep it after they stop.
+func TestLeaseExpiryByObservation(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	r := renewals{now: func() time.Time { return now }, seen: map[string]sighting{}}
+	secs := int32(60)
+	obj := func(name, holder string, renew time.Time) *coordv1.Lease {
+		rt := metav1.NewMicroTime(renew)
+		return &coordv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: coordv1.LeaseSpec{HolderIdentity: &holder, RenewTime: &rt, LeaseDurationSeconds: &secs}}
+	}
+	tests := []struct {
+		name   string
+		renew  time.Time // by the holder's clock
+		offset time.Duration
+	}{
+		{"holder clock an hour behind", now.Add(-time.Hour), 0},
+		{"holder clock an hour ahead", now.Add(time.Hour), 0},
+		{"holder clock right", now, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			name := "tulle-" + tt.name
+			o := obj(name, "n1", tt.renew)
+			if exp := r.expiry(o); !exp.Equal(now.Add(time.Minute)) {
+				t.Fatalf("first sighting: expiry %v, want %v (a duration from now)", exp, now.Add(time.Minute))
+			}
+			now = now.Add(50 * time.Second)
+			if exp := r.expiry(o); !exp.After(now) {
+				t.Fatal("expired 50 s after the sighting of a 60 s lease")
+			}
+			// A renewal (the renew time moves on, whatever it says) is seen
+			// now and restarts the duration.
+			o = obj(name, "n1", tt.renew.Add(20*time.Second))
+			if exp := r.expiry(o); !exp.Equal(now.Add(time.Minute)) {
+				t.Fatalf("after a renewal: expiry %v, want %v", exp, now.Add(time.Minute))
+			}
+			now = now.Add(61 * time.Second)
+			if exp := r.expiry(o); exp.After(now) {
+				t.Fatal("not expired 61 s after the last sighting of a renewal")
+			}
+			// A new holder is a new sighting.
+			if exp := r.expiry(obj(name, "n2", tt.renew.Add(20*time.Second))); !exp.After(now) {
+				t.Fatal("a takeover by another holder was not seen as fresh")
+			}
+		})
+	}
+	r.retain(map[string]bool{})
+	if len(r.seen) != 0 {
+		t.Errorf("retain kept %d sightings of deleted Leases", len(r.seen))
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"math/big"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	coordv1 "k8s.io/api/coordination/v1"
@@ -64,7 +65,7 @@ func (s *Store) toLease(o *coordv1.Lease) (lease.Lease, error) {
 		if err != nil {
 			return l, fmt.Errorf("malformed %s %q", key, v)
 		}
-		if err := s.inNetwork(p); err != nil {
+		if err := s.opt.Net.CheckSubnet(p); err != nil {
 			return l, err
 		}
 		*dst = p
@@ -80,19 +81,68 @@ func (s *Store) toLease(o *coordv1.Lease) (lease.Lease, error) {
 		return l, err
 	}
 	l.Attrs = attrs
-	l.Expiration = leaseExpiry(o)
+	l.Expiration = s.renewals.expiry(o)
+	if t := renewTime(o); t != nil {
+		l.Renewed = t.Time
+	}
 	return l, nil
 }
 
-func leaseExpiry(o *coordv1.Lease) time.Time {
-	t := o.Spec.RenewTime
-	if t == nil {
-		t = o.Spec.AcquireTime
+func renewTime(o *coordv1.Lease) *metav1.MicroTime {
+	if o.Spec.RenewTime != nil {
+		return o.Spec.RenewTime
 	}
-	if t == nil || o.Spec.LeaseDurationSeconds == nil {
-		return time.Time{}
+	return o.Spec.AcquireTime
+}
+
+func leaseDuration(o *coordv1.Lease) time.Duration {
+	if o.Spec.LeaseDurationSeconds == nil {
+		return 0
 	}
-	return t.Add(time.Duration(*o.Spec.LeaseDurationSeconds) * time.Second)
+	return time.Duration(*o.Spec.LeaseDurationSeconds) * time.Second
+}
+
+// renewals judges Lease expiry by this node's clock, the way client-go's
+// leader election does: a Lease expires its duration after this store
+// first saw its current renewal (holder and renew time), whatever the
+// holder's clock says. A holder whose clock runs behind is not taken over
+// while it renews; one whose clock runs ahead does not hold a subnet longer.
+type renewals struct {
+	mu   sync.Mutex
+	now  func() time.Time
+	seen map[string]sighting // by Lease name
+}
+
+type sighting struct {
+	mark string    // holder and renew time as the object says
+	at   time.Time // when this store first saw that mark
+}
+
+// expiry returns when o expires by this node's observation.
+func (r *renewals) expiry(o *coordv1.Lease) time.Time {
+	mark := ptrString(o.Spec.HolderIdentity)
+	if t := renewTime(o); t != nil {
+		mark += "@" + t.UTC().Format(time.RFC3339Nano)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.seen[o.Name]
+	if !ok || s.mark != mark {
+		s = sighting{mark: mark, at: r.now()}
+		r.seen[o.Name] = s
+	}
+	return s.at.Add(leaseDuration(o))
+}
+
+// retain forgets the Leases that are gone.
+func (r *renewals) retain(names map[string]bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for n := range r.seen {
+		if !names[n] {
+			delete(r.seen, n)
+		}
+	}
 }
 
 func (s *Store) leaseObject(l lease.Lease, base *coordv1.Lease) *coordv1.Lease {
@@ -113,7 +163,7 @@ func (s *Store) leaseObject(l lease.Lease, base *coordv1.Lease) *coordv1.Lease {
 	if l.IPv6Subnet.IsValid() {
 		o.Annotations[AnnIPv6Subnet] = l.IPv6Subnet.String()
 	}
-	now := metav1.NewMicroTime(time.Now())
+	now := metav1.NewMicroTime(s.opt.Now())
 	holder := l.Node
 	secs := int32(s.opt.TTL.Round(time.Second) / time.Second)
 	if base == nil || base.Spec.HolderIdentity == nil || *base.Spec.HolderIdentity != l.Node {
@@ -141,8 +191,13 @@ func (s *Store) claimLease(ctx context.Context, node string, attrs lease.Attrs) 
 		if err != nil {
 			return err
 		}
-		now := time.Now()
+		now := s.opt.Now()
 		used := map[string]*coordv1.Lease{}
+		names := map[string]bool{}
+		for i := range list.Items {
+			names[list.Items[i].Name] = true
+		}
+		s.renewals.retain(names)
 		for i := range list.Items {
 			o := &list.Items[i]
 			used[o.Name] = o
@@ -151,13 +206,17 @@ func (s *Store) claimLease(ctx context.Context, node string, attrs lease.Attrs) 
 				if err != nil {
 					continue // not a usable lease of ours: claim afresh
 				}
+				if l.HeldByOther(attrs, leaseDuration(o), now) {
+					return permanent{lease.InUseError(&l, attrs, now)}
+				}
 				l.Attrs = attrs
 				upd, err := leases.Update(ctx, s.leaseObject(l, o), metav1.UpdateOptions{})
 				if err != nil {
 					return err
 				}
 				got = l
-				got.Expiration = leaseExpiry(upd)
+				got.Renewed = renewTime(upd).Time
+				got.Expiration = s.renewals.expiry(upd)
 				s.log.Info("lease reacquired", "node", node, "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "lease", o.Name)
 				return nil
 			}
@@ -167,12 +226,16 @@ func (s *Store) claimLease(ctx context.Context, node string, attrs lease.Attrs) 
 		if r, err := rand.Int(rand.Reader, big.NewInt(int64(n))); err == nil {
 			start = int(r.Int64())
 		}
+		unseen := 0 // expired by their holders' clocks, not yet by ours
 		for k := range n {
 			cand := s.pair((start + k) % n)
 			cand.Node, cand.Attrs = node, attrs
 			name := leaseName(cand.Key())
 			old, taken := used[name]
-			if taken && leaseExpiry(old).After(now) {
+			if taken && s.renewals.expiry(old).After(now) {
+				if t := renewTime(old); t != nil && !t.Add(leaseDuration(old)).After(now) {
+					unseen++
+				}
 				continue
 			}
 			var obj *coordv1.Lease
@@ -191,9 +254,15 @@ func (s *Store) claimLease(ctx context.Context, node string, attrs lease.Attrs) 
 				s.log.Info("expired lease taken over", "lease", name, "was", ptrString(old.Spec.HolderIdentity), "by", node)
 			}
 			got = cand
-			got.Expiration = leaseExpiry(obj)
+			got.Renewed = renewTime(obj).Time
+			got.Expiration = s.renewals.expiry(obj)
 			s.log.Info("lease claimed", "node", node, "subnet", cand.Subnet, "ipv6Subnet", cand.IPv6Subnet, "lease", name)
 			return nil
+		}
+		if unseen > 0 {
+			// Retried: these become free once this node has seen them
+			// go unrenewed for their whole duration.
+			return fmt.Errorf("every subnet is held; %d Leases look expired by their holders' clocks and are taken over once unrenewed for their duration by this node's", unseen)
 		}
 		return permanent{fmt.Errorf("claim in %s: %w", s.opt.Namespace, lease.ErrExhausted)}
 	})
@@ -231,7 +300,8 @@ func (s *Store) renewLease(ctx context.Context, l lease.Lease) (lease.Lease, err
 	if err != nil {
 		return l, err
 	}
-	l.Expiration = leaseExpiry(upd)
+	l.Renewed = renewTime(upd).Time
+	l.Expiration = s.renewals.expiry(upd)
 	return l, nil
 }
 
@@ -262,9 +332,11 @@ func (s *Store) watchLeases(ctx context.Context, self string) (<-chan []lease.Pe
 	inf := factory.Coordination().V1().Leases().Informer()
 	sn := newSnapshotter(func() []lease.Peer {
 		var out []lease.Peer
-		now := time.Now()
+		now := s.opt.Now()
+		names := map[string]bool{}
 		for _, obj := range inf.GetStore().List() {
 			o := obj.(*coordv1.Lease)
+			names[o.Name] = true
 			if !strings.HasPrefix(o.Name, "tulle-") {
 				continue
 			}
@@ -279,6 +351,7 @@ func (s *Store) watchLeases(ctx context.Context, self string) (<-chan []lease.Pe
 			}
 			out = append(out, l)
 		}
+		s.renewals.retain(names)
 		return out
 	})
 	tick := min(max(s.opt.TTL/10, time.Second), 30*time.Second)

@@ -45,7 +45,7 @@ func (s *Store) nodeSubnets(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
 		if p.Addr().Is4() && !s.opt.Net.EnableIPv4 || p.Addr().Is6() && !s.opt.Net.EnableIPv6 {
 			continue
 		}
-		if err := s.inNetwork(p); err != nil {
+		if err := s.opt.Net.CheckSubnet(p); err != nil {
 			return v4, v6, fmt.Errorf("podCIDR %w", err)
 		}
 		if p.Addr().Is4() {

@@ -161,6 +161,9 @@ func (s *Store) readFile(name string) (lease.Lease, error) {
 	if fileName(l.Key()) != name {
 		return l, fmt.Errorf("lease for %s stored under the wrong name", l.Key())
 	}
+	if err := s.opt.Net.CheckSubnets(l.Subnet, l.IPv6Subnet); err != nil {
+		return l, fmt.Errorf("lease of %s: %w", l.Node, err)
+	}
 	return l, nil
 }
 
@@ -219,10 +222,15 @@ func (s *Store) Claim(ctx context.Context, node string, attrs lease.Attrs) (leas
 	expires := now.Add(s.opt.TTL)
 
 	// A node gets its own subnet back, expired or not, as long as nobody
-	// took it over.
+	// took it over; unless another live tulled holds the name.
+	for _, l := range all {
+		if l.Node == node && l.HeldByOther(attrs, l.Expiration.Sub(l.Renewed), now) {
+			return lease.Lease{}, lease.InUseError(&l, attrs, now)
+		}
+	}
 	for _, l := range all {
 		if l.Node == node && s.fitsConfig(&l) {
-			l.Attrs, l.Expiration = attrs, expires
+			l.Attrs, l.Expiration, l.Renewed = attrs, expires, now
 			if err := s.write(l, false); err != nil {
 				return lease.Lease{}, err
 			}
@@ -243,7 +251,7 @@ func (s *Store) Claim(ctx context.Context, node string, attrs lease.Attrs) (leas
 		used4[l.Subnet] = true
 		used6[l.IPv6Subnet] = true
 	}
-	nl := lease.Lease{Node: node, Attrs: attrs, Expiration: expires}
+	nl := lease.Lease{Node: node, Attrs: attrs, Expiration: expires, Renewed: now}
 	c := s.opt.Net
 	if c.EnableIPv4 {
 		if nl.Subnet, err = pickFree(c.SubnetMin, c.SubnetMax, c.SubnetLen, used4); err != nil {
@@ -322,7 +330,8 @@ func (s *Store) Renew(ctx context.Context, l lease.Lease) (lease.Lease, error) {
 	if cur.Node != l.Node || cur.IPv6Subnet != l.IPv6Subnet {
 		return l, fmt.Errorf("renew %s: %w (now held by %s)", l.Key(), lease.ErrLost, cur.Node)
 	}
-	l.Expiration = s.opt.Now().Add(s.opt.TTL)
+	l.Renewed = s.opt.Now()
+	l.Expiration = l.Renewed.Add(s.opt.TTL)
 	if err := s.write(l, false); err != nil {
 		return l, err
 	}

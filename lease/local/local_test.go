@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -213,4 +214,95 @@ func TestWatchPeers(t *testing.T) {
 		t.Fatal(err)
 	}
 	next(0)
+}
+
+// TestDuplicateNodeNameRefused: a second tulled claiming a name that a live
+// tulled holds from another address is refused and the holder keeps its
+// lease; the same node restarting (same address), or a claim after the
+// holder stopped renewing, gets the subnet.
+func TestDuplicateNodeNameRefused(t *testing.T) {
+	dir := t.TempDir()
+	c := mustConf(t, `{"Network":"100.96.0.0/16","SubnetLen":24}`)
+	clk := newClock()
+	s := newStore(t, dir, c, clk) // TTL 1 min: renewed every 20 s
+	ctx := context.Background()
+	first, err := s.Claim(ctx, "n1", attrs("198.18.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.Add(10 * time.Second)
+	_, err = newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.2"))
+	if !errors.Is(err, lease.ErrInUse) {
+		t.Fatalf("second claim of n1 from another address = %v, want ErrInUse", err)
+	}
+	for _, want := range []string{"198.18.0.1", "198.18.0.2", `"n1"`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal %q does not name %s", err, want)
+		}
+	}
+	if _, err := s.Renew(ctx, first); err != nil {
+		t.Fatalf("the holder lost its lease to the refused claim: %v", err)
+	}
+	// The same node restarting is not a duplicate.
+	again, err := newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.1"))
+	if err != nil || again.Subnet != first.Subnet {
+		t.Fatalf("restart of n1: %v, %v", again.Subnet, err)
+	}
+	// A holder silent for longer than a renewal interval (+ slack) is gone:
+	// its node may come back from another address and keep its subnet.
+	clk.Add(lease.RenewInterval(time.Minute) + time.Minute)
+	moved, err := newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.3"))
+	if err != nil || moved.Subnet != first.Subnet {
+		t.Fatalf("claim after the holder went silent: %v, %v", moved.Subnet, err)
+	}
+}
+
+// TestBadLeaseFilesIgnored: files that do not describe a subnet of this
+// network are neither peers nor obstacles, and each is reported once.
+func TestBadLeaseFilesIgnored(t *testing.T) {
+	dir := t.TempDir()
+	c := mustConf(t, `{"Network":"100.96.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64}`)
+	clk := newClock()
+	exp := clk.Now().Add(time.Hour).Format(time.RFC3339)
+	bad := map[string]string{
+		"0.0.0.0-0.json":        `{"node":"evil","subnet":"0.0.0.0/0","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"100.96.0.0-16.json":    `{"node":"wide","subnet":"100.96.0.0/16","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"100.97.1.0-24.json":    `{"node":"other-net","subnet":"100.97.1.0/24","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"100.96.1.7-24.json":    `{"node":"unmasked","subnet":"100.96.1.7/24","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"fd00_96_0_1__-64.json": `{"node":"v6-as-v4","subnet":"fd00:96:0:1::/64","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"100.96.2.0-24.json":    `{"node":"v4-as-v6","subnet":"100.96.2.0/24","ipv6Subnet":"100.96.3.0/24","attrs":{"publicIP":"198.18.0.9","backend":{"type":"udp","port":8285}},"expiration":"` + exp + `"}`,
+		"100.96.4.0-24.json":    `{"node":"", "subnet":"100.96.4.0/24"}`,
+		"100.96.5.0-24.json":    `not json`,
+	}
+	for name, doc := range bad {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(doc), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs strings.Builder
+	s, err := New(Options{Dir: dir, Net: c, TTL: time.Minute, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := newStore(t, dir, c, clk).Claim(context.Background(), "good", attrs("198.18.0.2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		peers, err := s.peers("me")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(peers) != 1 || peers[0].Node != "good" {
+			t.Fatalf("peers = %+v, want only the good lease", peers)
+		}
+	}
+	if !good.Subnet.IsValid() {
+		t.Fatal("no subnet for the good node")
+	}
+	for name := range bad {
+		if n := strings.Count(logs.String(), "file="+name); n != 1 {
+			t.Errorf("%s reported %d times, want once", name, n)
+		}
+	}
 }

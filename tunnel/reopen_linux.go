@@ -1,0 +1,136 @@
+package tunnel
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ErrDetached is returned by TUN reads and writes once the interface was
+// deleted under the open fd (ip link del): the fd is dead for good, and a
+// new device must be opened.
+var ErrDetached = errors.New("tun interface deleted")
+
+// ReopeningTUN is a TUN device that survives the deletion of its
+// interface: when the kernel detaches the fd, the reading loop recreates
+// the device by name with the same options (OnEvent then tells the owner to
+// put addresses and routes back) and carries on. Writes to a detached
+// device are dropped and counted meanwhile.
+type ReopeningTUN struct {
+	opt    TUNOptions
+	cur    atomic.Pointer[TUN]
+	mtu    atomic.Int64
+	mu     sync.Mutex // serialises reopening and Close
+	closed bool
+	closeC chan struct{}
+	// Reopened counts the recreations.
+	Reopened atomic.Uint64
+}
+
+var _ Device = (*ReopeningTUN)(nil)
+
+// OpenReopeningTUN opens the device as OpenTUN does.
+func OpenReopeningTUN(opt TUNOptions) (*ReopeningTUN, error) {
+	if opt.Logger == nil {
+		opt.Logger = slog.Default()
+	}
+	if opt.Counters == nil {
+		opt.Counters = &Counters{}
+	}
+	t, err := OpenTUN(opt)
+	if err != nil {
+		return nil, err
+	}
+	r := &ReopeningTUN{opt: opt, closeC: make(chan struct{})}
+	r.cur.Store(t)
+	r.mtu.Store(int64(opt.MTU))
+	return r, nil
+}
+
+// Name implements Device.
+func (r *ReopeningTUN) Name() string { return r.opt.Name }
+
+// SetMTU sets the MTU a recreated device gets (the router keeps the live
+// device's MTU).
+func (r *ReopeningTUN) SetMTU(mtu int) { r.mtu.Store(int64(mtu)) }
+
+// Read implements Device.
+func (r *ReopeningTUN) Read(frames []Frame) (int, error) {
+	for {
+		t := r.cur.Load()
+		n, err := t.Read(frames)
+		if !errors.Is(err, ErrDetached) {
+			return n, err
+		}
+		if err := r.reopen(t); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// Write implements Device.
+func (r *ReopeningTUN) Write(frames []Frame) error {
+	err := r.cur.Load().Write(frames)
+	if errors.Is(err, ErrDetached) {
+		r.opt.Counters.Add(DropTUNWrite, uint64(len(frames)))
+		return nil // the reading loop recreates the device
+	}
+	return err
+}
+
+// Close implements Device.
+func (r *ReopeningTUN) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	close(r.closeC)
+	return r.cur.Load().Close()
+}
+
+// reopen replaces the dead device old, retrying with backoff until it
+// succeeds or the device is closed.
+func (r *ReopeningTUN) reopen(old *TUN) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return os.ErrClosed
+	}
+	if r.cur.Load() != old {
+		return nil // reopened already
+	}
+	old.Close()
+	log := r.opt.Logger
+	log.Warn("TUN device was deleted; recreating it", "tun", r.opt.Name)
+	delay := 50 * time.Millisecond
+	for {
+		opt := r.opt
+		opt.MTU = int(r.mtu.Load())
+		t, err := OpenTUN(opt)
+		if err == nil {
+			r.cur.Store(t)
+			r.Reopened.Add(1)
+			log.Info("TUN device recreated", "tun", r.opt.Name)
+			if r.opt.OnEvent != nil {
+				r.opt.OnEvent()
+			}
+			return nil
+		}
+		log.Warn("recreate TUN device", "tun", r.opt.Name, "retry_in", delay, "err", err)
+		r.mu.Unlock()
+		select {
+		case <-r.closeC:
+		case <-time.After(delay):
+		}
+		r.mu.Lock()
+		if r.closed {
+			return os.ErrClosed
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
+}
