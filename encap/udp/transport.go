@@ -59,7 +59,7 @@ type socket struct {
 	conn   *net.UDPConn
 	bc     batchConn
 	maxDg  atomic.Int32 // largest UDP payload that fits the underlay MTU
-	gsoOff atomic.Bool // UDP GSO failed (EIO) or is disabled
+	gsoOff atomic.Bool  // UDP GSO failed (EIO) or is disabled
 	gro    bool
 }
 
