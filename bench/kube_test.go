@@ -162,7 +162,7 @@ func BenchmarkKubePeers(b *testing.B) {
 			b.Fatal(err)
 		}
 		elapsed := time.Since(t0)
-		rss, hwm := procStatusKB(n.PID(), "VmRSS:"), procStatusKB(n.PID(), "VmHWM:")
+		rss, hwm := cluster.ProcStatusKB(n.PID(), "VmRSS:"), cluster.ProcStatusKB(n.PID(), "VmHWM:")
 		b.Logf("tulled: %d peers %v after start; RSS %.1f MiB, peak %.1f MiB", count, elapsed.Round(time.Millisecond), rss/1024, hwm/1024)
 		if p := os.Getenv("KUBE_HEAP_PROFILE"); p != "" {
 			out, _ := exec.Command("curl", "-s", "-o", p, "--unix-socket", filepath.Join(n.RunDir, "tulled.sock"), "http://x/debug/pprof/heap").CombinedOutput()

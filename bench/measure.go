@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tulle-net/tulle/internal/cluster"
 )
 
 // Figure keys, the stable names in results.json.
@@ -217,24 +219,9 @@ func machineBusy(line string) float64 {
 func peakRSSMiB(pids []int) float64 {
 	var peak float64
 	for _, pid := range pids {
-		peak = max(peak, procStatusKB(pid, "VmHWM:")/1024)
+		peak = max(peak, cluster.ProcStatusKB(pid, "VmHWM:")/1024)
 	}
 	return peak
-}
-
-// procStatusKB reads one "Key: N kB" line of /proc/PID/status (0 if absent).
-func procStatusKB(pid int, key string) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, key); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return kb
-		}
-	}
-	return 0
 }
 
 // measureRTT times n one-byte request/response exchanges over one TCP

@@ -22,6 +22,7 @@ const (
 	DropTUNWrite    // the kernel refused the write
 	DropSend        // the transport failed to send
 	GROWrites       // packets written through the GRO (coalescing) path
+	TUNRecreated    // times the TUN device was deleted under tulled and recreated
 
 	// Transport counters (encap).
 	DatagramsOut      // datagrams sent
@@ -40,7 +41,7 @@ var counterNames = [numCounters]string{
 	DropMalformed: "drop_malformed", DropNoRoute: "drop_no_route", DropTooBig: "drop_too_big",
 	ICMPTooBigSent: "icmp_too_big_sent", DropUnknownPeer: "drop_unknown_peer", DropSpoofed: "drop_spoofed",
 	DropNotLocal: "drop_not_local", DropTUNWrite: "drop_tun_write", DropSend: "drop_send",
-	GROWrites:    "gro_writes",
+	GROWrites: "gro_writes", TUNRecreated: "tun_recreated",
 	DatagramsOut: "datagrams_out", DatagramsIn: "datagrams_in", DropBadVersion: "drop_bad_version",
 	DropBadHeader: "drop_bad_header", DropIncomplete: "drop_incomplete", DropUnknownSource: "drop_unknown_source",
 	DropTrainEvicted: "drop_train_evicted",

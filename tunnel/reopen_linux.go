@@ -26,8 +26,6 @@ type ReopeningTUN struct {
 	mu     sync.Mutex // serialises reopening and Close
 	closed bool
 	closeC chan struct{}
-	// Reopened counts the recreations.
-	Reopened atomic.Uint64
 }
 
 var _ Device = (*ReopeningTUN)(nil)
@@ -114,7 +112,7 @@ func (r *ReopeningTUN) reopen(old *TUN) error {
 		t, err := OpenTUN(opt)
 		if err == nil {
 			r.cur.Store(t)
-			r.Reopened.Add(1)
+			r.opt.Counters.Add(TUNRecreated, 1)
 			log.Info("TUN device recreated", "tun", r.opt.Name)
 			if r.opt.OnEvent != nil {
 				r.opt.OnEvent()

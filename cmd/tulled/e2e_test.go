@@ -263,12 +263,12 @@ func TestRestartDuringTransfer(t *testing.T) {
 			c := startCluster(t, 2, cluster.Options{})
 			a, b := c.Nodes[0], c.Nodes[1]
 			dst := addr(t, b, false)
-			done := make(chan [2][32]byte, 1)
-			go func() {
-				s, g := transfer(t, a, b, dst, 200<<20, 4*time.Second)
-				done <- [2][32]byte{s, g}
-			}()
-			time.Sleep(1200 * time.Millisecond)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			tr := cluster.StartTransfer(ctx, a, b, dst, 200<<20, 4*time.Second)
+			if err := tr.WaitReceived(ctx, 20<<20); err != nil {
+				t.Fatal(err)
+			}
 			if err := b.Stop(sig); err != nil {
 				t.Fatal(err)
 			}
@@ -283,13 +283,12 @@ func TestRestartDuringTransfer(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Logf("tulled back with its peer %v after the %v restart", time.Since(restart).Round(time.Millisecond), sig)
-			select {
-			case r := <-done:
-				if r[0] != r[1] {
-					t.Fatalf("checksum mismatch after restart: sent %x, received %x", r[0], r[1])
-				}
-			case <-time.After(90 * time.Second):
-				t.Fatal("transfer did not finish after the restart")
+			r, err := tr.Wait()
+			if err != nil {
+				t.Fatalf("transfer across the restart: %v", err)
+			}
+			if !r.Intact() {
+				t.Fatalf("checksum mismatch after restart: sent %x, received %x", r.Sent, r.Received)
 			}
 			if got := addr(t, b, false); got != dst {
 				t.Errorf("restart changed the subnet: %s → %s", dst, got)

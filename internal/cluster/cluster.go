@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -272,6 +273,22 @@ func (n *Node) Addr(ctx context.Context, v6 bool) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%s: no %s subnet", n.Name, map[bool]string{false: "IPv4", true: "IPv6"}[v6])
 	}
 	return subs[i].Addr(), nil
+}
+
+// ProcStatusKB reads one "Key: N kB" line of /proc/PID/status (0 if
+// absent), such as "VmRSS:" or "VmHWM:".
+func ProcStatusKB(pid int, key string) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, key); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb
+		}
+	}
+	return 0
 }
 
 // Log returns the tail of the node's log.

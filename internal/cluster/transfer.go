@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 )
 
@@ -42,6 +43,60 @@ func (r TransferResult) Gbps() float64 {
 // (an address inside node to) and checksums both ends. With pace > 0 the
 // send is spread over at least that long, so a restart can land inside it.
 func Transfer(ctx context.Context, from, to *Node, dst netip.Addr, size int64, pace time.Duration) (TransferResult, error) {
+	return StartTransfer(ctx, from, to, dst, size, pace).Wait()
+}
+
+// RunningTransfer is a Transfer under way.
+type RunningTransfer struct {
+	received atomic.Int64
+	done     chan struct{}
+	res      TransferResult
+	err      error
+}
+
+// StartTransfer starts a Transfer in the background.
+func StartTransfer(ctx context.Context, from, to *Node, dst netip.Addr, size int64, pace time.Duration) *RunningTransfer {
+	rt := &RunningTransfer{done: make(chan struct{})}
+	go func() {
+		defer close(rt.done)
+		rt.res, rt.err = transfer(ctx, from, to, dst, size, pace, &rt.received)
+	}()
+	return rt
+}
+
+// Received returns how many bytes have arrived so far.
+func (rt *RunningTransfer) Received() int64 { return rt.received.Load() }
+
+// Done is closed when the transfer ended.
+func (rt *RunningTransfer) Done() <-chan struct{} { return rt.done }
+
+// Wait waits for the transfer's end and returns its result.
+func (rt *RunningTransfer) Wait() (TransferResult, error) {
+	<-rt.done
+	return rt.res, rt.err
+}
+
+// WaitReceived waits until at least n bytes arrived (the transfer is in
+// flight), the transfer ended, or ctx ended.
+func (rt *RunningTransfer) WaitReceived(ctx context.Context, n int64) error {
+	for rt.Received() < n {
+		select {
+		case <-rt.done:
+			return fmt.Errorf("transfer ended after %d bytes (%v) before %d arrived", rt.Received(), rt.err, n)
+		case <-ctx.Done():
+			return fmt.Errorf("%d bytes arrived, waiting for %d: %w", rt.Received(), n, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// counting is a writer that counts bytes into an atomic.
+type counting struct{ n *atomic.Int64 }
+
+func (c counting) Write(b []byte) (int, error) { c.n.Add(int64(len(b))); return len(b), nil }
+
+func transfer(ctx context.Context, from, to *Node, dst netip.Addr, size int64, pace time.Duration, received *atomic.Int64) (TransferResult, error) {
 	res := TransferResult{Bytes: size}
 	ln, err := to.Listen(net.JoinHostPort(dst.String(), "0"))
 	if err != nil {
@@ -64,7 +119,7 @@ func Transfer(ctx context.Context, from, to *Node, dst netip.Addr, size int64, p
 		stop := context.AfterFunc(ctx, func() { c.Close() })
 		defer stop()
 		h := sha256.New()
-		n, err := io.Copy(h, c)
+		n, err := io.Copy(io.MultiWriter(h, counting{received}), c)
 		var r recv
 		copy(r.sum[:], h.Sum(nil))
 		r.n, r.err = n, err
