@@ -3,9 +3,14 @@ package kube
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
+	"slices"
 	"testing"
 	"time"
+
+	authv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
 
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -15,12 +20,19 @@ import (
 	"github.com/tulle-net/tulle/lease"
 )
 
-// TestRBAC applies deploy/rbac.yaml, binds it also to the test's "tulled"
-// user, and runs both modes with that user's client only.
-func TestRBAC(t *testing.T) {
-	needAPI(t)
+// saUser is the ServiceAccount deploy/rbac.yaml binds, as the API server
+// sees its requests.
+var saUser = authv1.SubjectAccessReviewSpec{
+	User:   "system:serviceaccount:tulle-system:tulle",
+	Groups: []string{"system:serviceaccounts", "system:serviceaccounts:tulle-system", "system:authenticated"},
+}
+
+// applyRBAC creates the objects of a deploy/ RBAC file, binding each to the
+// test's "tulled" user too.
+func applyRBAC(t *testing.T, file string) {
+	t.Helper()
 	ctx := context.Background()
-	b, err := os.ReadFile("../../deploy/rbac.yaml")
+	b, err := os.ReadFile("../../deploy/" + file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,9 +40,13 @@ func TestRBAC(t *testing.T) {
 	for _, doc := range bytes.Split(b, []byte("\n---\n")) {
 		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode(doc, nil, nil)
 		if err != nil {
-			t.Fatalf("deploy/rbac.yaml: %v", err)
+			t.Fatalf("deploy/%s: %v", file, err)
 		}
 		switch o := obj.(type) {
+		case *corev1.Namespace:
+			_, err = admin.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
+		case *corev1.ServiceAccount:
+			_, err = admin.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
 		case *rbacv1.ClusterRole:
 			_, err = admin.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
 		case *rbacv1.ClusterRoleBinding:
@@ -41,11 +57,49 @@ func TestRBAC(t *testing.T) {
 		case *rbacv1.RoleBinding:
 			o.Subjects = append(o.Subjects, user)
 			_, err = admin.RbacV1().RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		default:
+			t.Fatalf("deploy/%s: unexpected %T", file, obj)
 		}
+		if err != nil {
+			t.Fatalf("deploy/%s: %v", file, err)
+		}
+	}
+}
+
+// access is one SubjectAccessReview question.
+type access struct {
+	verb, group, resource, sub, ns, name string
+	allowed                              bool
+}
+
+func (a access) String() string {
+	return fmt.Sprintf("%s %s/%s %s in %q named %q", a.verb, a.group, a.resource, a.sub, a.ns, a.name)
+}
+
+// checkAccess asks the API server, for the ServiceAccount, each question.
+func checkAccess(t *testing.T, stage string, want []access) {
+	t.Helper()
+	for _, w := range want {
+		spec := saUser
+		spec.ResourceAttributes = &authv1.ResourceAttributes{Verb: w.verb, Group: w.group, Resource: w.resource, Subresource: w.sub, Namespace: w.ns, Name: w.name}
+		r, err := admin.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), &authv1.SubjectAccessReview{Spec: spec}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
+		if r.Status.Allowed != w.allowed {
+			t.Errorf("%s: %s: allowed = %v, want %v (%s)", stage, w, r.Status.Allowed, w.allowed, r.Status.Reason)
+		}
 	}
+}
+
+// TestRBAC applies deploy/rbac.yaml, then deploy/rbac-lease-mode.yaml, runs
+// each mode with only the permissions bound so far, and checks with
+// SubjectAccessReview that the ServiceAccount can do what tulled needs and
+// cannot touch the control plane's Leases.
+func TestRBAC(t *testing.T) {
+	needAPI(t)
+	ctx := context.Background()
+	applyRBAC(t, "rbac.yaml")
 	limited, err := kc.Client(kubetest.TulledToken)
 	if err != nil {
 		t.Fatal(err)
@@ -55,6 +109,28 @@ func TestRBAC(t *testing.T) {
 	if _, err := limited.CoreV1().Namespaces().List(ctx, metav1.ListOptions{}); err == nil {
 		t.Fatal("the tulled user can list namespaces: RBAC is not in force")
 	}
+	never := []access{
+		{"update", "coordination.k8s.io", "leases", "", "kube-system", "kube-controller-manager", false},
+		{"update", "coordination.k8s.io", "leases", "", "kube-system", "kube-scheduler", false},
+		{"get", "coordination.k8s.io", "leases", "", "kube-system", "kube-controller-manager", false},
+		{"create", "coordination.k8s.io", "leases", "", "kube-node-lease", "", false},
+		{"delete", "coordination.k8s.io", "leases", "", "kube-system", "kube-scheduler", false},
+		{"get", "", "secrets", "", "tulle-system", "", false},
+		{"list", "", "pods", "", "", "", false},
+		{"update", "", "nodes", "", "", "n1", false},
+		{"patch", "", "nodes", "", "", "n1", false},
+		{"delete", "", "nodes", "", "", "n1", false},
+	}
+	nodes := []access{
+		{"get", "", "nodes", "", "", "n1", true},
+		{"list", "", "nodes", "", "", "", true},
+		{"watch", "", "nodes", "", "", "", true},
+		{"patch", "", "nodes", "status", "", "n1", true},
+	}
+	checkAccess(t, "rbac.yaml", append(append(slices.Clone(never), nodes...),
+		access{"get", "coordination.k8s.io", "leases", "", "tulle-system", "", false},
+		access{"create", "coordination.k8s.io", "leases", "", "tulle-system", "", false}))
+
 	nc := netConf(t, dualStack)
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -77,7 +153,14 @@ func TestRBAC(t *testing.T) {
 		}
 		return false
 	})
-	ls := newStore(t, limited, ModeLease, nc, "kube-system", time.Minute)
+
+	applyRBAC(t, "rbac-lease-mode.yaml")
+	var leases []access
+	for _, v := range []string{"get", "list", "watch", "create", "update", "delete"} {
+		leases = append(leases, access{v, "coordination.k8s.io", "leases", "", "tulle-system", "", true})
+	}
+	checkAccess(t, "rbac.yaml + rbac-lease-mode.yaml", append(append(never, nodes...), leases...))
+	ls := newStore(t, limited, ModeLease, nc, "tulle-system", time.Minute)
 	l, err := ls.Claim(cctx, "rbac-n1", attrs("198.18.0.4"))
 	if err != nil {
 		t.Fatalf("lease claim as tulled: %v", err)
@@ -92,5 +175,9 @@ func TestRBAC(t *testing.T) {
 	waitPeers(t, lch, "rbac-n1's lease", func(p []lease.Peer) bool { return len(p) == 1 })
 	if err := ls.Release(cctx, l); err != nil {
 		t.Fatalf("lease release as tulled: %v", err)
+	}
+	// In kube-system the same store is refused.
+	if _, _, err := newStore(t, limited, ModeLease, nc, "kube-system", time.Minute).Lookup(cctx, "rbac-n1"); err == nil {
+		t.Error("the tulled user could list Leases in kube-system")
 	}
 }
