@@ -89,7 +89,7 @@ func status(ctx context.Context, args []string) error {
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))
 	for _, p := range s.Peers {
-		fmt.Fprintf(w, "  %s\t%s\t%v\n", p.Name, p.Addr, p.Subnets)
+		fmt.Fprintf(w, "  %s\t%s\t%v\n", p.Name, p.Endpoint, p.Subnets)
 	}
 	names := make([]string, 0, len(s.Counters))
 	for k := range s.Counters {

@@ -228,8 +228,8 @@ func TestDuplicateNodeName(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Lease.Attrs.PublicIP != a.IP4 {
-		t.Errorf("n1's published address is now %s", s.Lease.Attrs.PublicIP)
+	if s.Lease.PublicIP != a.IP4 {
+		t.Errorf("n1's published address is now %s", s.Lease.PublicIP)
 	}
 	ping(t, b, addr(t, a, false))
 }

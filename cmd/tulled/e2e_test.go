@@ -306,7 +306,7 @@ func TestIPv6Underlay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(s.Peers) != 1 || !s.Peers[0].Addr.Addr().Is6() {
+	if len(s.Peers) != 1 || !s.Peers[0].Endpoint.Addr().Is6() {
 		t.Fatalf("peer not reached over IPv6: %+v", s.Peers)
 	}
 	if s.MTU != 1500-40-8-16 {

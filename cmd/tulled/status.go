@@ -55,8 +55,13 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	l := s.lease
 	s.mu.Unlock()
-	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), Lease: l, MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
-		Peers: s.peers.Peers(), Counters: s.ctr.Snapshot()}
+	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
+		Lease: api.Lease{Node: l.Node, Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, PublicIP: l.Attrs.PublicIP, PublicIPv6: l.Attrs.PublicIPv6,
+			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
+		Counters: s.ctr.Snapshot()}
+	for _, p := range s.peers.Peers() {
+		doc.Peers = append(doc.Peers, api.Peer{Name: p.Name, Endpoint: p.Addr, Subnets: p.Subnets})
+	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
 }

@@ -1,6 +1,8 @@
-// Package api defines tulled's local status API (HTTP over the unix socket
-// RUN_DIR/tulled.sock) and a client for it. tullectl, the demo, the tests
-// and the benchmark harness read tulled through it.
+// Package api defines tulled's local contracts: the status API (HTTP over
+// the unix socket RUN_DIR/tulled.sock) with a client for it, and
+// RUN_DIR/subnet.json for the CNI plugin. tullectl, the CNI plugin, the
+// demo, the tests and the benchmark harness read tulled through it. Its
+// types are its own: a client links neither the datapath nor the stores.
 package api
 
 import (
@@ -9,10 +11,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
-	"github.com/tulle-net/tulle/lease"
-	"github.com/tulle-net/tulle/tunnel"
 )
 
 // SocketName is the status socket's file name inside the run directory.
@@ -28,11 +29,44 @@ type Status struct {
 	// NotReady says why tulled is not ready (e.g. the Kubernetes API is
 	// unreachable; it forwards with the last known peers meanwhile).
 	NotReady string            `json:"notReady,omitempty"`
-	Lease    lease.Lease       `json:"lease"`
+	Lease    Lease             `json:"lease"`
 	MTU      int               `json:"mtu"`
 	Uptime   string            `json:"uptime"`
-	Peers    []tunnel.Peer     `json:"peers"`
+	Peers    []Peer            `json:"peers"`
 	Counters map[string]uint64 `json:"counters"`
+}
+
+// Lease is the node's lease as the status reports it.
+type Lease struct {
+	Node       string       `json:"node"`
+	Subnet     netip.Prefix `json:"subnet,omitzero"`
+	IPv6Subnet netip.Prefix `json:"ipv6Subnet,omitzero"`
+	PublicIP   netip.Addr   `json:"publicIP,omitzero"`
+	PublicIPv6 netip.Addr   `json:"publicIPv6,omitzero"`
+	Backend    string       `json:"backend"`
+	Port       uint16       `json:"port,omitempty"`
+	Renewed    time.Time    `json:"renewed,omitzero"`
+	Expiration time.Time    `json:"expiration"`
+}
+
+// Subnets returns the lease's valid subnets, IPv4 first.
+func (l *Lease) Subnets() []netip.Prefix {
+	var s []netip.Prefix
+	for _, p := range []netip.Prefix{l.Subnet, l.IPv6Subnet} {
+		if p.IsValid() {
+			s = append(s, p)
+		}
+	}
+	return s
+}
+
+// Peer is one peer node as the datapath sees it.
+type Peer struct {
+	Name string `json:"name"`
+	// Endpoint is the underlay address and port its traffic goes to and
+	// must come from.
+	Endpoint netip.AddrPort  `json:"endpoint"`
+	Subnets  []netip.Prefix `json:"subnets"`
 }
 
 // Get fetches the status from the socket at path.
