@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/netip"
 	"time"
-
 )
 
 // SocketName is the status socket's file name inside the run directory.
@@ -65,7 +64,7 @@ type Peer struct {
 	Name string `json:"name"`
 	// Endpoint is the underlay address and port its traffic goes to and
 	// must come from.
-	Endpoint netip.AddrPort  `json:"endpoint"`
+	Endpoint netip.AddrPort `json:"endpoint"`
 	Subnets  []netip.Prefix `json:"subnets"`
 }
 
