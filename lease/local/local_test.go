@@ -15,6 +15,7 @@ import (
 
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/lease/storetest"
 )
 
 // clock is a settable time source shared by the stores of one test.
@@ -46,6 +47,18 @@ func newStore(t *testing.T, dir string, c *netconf.Config, clk *clock) *Store {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// TestConformance runs the lease.Store contract on a directory.
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Harness {
+		dir, clk := t.TempDir(), newClock()
+		return storetest.Harness{
+			Open:    func(t *testing.T, c *netconf.Config) storetest.Store { return newStore(t, dir, c, clk) },
+			Advance: clk.Add,
+			TTL:     time.Minute,
+		}
+	})
 }
 
 func TestConcurrentClaimsOneWinnerPerSubnet(t *testing.T) {
@@ -83,78 +96,6 @@ func TestConcurrentClaimsOneWinnerPerSubnet(t *testing.T) {
 	wg.Wait()
 	if len(got) != 16 || exhausted != 24 {
 		t.Errorf("got %d winners and %d exhausted, want 16 and 24", len(got), exhausted)
-	}
-}
-
-func TestClaimKeepsSubnetAcrossRestart(t *testing.T) {
-	dir := t.TempDir()
-	c := mustConf(t, `{"Network":"100.96.0.0/12","EnableIPv6":true,"IPv6Network":"fd00:96::/56"}`)
-	clk := newClock()
-	s := newStore(t, dir, c, clk)
-	l1, err := s.Claim(context.Background(), "n1", attrs("198.18.0.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !l1.Subnet.IsValid() || !l1.IPv6Subnet.IsValid() {
-		t.Fatalf("dual-stack lease missing a family: %+v", l1)
-	}
-	clk.Add(2 * time.Minute) // expired, but nobody took it
-	l2, err := newStore(t, dir, c, clk).Claim(context.Background(), "n1", attrs("198.18.0.9"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if l2.Subnet != l1.Subnet || l2.IPv6Subnet != l1.IPv6Subnet {
-		t.Errorf("restart got %s/%s, want the old %s/%s", l2.Subnet, l2.IPv6Subnet, l1.Subnet, l1.IPv6Subnet)
-	}
-	if l2.Attrs.PublicIP.String() != "198.18.0.9" {
-		t.Errorf("attributes not republished: %+v", l2.Attrs)
-	}
-}
-
-func TestExpiryRenewalAndTakeover(t *testing.T) {
-	dir := t.TempDir()
-	// One subnet only, so a second node can only get it by takeover.
-	c := mustConf(t, `{"Network":"100.96.0.0/24","SubnetLen":24,"SubnetMin":"100.96.0.0"}`)
-	clk := newClock()
-	s := newStore(t, dir, c, clk)
-	ctx := context.Background()
-	a, err := s.Claim(ctx, "a", attrs("198.18.0.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Claim(ctx, "b", attrs("198.18.0.2")); !errors.Is(err, lease.ErrExhausted) {
-		t.Fatalf("claim while held: %v, want ErrExhausted", err)
-	}
-	clk.Add(50 * time.Second)
-	if a, err = s.Renew(ctx, a); err != nil {
-		t.Fatal(err)
-	}
-	clk.Add(50 * time.Second) // 100 s after the claim but 50 s after renewal: still live
-	if _, err := s.Claim(ctx, "b", attrs("198.18.0.2")); !errors.Is(err, lease.ErrExhausted) {
-		t.Fatalf("claim of a renewed lease: %v, want ErrExhausted", err)
-	}
-	clk.Add(11 * time.Second) // now expired
-	b, err := s.Claim(ctx, "b", attrs("198.18.0.2"))
-	if err != nil {
-		t.Fatalf("takeover of expired lease: %v", err)
-	}
-	if b.Subnet != a.Subnet {
-		t.Fatalf("takeover got %s, want %s", b.Subnet, a.Subnet)
-	}
-	if _, err := s.Renew(ctx, a); !errors.Is(err, lease.ErrLost) {
-		t.Errorf("renewal after takeover: %v, want ErrLost", err)
-	}
-	if err := s.Release(ctx, a); err != nil {
-		t.Errorf("release of a lost lease: %v", err)
-	}
-	if got, ok, _ := s.Lookup(ctx, "b"); !ok || got.Node != "b" {
-		t.Errorf("releasing the old holder's lease removed the new holder's: %+v %v", got, ok)
-	}
-	if err := s.Release(ctx, b); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Release(ctx, b); err != nil {
-		t.Errorf("second release: %v, want nil", err)
 	}
 }
 
@@ -214,47 +155,6 @@ func TestWatchPeers(t *testing.T) {
 		t.Fatal(err)
 	}
 	next(0)
-}
-
-// TestDuplicateNodeNameRefused: a second tulled claiming a name that a live
-// tulled holds from another address is refused and the holder keeps its
-// lease; the same node restarting (same address), or a claim after the
-// holder stopped renewing, gets the subnet.
-func TestDuplicateNodeNameRefused(t *testing.T) {
-	dir := t.TempDir()
-	c := mustConf(t, `{"Network":"100.96.0.0/16","SubnetLen":24}`)
-	clk := newClock()
-	s := newStore(t, dir, c, clk) // TTL 1 min: renewed every 20 s
-	ctx := context.Background()
-	first, err := s.Claim(ctx, "n1", attrs("198.18.0.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	clk.Add(10 * time.Second)
-	_, err = newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.2"))
-	if !errors.Is(err, lease.ErrInUse) {
-		t.Fatalf("second claim of n1 from another address = %v, want ErrInUse", err)
-	}
-	for _, want := range []string{"198.18.0.1", "198.18.0.2", `"n1"`} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("refusal %q does not name %s", err, want)
-		}
-	}
-	if _, err := s.Renew(ctx, first); err != nil {
-		t.Fatalf("the holder lost its lease to the refused claim: %v", err)
-	}
-	// The same node restarting is not a duplicate.
-	again, err := newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.1"))
-	if err != nil || again.Subnet != first.Subnet {
-		t.Fatalf("restart of n1: %v, %v", again.Subnet, err)
-	}
-	// A holder silent for longer than a renewal interval (+ slack) is gone:
-	// its node may come back from another address and keep its subnet.
-	clk.Add(lease.RenewInterval(time.Minute) + time.Minute)
-	moved, err := newStore(t, dir, c, clk).Claim(ctx, "n1", attrs("198.18.0.3"))
-	if err != nil || moved.Subnet != first.Subnet {
-		t.Fatalf("claim after the holder went silent: %v, %v", moved.Subnet, err)
-	}
 }
 
 // TestBadLeaseFilesIgnored: files that do not describe a subnet of this
