@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -52,7 +53,15 @@ type Backend struct {
 type Attrs struct {
 	PublicIP   netip.Addr `json:"publicIP,omitzero"`
 	PublicIPv6 netip.Addr `json:"publicIPv6,omitzero"`
-	Backend    Backend    `json:"backend"`
+	// Backend is the one backend tulleds before capabilities read: every
+	// node publishes the userspace udp backend here, so older peers keep
+	// reaching it during an upgrade.
+	Backend Backend `json:"backend"`
+	// Backends are the node's capabilities: every backend it speaks, by
+	// name, with the data a peer needs for it (JSON, the backend's own
+	// shape). Older tulleds ignore the field; peers skip entries they do
+	// not know or cannot parse.
+	Backends map[string]json.RawMessage `json:"backends,omitempty"`
 }
 
 // Lease is a node's claim on one subnet per enabled address family.
@@ -126,7 +135,8 @@ func (l *Lease) Equal(o *Lease) bool {
 	return l.Node == o.Node && l.Subnet == o.Subnet && l.IPv6Subnet == o.IPv6Subnet &&
 		l.Attrs.PublicIP == o.Attrs.PublicIP && l.Attrs.PublicIPv6 == o.Attrs.PublicIPv6 &&
 		l.Attrs.Backend.Type == o.Attrs.Backend.Type && l.Attrs.Backend.Port == o.Attrs.Backend.Port &&
-		slices.Equal(l.Attrs.Backend.Data, o.Attrs.Backend.Data)
+		slices.Equal(l.Attrs.Backend.Data, o.Attrs.Backend.Data) &&
+		maps.EqualFunc(l.Attrs.Backends, o.Attrs.Backends, func(a, b json.RawMessage) bool { return slices.Equal(a, b) })
 }
 
 // Peer is another node's lease as seen by this node.

@@ -132,3 +132,15 @@ func (p *Peer) Owns(src netip.Addr) bool {
 	}
 	return false
 }
+
+// PeerRoute is a route to a peer's subnet that bypasses the TUN: a kernel
+// backend's path (host-gw: the peer's underlay address as next hop on the
+// underlay interface). It is more specific than the TUN's cluster route, so
+// longest-prefix match takes the peer's traffic off the userspace path, and
+// removing it falls back to that path.
+type PeerRoute struct {
+	Dst netip.Prefix
+	// Via is the next hop on the underlay, of Dst's family (Linux takes no
+	// IPv4 next hop for an IPv6 route).
+	Via netip.Addr
+}

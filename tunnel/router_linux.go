@@ -55,8 +55,10 @@ type RouterConfig struct {
 // repairing whatever someone else changes. It only ever touches the link it
 // is given and routes through it.
 type Router struct {
-	mu          sync.Mutex // Reconcile and Check
+	mu          sync.Mutex // Reconcile, Check and SetPeerRoutes
 	cfg         RouterConfig
+	peerRoutes  []PeerRoute
+	peersKnown  bool // SetPeerRoutes was called: stale peer routes may go
 	log         *slog.Logger
 	noLLOn      int // index of the link addr_gen_mode none was applied to
 	underlayMTU int
@@ -76,6 +78,16 @@ func hostPrefix(a netip.Addr) *net.IPNet {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// SetPeerRoutes replaces the set of peer routes; the next Reconcile adds
+// what is missing and removes tulle's peer routes that are no longer
+// wanted. Until the first call nothing is removed, so a restarted tulled
+// does not flap the routes its predecessor left.
+func (r *Router) SetPeerRoutes(routes []PeerRoute) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.peerRoutes, r.peersKnown = slices.Clone(routes), true
 }
 
 // MTU returns the device MTU the router currently enforces.
@@ -195,7 +207,80 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 		}
 		repaired = append(repaired, "route "+n.String())
 	}
+	fixed, err := r.reconcilePeerRoutes()
+	return append(repaired, fixed...), err
+}
+
+// peerRoute is the kernel form of p on the underlay link.
+func (r *Router) peerRoute(index int, p PeerRoute) *netlink.Route {
+	rt := r.route(index, p.Dst)
+	rt.Gw = p.Via.AsSlice()
+	return rt
+}
+
+func samePeerRoute(a, b *netlink.Route) bool {
+	return a.LinkIndex == b.LinkIndex && a.Protocol == b.Protocol && a.Gw.Equal(b.Gw)
+}
+
+// reconcilePeerRoutes installs the wanted peer routes and removes tulle's
+// stale ones on the underlay.
+func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
+	if r.cfg.Underlay == "" || (len(r.peerRoutes) == 0 && !r.peersKnown) {
+		return nil, nil
+	}
+	ul, err := netlink.LinkByName(r.cfg.Underlay)
+	if err != nil {
+		return nil, fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
+	}
+	idx := ul.Attrs().Index
+	want := map[netip.Prefix]bool{}
+	for _, p := range r.peerRoutes {
+		want[p.Dst] = true
+		rt := r.peerRoute(idx, p)
+		cur, err := netlink.RouteListFiltered(family(p.Dst), &netlink.Route{Dst: rt.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return repaired, fmt.Errorf("list routes to %s: %w", p.Dst, err)
+		}
+		if slices.ContainsFunc(cur, func(c netlink.Route) bool { return samePeerRoute(&c, rt) }) {
+			continue
+		}
+		if err := netlink.RouteReplace(rt); err != nil {
+			return repaired, fmt.Errorf("route %s via %s: %w", p.Dst, p.Via, err)
+		}
+		repaired = append(repaired, fmt.Sprintf("route %s via %s", p.Dst, p.Via))
+	}
+	if !r.peersKnown {
+		return repaired, nil
+	}
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		cur, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: idx, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return repaired, fmt.Errorf("list tulle routes on %s: %w", r.cfg.Underlay, err)
+		}
+		for _, c := range cur {
+			if c.Dst == nil {
+				continue
+			}
+			dst, ok := netipPrefix(c.Dst)
+			if !ok || want[dst] {
+				continue
+			}
+			if err := netlink.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
+				return repaired, fmt.Errorf("delete stale route %s: %w", dst, err)
+			}
+			repaired = append(repaired, "removed stale route "+dst.String())
+		}
+	}
 	return repaired, nil
+}
+
+func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
 }
 
 // routePresent reports whether the main table has route (to n) as tulled
@@ -266,6 +351,22 @@ func (r *Router) Check() error {
 		}
 		if !ok {
 			return fmt.Errorf("route %s via %s missing", n, r.cfg.Link)
+		}
+	}
+	if len(r.peerRoutes) > 0 {
+		ul, err := netlink.LinkByName(r.cfg.Underlay)
+		if err != nil {
+			return fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
+		}
+		for _, p := range r.peerRoutes {
+			rt := r.peerRoute(ul.Attrs().Index, p)
+			cur, err := netlink.RouteListFiltered(family(p.Dst), &netlink.Route{Dst: rt.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return fmt.Errorf("list routes to %s: %w", p.Dst, err)
+			}
+			if !slices.ContainsFunc(cur, func(c netlink.Route) bool { return samePeerRoute(&c, rt) }) {
+				return fmt.Errorf("route %s via %s missing", p.Dst, p.Via)
+			}
 		}
 	}
 	return nil
@@ -357,24 +458,27 @@ func (r *Router) Run(ctx context.Context, kick <-chan struct{}) {
 	}
 }
 
-// Cleanup removes the routes tulled installed through link and the link
-// itself. What is already gone counts as removed.
+// Cleanup removes every route tulled installed (route protocol 116) to
+// destinations inside the cluster networks, through the TUN or any kernel
+// path, and the TUN itself. What is already gone counts as removed.
 func Cleanup(link string, networks []netip.Prefix) error {
 	var errs []error
-	if l, err := netlink.LinkByName(link); err == nil {
-		for _, n := range networks {
-			routes, err := netlink.RouteListFiltered(family(n), &netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipNet(n)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("list routes to %s: %w", n, err))
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list tulle routes: %w", err))
+			continue
+		}
+		for _, rt := range routes {
+			if rt.Dst == nil {
 				continue
 			}
-			for _, rt := range routes {
-				if rt.Protocol != RouteProtocol {
-					continue
-				}
-				if err := netlink.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-					errs = append(errs, fmt.Errorf("delete route %s: %w", n, err))
-				}
+			dst, ok := netipPrefix(rt.Dst)
+			if !ok || !slices.ContainsFunc(networks, func(n netip.Prefix) bool { return n.Contains(dst.Addr()) && dst.Bits() >= n.Bits() }) {
+				continue
+			}
+			if err := netlink.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+				errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
 			}
 		}
 	}

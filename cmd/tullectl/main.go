@@ -89,7 +89,7 @@ func status(ctx context.Context, args []string) error {
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))
 	for _, p := range s.Peers {
-		fmt.Fprintf(w, "  %s\t%s\t%v\n", p.Name, p.Endpoint, p.Subnets)
+		fmt.Fprintf(w, "  %s\t%s\t%s\t%v\t%s\n", p.Name, or(p.Backend, "none"), p.Endpoint, p.Subnets, p.Reason)
 	}
 	names := make([]string, 0, len(s.Counters))
 	for k := range s.Counters {
@@ -126,4 +126,11 @@ func leases(args []string) error {
 		return err
 	}
 	return printLeases(all, time.Now())
+}
+
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
@@ -34,6 +35,9 @@ type underlay struct {
 	mtu        int
 	ip4, ip6   netip.Addr
 	primaryIs6 bool
+	// onLink are the prefixes directly connected on the interface: a peer
+	// inside one shares its L2 segment.
+	onLink []netip.Prefix
 }
 
 // findUnderlay resolves --iface/--public-ip/--public-ipv6 against the
@@ -95,6 +99,14 @@ func findUnderlay(o *options) (*underlay, error) {
 		}
 	}
 	u.primaryIs6 = !u.ip4.IsValid()
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && a.IPNet != nil {
+			ones, _ := a.Mask.Size()
+			if p := netip.PrefixFrom(ip.Unmap(), ones).Masked(); ip.IsGlobalUnicast() && ones > 0 {
+				u.onLink = append(u.onLink, p)
+			}
+		}
+	}
 	if udp.InnerMTU(u.mtu, u.primaryIs6) < 1280 && o.net.EnableIPv6 {
 		return nil, badConfig("interface %s: MTU %d leaves less than IPv6's minimum 1280 inside the overlay", u.iface, u.mtu)
 	}
@@ -181,9 +193,6 @@ func run(o *options, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if o.net.Backend.Type != netconf.BackendUDP {
-		return badConfig("net-conf field Backend.Type: %q is not implemented by this build", o.net.Backend.Type)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
@@ -191,7 +200,12 @@ func run(o *options, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}}
+	// Every node speaks the userspace udp backend and host-gw (plain
+	// routes need nothing but the kernel); it publishes both, and udp alone
+	// for tulleds from before capabilities.
+	caps := encap.Caps{UDP: &encap.UDPCaps{Port: o.net.Backend.Port}, HostGW: &encap.HostGWCaps{}}
+	local := encap.Local{Mode: o.net.Backend.Type, Caps: caps, IP4: u.ip4, IP6: u.ip6, OnLink: u.onLink}
+	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}, Backends: caps.Publish()}
 	l, err := store.Claim(ctx, o.node, attrs)
 	if errors.Is(err, lease.ErrInUse) {
 		return badConfig("flag --node-name: %v", err)
@@ -286,7 +300,7 @@ func run(o *options, log *slog.Logger) error {
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
-	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, u, l, peers, log)) })
+	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, kickRouter, st, log)) })
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
 		err := dp.Run(runCtx)
@@ -295,7 +309,7 @@ func run(o *options, log *slog.Logger) error {
 		}
 		cancel(err)
 	})
-	log.Info("tulled forwarding", "tun", o.tunName, "port", o.net.Backend.Port)
+	log.Info("tulled forwarding", "tun", o.tunName, "port", o.net.Backend.Port, "backend", o.net.Backend.Type, "speaks", caps.Names())
 	<-runCtx.Done()
 	cancel(nil)
 	wg.Wait()
@@ -353,14 +367,15 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 	}
 }
 
-// watchPeers applies every peer snapshot to the peer table.
-func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay, l lease.Lease, peers *tunnel.PeerTable, log *slog.Logger) error {
+// watchPeers chooses a backend for every peer of every snapshot and
+// applies the result: udp endpoints to the peer table, kernel-path routes
+// to the router, the choices to the status.
+func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, kick func(), st *status, log *slog.Logger) error {
 	ch, err := store.WatchPeers(ctx, self)
 	if err != nil {
 		return fmt.Errorf("watch peers: %w", err)
 	}
-	known := map[string]netip.AddrPort{}
-	warned := map[string]string{}
+	known := map[string]string{} // peer → what was logged of its choice
 	for {
 		var snap []lease.Peer
 		select {
@@ -368,49 +383,35 @@ func watchPeers(ctx context.Context, store lease.Store, self string, u *underlay
 			return nil
 		case snap = <-ch:
 		}
-		var tp []tunnel.Peer
-		seen := map[string]netip.AddrPort{}
-		for _, p := range snap {
-			addr, why := peerAddr(u, p)
-			if why != "" {
-				if warned[p.Node] != why {
-					log.Warn("ignoring peer", "peer", p.Node, "reason", why)
-					warned[p.Node] = why
-				}
+		plan := encap.Plan(local, snap)
+		seen := map[string]bool{}
+		view := make([]api.Peer, 0, len(plan))
+		for _, a := range plan {
+			seen[a.Peer.Node] = true
+			view = append(view, api.Peer{Name: a.Peer.Node, Endpoint: a.Endpoint, Subnets: a.Peer.Subnets(), Backend: a.Backend, Reason: a.Reason})
+			said := a.Backend + "|" + a.Reason + "|" + a.Endpoint.String() + "|" + fmt.Sprint(a.Peer.Subnets())
+			if known[a.Peer.Node] == said {
 				continue
 			}
-			delete(warned, p.Node)
-			tp = append(tp, tunnel.Peer{Name: p.Node, Addr: addr, Subnets: p.Subnets()})
-			seen[p.Node] = addr
-			if known[p.Node] != addr {
-				log.Info("peer up", "peer", p.Node, "addr", addr, "subnets", p.Subnets())
+			known[a.Peer.Node] = said
+			if a.Backend == "" {
+				log.Warn("peer unreachable", "peer", a.Peer.Node, "reason", a.Reason)
+			} else {
+				log.Info("peer up", "peer", a.Peer.Node, "backend", a.Backend, "reason", a.Reason, "endpoint", a.Endpoint, "subnets", a.Peer.Subnets())
 			}
 		}
 		for n := range known {
-			if _, ok := seen[n]; !ok {
+			if !seen[n] {
 				log.Info("peer gone", "peer", n)
+				delete(known, n)
 			}
 		}
-		known = seen
-		peers.Set(l.Subnets(), tp)
+		pr := encap.Translate(l.Subnets(), plan)
+		peers.Set(l.Subnets(), pr.Userspace)
+		router.SetPeerRoutes(pr.Routes)
+		kick()
+		st.setPeers(view)
 	}
-}
-
-// peerAddr picks the underlay address to reach p, or says why there is none.
-func peerAddr(u *underlay, p lease.Peer) (netip.AddrPort, string) {
-	if p.Attrs.Backend.Type != netconf.BackendUDP {
-		return netip.AddrPort{}, fmt.Sprintf("backend %q not supported", p.Attrs.Backend.Type)
-	}
-	if p.Attrs.Backend.Port == 0 {
-		return netip.AddrPort{}, "no port"
-	}
-	switch {
-	case u.ip4.IsValid() && p.Attrs.PublicIP.IsValid():
-		return netip.AddrPortFrom(p.Attrs.PublicIP, p.Attrs.Backend.Port), ""
-	case u.ip6.IsValid() && p.Attrs.PublicIPv6.IsValid():
-		return netip.AddrPortFrom(p.Attrs.PublicIPv6, p.Attrs.Backend.Port), ""
-	}
-	return netip.AddrPort{}, "no underlay address in a family this node has"
 }
 
 // cleanup removes what tulled added: routes, device, lease, run files.

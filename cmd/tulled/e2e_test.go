@@ -68,10 +68,16 @@ func TestMain(m *testing.M) {
 // removed when the test ends, also on failure.
 func startCluster(t *testing.T, n int, opt cluster.Options) *cluster.Cluster {
 	t.Helper()
+	return startTopology(t, topo.Options{Nodes: n}, opt)
+}
+
+// startTopology is startCluster on any topology.
+func startTopology(t *testing.T, to topo.Options, opt cluster.Options) *cluster.Cluster {
+	t.Helper()
 	requireNetns(t)
 	opt.Tulled = tulled(t)
 	opt.Dir = t.TempDir()
-	c, err := cluster.Build(topo.Options{Nodes: n}, opt)
+	c, err := cluster.Build(to, opt)
 	if err != nil {
 		t.Fatal(err)
 	}

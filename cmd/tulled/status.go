@@ -30,6 +30,13 @@ type status struct {
 
 	mu    sync.Mutex
 	lease lease.Lease // as last renewed
+	view  []api.Peer  // the last plan: every peer, its backend and why
+}
+
+func (s *status) setPeers(v []api.Peer) {
+	s.mu.Lock()
+	s.view = v
+	s.mu.Unlock()
 }
 
 func (s *status) setLease(l lease.Lease) {
@@ -53,15 +60,12 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
-	l := s.lease
+	l, view := s.lease, s.view
 	s.mu.Unlock()
 	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
 		Lease: api.Lease{Node: l.Node, Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, PublicIP: l.Attrs.PublicIP, PublicIPv6: l.Attrs.PublicIPv6,
 			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
-		Counters: s.ctr.Snapshot()}
-	for _, p := range s.peers.Peers() {
-		doc.Peers = append(doc.Peers, api.Peer{Name: p.Name, Endpoint: p.Addr, Subnets: p.Subnets})
-	}
+		Counters: s.ctr.Snapshot(), Peers: view}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
 }

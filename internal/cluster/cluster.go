@@ -36,6 +36,9 @@ type Options struct {
 	NetConf string
 	// IPv6Underlay makes tulled use the nodes' IPv6 underlay addresses.
 	IPv6Underlay bool
+	// DualStackUnderlay publishes both underlay addresses (IPv4 carries
+	// udp; host-gw routes each family via its own).
+	DualStackUnderlay bool
 	// LeaseTTL is passed as --lease-ttl (default 30s).
 	LeaseTTL time.Duration
 	// Args are extra tulled flags for every node.
@@ -112,9 +115,12 @@ func (n *Node) Args() []string {
 		"--run-dir", n.RunDir,
 		"--iface", n.Link,
 	}
-	if o.IPv6Underlay {
+	switch {
+	case o.DualStackUnderlay:
+		a = append(a, "--public-ip", n.IP4.String(), "--public-ipv6", n.IP6.String())
+	case o.IPv6Underlay:
 		a = append(a, "--public-ipv6", n.IP6.String())
-	} else {
+	default:
 		a = append(a, "--public-ip", n.IP4.String())
 	}
 	return append(a, o.Args...)

@@ -14,19 +14,27 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 )
 
 // DefaultPort is the UDP port of the userspace backend (flannel's udp port).
 const DefaultPort = 8285
 
-// Backend types tulle knows. Only BackendUDP is implemented so far.
+// Backend types. BackendAuto (the default) picks, per peer, the fastest
+// backend both nodes speak; any other forces that backend for every peer.
 const (
-	BackendUDP = "udp"
+	BackendAuto   = "auto"
+	BackendUDP    = "udp"
+	BackendHostGW = "host-gw"
 )
 
-// Backends returns the backend types this build implements.
+// Backends returns the backend types a node may publish as its one legacy
+// backend (lease.Attrs.Backend): every tulle node publishes udp there.
 func Backends() []string { return []string{BackendUDP} }
+
+// Types returns the values Backend.Type accepts.
+func Types() []string { return []string{BackendAuto, BackendUDP, BackendHostGW} }
 
 // Config is a parsed, validated net-conf.json.
 type Config struct {
@@ -179,7 +187,7 @@ func (r *raw) validate() (*Config, error) {
 			return nil, err
 		}
 	}
-	c.Backend = Backend{Type: BackendUDP, Port: DefaultPort}
+	c.Backend = Backend{Type: BackendAuto, Port: DefaultPort}
 	if r.Backend != nil {
 		if r.Backend.Type != "" {
 			c.Backend.Type = r.Backend.Type
@@ -192,10 +200,8 @@ func (r *raw) validate() (*Config, error) {
 			c.Backend.Port = uint16(p)
 		}
 	}
-	switch c.Backend.Type {
-	case BackendUDP:
-	default:
-		return nil, &FieldError{Field: "Backend.Type", Err: fmt.Errorf("unknown backend %q (supported: %s)", c.Backend.Type, BackendUDP)}
+	if !slices.Contains(Types(), c.Backend.Type) {
+		return nil, &FieldError{Field: "Backend.Type", Err: fmt.Errorf("unknown backend %q (supported: %s)", c.Backend.Type, strings.Join(Types(), ", "))}
 	}
 	return c, nil
 }

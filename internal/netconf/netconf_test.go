@@ -28,7 +28,7 @@ func TestParseValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.SubnetLen != 24 || d.Backend.Port != DefaultPort || d.Backend.Type != BackendUDP {
+	if d.SubnetLen != 24 || d.Backend.Port != DefaultPort || d.Backend.Type != BackendAuto {
 		t.Errorf("defaults not applied: %+v", d)
 	}
 }

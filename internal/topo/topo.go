@@ -32,6 +32,9 @@ type Options struct {
 	MTU int
 	// Prefix starts the namespace names (default "tulle").
 	Prefix string
+	// Routed nodes are added after the bridged ones, behind a router
+	// (AddRoutedNode).
+	Routed int
 }
 
 // Topology is a set of node namespaces on one bridged underlay.
@@ -42,6 +45,8 @@ type Topology struct {
 	nss    []string
 	prefix string
 	mtu    int
+	router string // namespace of the router to routed nodes, once made
+	routed int
 }
 
 // Node is one namespace on the underlay.
@@ -106,6 +111,11 @@ func New(opt Options) (t *Topology, err error) {
 			return t, err
 		}
 	}
+	for range opt.Routed {
+		if _, err = t.AddRoutedNode(); err != nil {
+			return t, err
+		}
+	}
 	return t, nil
 }
 
@@ -139,8 +149,100 @@ func (t *Topology) AddNode() (*Node, error) {
 			return nil, err
 		}
 	}
+	if t.router != "" {
+		if err := n.routeVia(routedNet4, routedNet6, routerIP4, routerIP6); err != nil {
+			return nil, err
+		}
+	}
 	t.Nodes = append(t.Nodes, n)
 	return n, nil
+}
+
+// Routed nodes sit behind a router namespace on the underlay bridge: they
+// share no L2 segment with the bridged nodes, as in a cluster spread over
+// racks or subnets.
+var (
+	routerIP4   = netip.MustParseAddr("198.18.0.254")
+	routerIP6   = netip.MustParseAddr("fd00:198::fe")
+	routedNet4  = netip.MustParsePrefix("198.19.0.0/16")
+	routedNet6  = netip.MustParsePrefix("fd00:199::/32")
+	bridgeNet4  = netip.MustParsePrefix("198.18.0.0/24")
+	bridgeNet6  = netip.MustParsePrefix("fd00:198::/64")
+	routedLinks = "eth0"
+)
+
+// AddRoutedNode adds a node behind a router: its own /24 (198.19.k.0/24,
+// fd00:199:k::/64) on a link to the router, which also sits on the bridge.
+// Every bridged node routes the routed range through the router.
+func (t *Topology) AddRoutedNode() (*Node, error) {
+	if t.router == "" {
+		t.router = fmt.Sprintf("%s-%s-rt", t.prefix, t.Suffix)
+		if err := t.addNS(t.router); err != nil {
+			return nil, err
+		}
+		mtu := fmt.Sprint(t.mtu)
+		for _, c := range [][]string{
+			{"ip", "-n", t.router, "link", "set", "lo", "up"},
+			{"ip", "-n", t.router, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer", "name", "prt", "mtu", mtu, "netns", t.Bridge},
+			{"ip", "-n", t.Bridge, "link", "set", "prt", "master", "br0", "up"},
+			{"ip", "-n", t.router, "addr", "add", routerIP4.String() + "/24", "dev", "eth0"},
+			{"ip", "-n", t.router, "addr", "add", routerIP6.String() + "/64", "dev", "eth0", "nodad"},
+			{"ip", "-n", t.router, "link", "set", "eth0", "up"},
+			{"ip", "netns", "exec", t.router, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"},
+		} {
+			if err := run(c[0], c[1:]...); err != nil {
+				return nil, err
+			}
+		}
+		for _, n := range t.Nodes {
+			if n.IP4.Is4() && bridgeNet4.Contains(n.IP4) {
+				if err := n.routeVia(routedNet4, routedNet6, routerIP4, routerIP6); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	t.routed++
+	k := t.routed
+	i := len(t.Nodes) + 1
+	n := &Node{
+		Name: fmt.Sprintf("n%d", i),
+		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
+		IP4:  netip.AddrFrom4([4]byte{198, 19, byte(k), 2}),
+		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:199:%x::2", k)),
+		Link: routedLinks,
+	}
+	if err := t.addNS(n.NS); err != nil {
+		return nil, err
+	}
+	mtu := fmt.Sprint(t.mtu)
+	rl := fmt.Sprintf("r%d", k)
+	for _, c := range [][]string{
+		{"ip", "-n", n.NS, "link", "set", "lo", "up"},
+		{"ip", "-n", n.NS, "link", "add", n.Link, "mtu", mtu, "type", "veth", "peer", "name", rl, "mtu", mtu, "netns", t.router},
+		{"ip", "-n", t.router, "addr", "add", fmt.Sprintf("198.19.%d.1/24", k), "dev", rl},
+		{"ip", "-n", t.router, "addr", "add", fmt.Sprintf("fd00:199:%x::1/64", k), "dev", rl, "nodad"},
+		{"ip", "-n", t.router, "link", "set", rl, "up"},
+		{"ip", "-n", n.NS, "addr", "add", n.IP4.String() + "/24", "dev", n.Link},
+		{"ip", "-n", n.NS, "addr", "add", n.IP6.String() + "/64", "dev", n.Link, "nodad"},
+		{"ip", "-n", n.NS, "link", "set", n.Link, "up"},
+		{"ip", "-n", n.NS, "route", "add", "default", "via", fmt.Sprintf("198.19.%d.1", k)},
+		{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", fmt.Sprintf("fd00:199:%x::1", k)},
+	} {
+		if err := run(c[0], c[1:]...); err != nil {
+			return nil, err
+		}
+	}
+	t.Nodes = append(t.Nodes, n)
+	return n, nil
+}
+
+// routeVia routes the given ranges through a gateway.
+func (n *Node) routeVia(net4, net6 netip.Prefix, gw4, gw6 netip.Addr) error {
+	if err := run("ip", "-n", n.NS, "route", "add", net4.String(), "via", gw4.String()); err != nil {
+		return err
+	}
+	return run("ip", "-n", n.NS, "-6", "route", "add", net6.String(), "via", gw6.String())
 }
 
 func (t *Topology) addNS(name string) error {

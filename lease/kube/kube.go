@@ -56,6 +56,7 @@ const (
 	AnnPublicIPv6  = "tulle.dev/public-ipv6"
 	AnnBackendType = "tulle.dev/backend-type"
 	AnnBackendData = "tulle.dev/backend-data"
+	AnnBackends    = "tulle.dev/backends"
 	AnnSubnet      = "tulle.dev/subnet"
 	AnnIPv6Subnet  = "tulle.dev/ipv6-subnet"
 	annPrefix      = "tulle.dev/"
@@ -199,6 +200,10 @@ func encodeAttrs(a lease.Attrs) map[string]string {
 	if a.PublicIPv6.IsValid() {
 		m[AnnPublicIPv6] = a.PublicIPv6.String()
 	}
+	if len(a.Backends) > 0 {
+		b, _ := json.Marshal(a.Backends)
+		m[AnnBackends] = string(b)
+	}
 	return m
 }
 
@@ -232,6 +237,11 @@ func decodeAttrs(ann map[string]string) (lease.Attrs, error) {
 	}
 	if !a.PublicIP.IsValid() && !a.PublicIPv6.IsValid() {
 		return a, errors.New("no public address annotation")
+	}
+	if v, ok := ann[AnnBackends]; ok {
+		if err := json.Unmarshal([]byte(v), &a.Backends); err != nil {
+			return a, fmt.Errorf("malformed %s: %v", AnnBackends, err)
+		}
 	}
 	return a, nil
 }

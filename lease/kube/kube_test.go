@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"encoding/json"
 	"net/netip"
 	"strings"
 	"testing"
@@ -17,9 +18,10 @@ import (
 
 func TestAttrsRoundTrip(t *testing.T) {
 	a := lease.Attrs{PublicIP: netip.MustParseAddr("198.18.0.1"), PublicIPv6: netip.MustParseAddr("fd00:198::1"),
-		Backend: lease.Backend{Type: "udp", Port: 8285}}
+		Backend: lease.Backend{Type: "udp", Port: 8285}, Backends: map[string]json.RawMessage{"udp": json.RawMessage(`{"port":8285}`), "host-gw": json.RawMessage(`{}`)}}
 	got, err := decodeAttrs(encodeAttrs(a))
-	if err != nil || got.PublicIP != a.PublicIP || got.PublicIPv6 != a.PublicIPv6 || got.Backend.Type != "udp" || got.Backend.Port != 8285 {
+	if err != nil || got.PublicIP != a.PublicIP || got.PublicIPv6 != a.PublicIPv6 || got.Backend.Type != "udp" || got.Backend.Port != 8285 ||
+		string(got.Backends["udp"]) != `{"port":8285}` || string(got.Backends["host-gw"]) != `{}` {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
 	good := encodeAttrs(a)
@@ -34,6 +36,7 @@ func TestAttrsRoundTrip(t *testing.T) {
 		{"no port", func(m map[string]string) { m[AnnBackendData] = "{}" }, "no port"},
 		{"v6 as v4", func(m map[string]string) { m[AnnPublicIP] = "fd00::1" }, "malformed tulle.dev/public-ip"},
 		{"no address", func(m map[string]string) { delete(m, AnnPublicIP); delete(m, AnnPublicIPv6) }, "no public address"},
+		{"bad capabilities", func(m map[string]string) { m[AnnBackends] = `["udp"]` }, "malformed tulle.dev/backends"},
 	}
 	for _, tt := range tests {
 		m := map[string]string{}

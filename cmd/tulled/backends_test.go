@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+// netConfWith is the default test network with another Backend.Type.
+func netConfWith(backend string) string {
+	return strings.Replace(cluster.DefaultNetConf, `"Type":"udp"`, fmt.Sprintf(`"Type":%q`, backend), 1)
+}
+
+// backends returns peer → backend from n's status.
+func backends(t *testing.T, n *cluster.Node) map[string]string {
+	t.Helper()
+	s, err := n.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, p := range s.Peers {
+		m[p.Name] = p.Backend
+		if p.Reason == "" {
+			t.Errorf("%s: peer %s has no reason for its backend", n.Name, p.Name)
+		}
+	}
+	return m
+}
+
+// tulleRoutes lists n's routes of route protocol 116, both families.
+func tulleRoutes(t *testing.T, n *cluster.Node) string {
+	t.Helper()
+	v4, err := n.Run("ip", "route", "show", "proto", "116")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v6, err := n.Run("ip", "-6", "route", "show", "proto", "116")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v4 + v6
+}
+
+func pingAll(t *testing.T, ns []*cluster.Node) {
+	t.Helper()
+	for _, from := range ns {
+		for _, to := range ns {
+			if from != to {
+				ping(t, from, addr(t, to, false))
+				ping(t, from, addr(t, to, true))
+			}
+		}
+	}
+}
+
+// TestHostGW forces host-gw on three nodes of one segment: plain routes via
+// each peer's underlay address carry everything, tulled's datapath moves
+// nothing, and a peer that leaves takes its routes with it.
+func TestHostGW(t *testing.T) {
+	c := startCluster(t, 3, cluster.Options{NetConf: netConfWith("host-gw"), DualStackUnderlay: true})
+	ns := c.Nodes
+	for _, n := range ns {
+		for peer, b := range backends(t, n) {
+			if b != "host-gw" {
+				t.Errorf("%s → %s: backend %q, want host-gw", n.Name, peer, b)
+			}
+		}
+	}
+	waitFor(t, func() bool {
+		r := tulleRoutes(t, ns[0])
+		sub2, _ := ns[1].Subnets(context.Background())
+		return strings.Contains(r, sub2[0].String()+" via "+ns[1].IP4.String()+" dev eth0") &&
+			strings.Contains(r, sub2[1].String()+" via "+ns[1].IP6.String()+" dev eth0")
+	}, "host-gw routes to n2 (IPv4 and IPv6) on n1")
+	pingAll(t, ns)
+	before := counter(t, ns[0], "datagrams_out")
+	sent, got := transfer(t, ns[0], ns[1], addr(t, ns[1], false), 50<<20, 0)
+	if sent != got {
+		t.Fatal("transfer over host-gw corrupted")
+	}
+	if d := counter(t, ns[0], "datagrams_out") - before; d > 100 {
+		t.Errorf("%d datagrams left tulled during a host-gw transfer; want the kernel to carry it", d)
+	}
+	// A restart of n1 never takes its host-gw routes away: watch them
+	// throughout, from before the stop until the new tulled has its peers.
+	sub2, _ := ns[1].Subnets(context.Background())
+	route := sub2[0].String() + " via " + ns[1].IP4.String()
+	stop, missing := make(chan struct{}), make(chan string, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				close(missing)
+				return
+			default:
+			}
+			if out, _ := ns[0].Run("ip", "route", "show", "proto", "116"); !strings.Contains(out, route) {
+				select {
+				case missing <- out:
+				default:
+				}
+			}
+		}
+	}()
+	if err := ns[0].Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns[0].Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns[0].WaitPeers(context.Background(), 2); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, ns[0])
+	close(stop)
+	if out, ok := <-missing; ok {
+		t.Errorf("the host-gw route %q went missing during a restart:\n%s", route, out)
+	}
+
+	// n3 leaves: its routes go from the others.
+	sub3, _ := ns[2].Subnets(context.Background())
+	if err := ns[2].Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns[2].Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range ns[:2] {
+		waitFor(t, func() bool {
+			r := tulleRoutes(t, n)
+			return !strings.Contains(r, sub3[0].String()) && !strings.Contains(r, sub3[1].String())
+		}, n.Name+" to drop the routes of the departed n3")
+	}
+	if r := tulleRoutes(t, ns[2]); strings.TrimSpace(r) != "" {
+		t.Errorf("tulled cleanup left routes behind:\n%s", r)
+	}
+}
+
+// TestAutoAcrossARouter: two nodes share a segment and a third sits behind
+// a router. auto picks host-gw for the pair on the segment and udp for the
+// others, and every pair talks.
+func TestAutoAcrossARouter(t *testing.T) {
+	c := startTopology(t, topo.Options{Nodes: 2, Routed: 1}, cluster.Options{NetConf: netConfWith("auto"), DualStackUnderlay: true})
+	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	want := map[string]map[string]string{
+		n1.Name: {n2.Name: "host-gw", n3.Name: "udp"},
+		n2.Name: {n1.Name: "host-gw", n3.Name: "udp"},
+		n3.Name: {n1.Name: "udp", n2.Name: "udp"},
+	}
+	for _, n := range c.Nodes {
+		got := backends(t, n)
+		for peer, b := range want[n.Name] {
+			if got[peer] != b {
+				t.Errorf("%s → %s: backend %q, want %s", n.Name, peer, got[peer], b)
+			}
+		}
+	}
+	pingAll(t, c.Nodes)
+	sent, got := transfer(t, n1, n3, addr(t, n3, false), 20<<20, 0)
+	if sent != got {
+		t.Fatal("transfer across the router corrupted")
+	}
+}

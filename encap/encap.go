@@ -1,0 +1,315 @@
+// Package encap knows how pod traffic reaches each peer: the backends tulle
+// speaks, what a node advertises of them (its capabilities, carried in its
+// lease), and which backend serves each peer. Select is a pure function of
+// this node's facts and the peer's lease, so both ends of a pair reach the
+// same answer and every rule is table-tested without root.
+//
+// Kernel backends (host-gw) move no packets: tulled only programs routes
+// for them (tunnel.Router). Userspace backends (udp, in encap/udp) move
+// packets through tunnel.Transport. The package reads leases; it never
+// stores them and never touches the TUN device.
+package encap
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/tunnel"
+)
+
+// Backend names, as they appear in net-conf.json, capabilities and status.
+const (
+	UDP    = netconf.BackendUDP
+	HostGW = netconf.BackendHostGW
+	Auto   = netconf.BackendAuto
+)
+
+// preference orders the backends auto mode tries, fastest first: plain
+// routes, then the userspace UDP datapath.
+var preference = []string{HostGW, UDP}
+
+// Caps are the backends a node speaks. A nil entry is a backend it does not
+// speak (or that did not parse).
+type Caps struct {
+	UDP    *UDPCaps
+	HostGW *HostGWCaps
+}
+
+// UDPCaps is what a peer needs for the udp backend.
+type UDPCaps struct {
+	Port uint16 `json:"port"`
+}
+
+// HostGWCaps is what a peer needs for host-gw: nothing beyond the node's
+// underlay address.
+type HostGWCaps struct{}
+
+// Publish renders caps as lease capabilities (lease.Attrs.Backends).
+func (c Caps) Publish() map[string]json.RawMessage {
+	m := map[string]json.RawMessage{}
+	if c.UDP != nil {
+		m[UDP], _ = json.Marshal(c.UDP)
+	}
+	if c.HostGW != nil {
+		m[HostGW], _ = json.Marshal(c.HostGW)
+	}
+	return m
+}
+
+// Names lists the backends in caps, in preference order.
+func (c Caps) Names() []string {
+	var n []string
+	for _, b := range preference {
+		if c.has(b) {
+			n = append(n, b)
+		}
+	}
+	return n
+}
+
+func (c Caps) has(b string) bool {
+	switch b {
+	case UDP:
+		return c.UDP != nil
+	case HostGW:
+		return c.HostGW != nil
+	}
+	return false
+}
+
+// ParseCaps reads a peer's capabilities from its lease attributes. A peer
+// without capabilities (a tulled from before them) speaks the one backend
+// it publishes in Attrs.Backend. Entries this build does not know are
+// skipped (a newer peer); entries that do not parse are skipped and named
+// in problems.
+func ParseCaps(a lease.Attrs) (c Caps, problems []string) {
+	if len(a.Backends) == 0 {
+		if a.Backend.Type == UDP && a.Backend.Port != 0 {
+			c.UDP = &UDPCaps{Port: a.Backend.Port}
+		}
+		return c, nil
+	}
+	names := make([]string, 0, len(a.Backends))
+	for name := range a.Backends {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		raw := a.Backends[name]
+		var err error
+		switch name {
+		case UDP:
+			var u UDPCaps
+			if err = json.Unmarshal(raw, &u); err == nil && u.Port == 0 {
+				err = fmt.Errorf("no port")
+			}
+			if err == nil {
+				c.UDP = &u
+			}
+		case HostGW:
+			var h HostGWCaps
+			if err = json.Unmarshal(raw, &h); err == nil {
+				c.HostGW = &h
+			}
+		default:
+			continue // a backend of a newer tulle
+		}
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("capability %s: %v", name, err))
+		}
+	}
+	return c, problems
+}
+
+// Local is what this node knows when choosing.
+type Local struct {
+	// Mode is net-conf's Backend.Type: auto, or the backend forced for
+	// every peer.
+	Mode string
+	// Caps are the backends this node speaks.
+	Caps Caps
+	// IP4 and IP6 are this node's underlay addresses (either may be
+	// invalid).
+	IP4, IP6 netip.Addr
+	// OnLink are the prefixes directly connected to the underlay
+	// interface (no gateway): a peer inside one is on the same L2 segment.
+	OnLink []netip.Prefix
+}
+
+// Choice is how one peer is reached.
+type Choice struct {
+	// Backend serves the peer; "" when none can (Reason says why).
+	Backend string
+	Reason  string
+	// Endpoint is the peer's udp endpoint, set whenever both speak udp:
+	// the userspace path, and the fallback while a kernel path's route is
+	// missing.
+	Endpoint netip.AddrPort
+	// Gateway4 and Gateway6 are host-gw's next hops for the peer's IPv4
+	// and IPv6 subnets: its underlay address of the same family on this
+	// segment. The kernel takes no IPv4 next hop for an IPv6 route, so a
+	// family without one (either may be invalid) stays on the udp path.
+	Gateway4, Gateway6 netip.Addr
+}
+
+// Select chooses the backend for peer p. Both ends of a pair see the same
+// facts (the same segment, the same capabilities), so they choose alike
+// and traffic is symmetric.
+func Select(l Local, p lease.Peer) Choice {
+	pc, problems := ParseCaps(p.Attrs)
+	var ch Choice
+	if l.Caps.UDP != nil && pc.UDP != nil {
+		switch {
+		case l.IP4.IsValid() && p.Attrs.PublicIP.IsValid():
+			ch.Endpoint = netip.AddrPortFrom(p.Attrs.PublicIP, pc.UDP.Port)
+		case l.IP6.IsValid() && p.Attrs.PublicIPv6.IsValid():
+			ch.Endpoint = netip.AddrPortFrom(p.Attrs.PublicIPv6, pc.UDP.Port)
+		}
+	}
+	gw4, seg4 := l.sameSegment(l.IP4, p.Attrs.PublicIP)
+	gw6, seg6 := l.sameSegment(l.IP6, p.Attrs.PublicIPv6)
+	why := map[string]string{}
+	can := func(b string) bool {
+		switch {
+		case !l.Caps.has(b):
+			why[b] = "this node does not speak " + b
+		case !pc.has(b):
+			why[b] = "the peer does not advertise " + b
+		case b == HostGW && !gw4.IsValid() && !gw6.IsValid():
+			why[b] = "the peer is not on this node's L2 segment"
+		case b == UDP && !ch.Endpoint.IsValid():
+			why[b] = "no underlay address in a family this node has"
+		default:
+			return true
+		}
+		return false
+	}
+	var tried []string
+	if l.Mode != Auto {
+		tried = []string{l.Mode}
+	} else {
+		tried = preference
+	}
+	for _, b := range tried {
+		if !can(b) {
+			continue
+		}
+		ch.Backend = b
+		switch {
+		case l.Mode != Auto:
+			ch.Reason = "Backend.Type forces " + b
+		case b == HostGW:
+			var segs []string
+			for _, s := range []netip.Prefix{seg4, seg6} {
+				if s.IsValid() {
+					segs = append(segs, s.String())
+				}
+			}
+			ch.Reason = "same L2 segment (" + strings.Join(segs, ", ") + ")"
+		default:
+			var not []string
+			for _, o := range preference {
+				if o == b {
+					break
+				}
+				not = append(not, o+": "+why[o])
+			}
+			ch.Reason = "fastest both speak"
+			if len(not) > 0 {
+				ch.Reason += " (" + strings.Join(not, "; ") + ")"
+			}
+		}
+		if b == HostGW {
+			ch.Gateway4, ch.Gateway6 = gw4, gw6
+			switch {
+			case !gw4.IsValid():
+				ch.Reason += "; IPv4 subnet over udp: no IPv4 underlay on the segment"
+			case !gw6.IsValid():
+				ch.Reason += "; IPv6 subnet over udp: no IPv6 underlay on the segment"
+			}
+		}
+		break
+	}
+	if ch.Backend == "" {
+		var r []string
+		for _, b := range tried {
+			r = append(r, b+": "+why[b])
+		}
+		ch.Reason = "no backend both speak: " + strings.Join(r, "; ")
+		if l.Mode != Auto {
+			ch.Reason = "Backend.Type forces " + l.Mode + ", which cannot reach this peer: " + why[l.Mode]
+		}
+	}
+	if len(problems) > 0 {
+		ch.Reason += " [ignored " + strings.Join(problems, ", ") + "]"
+	}
+	return ch
+}
+
+// sameSegment returns theirs, and the prefix, when it lies in one of this
+// node's on-link prefixes together with mine.
+func (l Local) sameSegment(mine, theirs netip.Addr) (netip.Addr, netip.Prefix) {
+	if !mine.IsValid() || !theirs.IsValid() {
+		return netip.Addr{}, netip.Prefix{}
+	}
+	i := slices.IndexFunc(l.OnLink, func(p netip.Prefix) bool { return p.Contains(theirs) && p.Contains(mine) })
+	if i < 0 {
+		return netip.Addr{}, netip.Prefix{}
+	}
+	return theirs, l.OnLink[i]
+}
+
+// Assignment is one peer with its choice.
+type Assignment struct {
+	Peer lease.Peer
+	Choice
+}
+
+// Plan chooses for every peer, in the snapshot's order.
+func Plan(l Local, peers []lease.Peer) []Assignment {
+	out := make([]Assignment, 0, len(peers))
+	for _, p := range peers {
+		out = append(out, Assignment{Peer: p, Choice: Select(l, p)})
+	}
+	return out
+}
+
+// Programme is what a plan asks of the datapath and the kernel.
+type Programme struct {
+	// Userspace are the peers with a udp endpoint: those the userspace
+	// path serves, and the fallback of kernel-path peers while their
+	// routes are missing.
+	Userspace []tunnel.Peer
+	// Routes are the kernel paths' routes (host-gw).
+	Routes []tunnel.PeerRoute
+}
+
+// Translate turns assignments into a Programme. A peer's subnet that
+// overlaps one of this node's own subnets is never routed to the peer.
+func Translate(local []netip.Prefix, as []Assignment) Programme {
+	var pr Programme
+	for _, a := range as {
+		subnets := slices.DeleteFunc(a.Peer.Subnets(), func(s netip.Prefix) bool { return slices.ContainsFunc(local, s.Overlaps) })
+		if a.Endpoint.IsValid() {
+			pr.Userspace = append(pr.Userspace, tunnel.Peer{Name: a.Peer.Node, Addr: a.Endpoint, Subnets: subnets})
+		}
+		if a.Backend == HostGW {
+			for _, s := range subnets {
+				gw := a.Gateway4
+				if s.Addr().Is6() {
+					gw = a.Gateway6
+				}
+				if gw.IsValid() {
+					pr.Routes = append(pr.Routes, tunnel.PeerRoute{Dst: s, Via: gw})
+				}
+			}
+		}
+	}
+	return pr
+}

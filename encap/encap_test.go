@@ -1,0 +1,158 @@
+package encap
+
+import (
+	"encoding/json"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/tulle-net/tulle/lease"
+)
+
+func peer(ip4, ip6 string, backends map[string]string) lease.Peer {
+	p := lease.Peer{Node: "p", Attrs: lease.Attrs{Backend: lease.Backend{Type: UDP, Port: 8285}}}
+	if ip4 != "" {
+		p.Attrs.PublicIP = netip.MustParseAddr(ip4)
+	}
+	if ip6 != "" {
+		p.Attrs.PublicIPv6 = netip.MustParseAddr(ip6)
+	}
+	if backends != nil {
+		p.Attrs.Backends = map[string]json.RawMessage{}
+		for k, v := range backends {
+			p.Attrs.Backends[k] = json.RawMessage(v)
+		}
+	}
+	return p
+}
+
+func TestSelect(t *testing.T) {
+	both := Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{}}
+	local := Local{Mode: Auto, Caps: both, IP4: netip.MustParseAddr("198.18.0.1"), IP6: netip.MustParseAddr("fd00:198::1"),
+		OnLink: []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24"), netip.MustParsePrefix("fd00:198::/64")}}
+	full := map[string]string{"udp": `{"port":8286}`, "host-gw": `{}`}
+	tests := []struct {
+		name     string
+		local    func(l Local) Local
+		peer     lease.Peer
+		backend  string
+		endpoint string
+		gateway  string
+		reason   string
+	}{
+		{"same segment: host-gw", nil, peer("198.18.0.2", "fd00:198::2", full), HostGW, "198.18.0.2:8286", "198.18.0.2 fd00:198::2", "same L2 segment (198.18.0.0/24, fd00:198::/64)"},
+		{"same segment, IPv4 underlay only", nil, peer("198.18.0.2", "", full), HostGW, "198.18.0.2:8286", "198.18.0.2", "IPv6 subnet over udp"},
+		{"same segment over IPv6 only", func(l Local) Local { l.IP4 = netip.Addr{}; return l }, peer("", "fd00:198::2", full), HostGW, "[fd00:198::2]:8286", "fd00:198::2", "same L2 segment (fd00:198::/64); IPv4 subnet over udp"},
+		{"behind a router: udp", nil, peer("198.19.1.2", "", full), UDP, "198.19.1.2:8286", "", "the peer is not on this node's L2 segment"},
+		{"older tulled without capabilities: udp", nil, peer("198.18.0.2", "", nil), UDP, "198.18.0.2:8285", "", "the peer does not advertise host-gw"},
+		{"this node turned host-gw off", func(l Local) Local { l.Caps.HostGW = nil; return l }, peer("198.18.0.2", "", full), UDP, "198.18.0.2:8286", "", "this node does not speak host-gw"},
+		{"forced udp on one segment", func(l Local) Local { l.Mode = UDP; return l }, peer("198.18.0.2", "", full), UDP, "198.18.0.2:8286", "", "Backend.Type forces udp"},
+		{"forced host-gw across a router", func(l Local) Local { l.Mode = HostGW; return l }, peer("198.19.1.2", "", full), "", "198.19.1.2:8286", "", "Backend.Type forces host-gw, which cannot reach this peer: the peer is not on this node's L2 segment"},
+		{"no common family", func(l Local) Local { l.IP6 = netip.Addr{}; return l }, peer("", "fd00:198::2", full), "", "", "", "no underlay address in a family this node has"},
+		{"malformed udp capability, host-gw still used", nil, peer("198.18.0.2", "", map[string]string{"udp": `{"port":"x"}`, "host-gw": `{}`}), HostGW, "", "198.18.0.2", "ignored capability udp"},
+		{"unknown capability of a newer peer is skipped", nil, peer("198.18.0.2", "", map[string]string{"udp": `{"port":8286}`, "warp": `{"x":1}`}), UDP, "198.18.0.2:8286", "", "the peer does not advertise host-gw"},
+		{"udp capability without a port", nil, peer("198.19.1.2", "", map[string]string{"udp": `{}`}), "", "", "", "capability udp: no port"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := local
+			if tt.local != nil {
+				l = tt.local(l)
+			}
+			ch := Select(l, tt.peer)
+			if ch.Backend != tt.backend {
+				t.Errorf("backend = %q (%s), want %q", ch.Backend, ch.Reason, tt.backend)
+			}
+			if got := addrPortString(ch.Endpoint); got != tt.endpoint {
+				t.Errorf("endpoint = %q, want %q", got, tt.endpoint)
+			}
+			if got := strings.TrimSpace(addrString(ch.Gateway4) + " " + addrString(ch.Gateway6)); got != tt.gateway {
+				t.Errorf("gateway = %q, want %q", got, tt.gateway)
+			}
+			if !strings.Contains(ch.Reason, tt.reason) {
+				t.Errorf("reason = %q, want it to say %q", ch.Reason, tt.reason)
+			}
+		})
+	}
+}
+
+// TestSelectIsSymmetric: both ends of a pair choose the same backend.
+func TestSelectIsSymmetric(t *testing.T) {
+	onlink := []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24")}
+	caps := Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{}}
+	a := Local{Mode: Auto, Caps: caps, IP4: netip.MustParseAddr("198.18.0.1"), OnLink: onlink}
+	b := Local{Mode: Auto, Caps: caps, IP4: netip.MustParseAddr("198.18.0.2"), OnLink: onlink}
+	la := lease.Peer{Node: "a", Attrs: lease.Attrs{PublicIP: a.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: a.Caps.Publish()}}
+	lb := lease.Peer{Node: "b", Attrs: lease.Attrs{PublicIP: b.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: b.Caps.Publish()}}
+	if x, y := Select(a, lb).Backend, Select(b, la).Backend; x != y || x != HostGW {
+		t.Fatalf("a→b %q, b→a %q; want host-gw both ways", x, y)
+	}
+	b.Caps.HostGW = nil
+	lb.Attrs.Backends = b.Caps.Publish()
+	if x, y := Select(a, lb).Backend, Select(b, la).Backend; x != y || x != UDP {
+		t.Fatalf("with host-gw off on b: a→b %q, b→a %q; want udp both ways", x, y)
+	}
+}
+
+func TestPublishParseRoundTrip(t *testing.T) {
+	c := Caps{UDP: &UDPCaps{Port: 9000}, HostGW: &HostGWCaps{}}
+	got, problems := ParseCaps(lease.Attrs{Backends: c.Publish()})
+	if len(problems) != 0 || got.UDP == nil || got.UDP.Port != 9000 || got.HostGW == nil {
+		t.Fatalf("round trip: %+v %v", got, problems)
+	}
+	if n := strings.Join(got.Names(), ","); n != "host-gw,udp" {
+		t.Errorf("names = %s", n)
+	}
+}
+
+func addrPortString(a netip.AddrPort) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+func TestTranslate(t *testing.T) {
+	local := []netip.Prefix{netip.MustParsePrefix("100.96.1.0/24"), netip.MustParsePrefix("fd00:96:0:1::/64")}
+	mk := func(node, v4, v6 string) lease.Peer {
+		p := lease.Peer{Node: node}
+		if v4 != "" {
+			p.Subnet = netip.MustParsePrefix(v4)
+		}
+		if v6 != "" {
+			p.IPv6Subnet = netip.MustParsePrefix(v6)
+		}
+		return p
+	}
+	as := []Assignment{
+		{Peer: mk("gw", "100.96.2.0/24", "fd00:96:0:2::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.2"), Gateway6: netip.MustParseAddr("fd00:198::2"), Endpoint: netip.MustParseAddrPort("198.18.0.2:8285")}},
+		{Peer: mk("udp", "100.96.3.0/24", ""), Choice: Choice{Backend: UDP, Endpoint: netip.MustParseAddrPort("198.19.1.2:8285")}},
+		{Peer: mk("thief", "100.96.1.0/24", "fd00:96:0:4::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.4"), Gateway6: netip.MustParseAddr("fd00:198::4")}},
+		{Peer: mk("v4only", "100.96.6.0/24", "fd00:96:0:6::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.6"), Endpoint: netip.MustParseAddrPort("198.18.0.6:8285")}},
+		{Peer: mk("unreachable", "100.96.5.0/24", ""), Choice: Choice{Reason: "no backend"}},
+	}
+	pr := Translate(local, as)
+	var names []string
+	for _, p := range pr.Userspace {
+		names = append(names, p.Name+"="+p.Addr.String())
+	}
+	if got := strings.Join(names, " "); got != "gw=198.18.0.2:8285 udp=198.19.1.2:8285 v4only=198.18.0.6:8285" {
+		t.Errorf("userspace peers: %s", got)
+	}
+	var routes []string
+	for _, r := range pr.Routes {
+		routes = append(routes, r.Dst.String()+">"+r.Via.String())
+	}
+	// The thief's claim on this node's own subnet is never routed.
+	// A family without a next hop on the segment stays on udp.
+	if got := strings.Join(routes, " "); got != "100.96.2.0/24>198.18.0.2 fd00:96:0:2::/64>fd00:198::2 fd00:96:0:4::/64>fd00:198::4 100.96.6.0/24>198.18.0.6" {
+		t.Errorf("routes: %s", got)
+	}
+}
