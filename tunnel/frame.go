@@ -3,8 +3,12 @@
 // owning it, the batched read/write loops, and the per-reason counters.
 //
 // tunnel does not know wire formats: a Transport (encap/udp) turns frames
-// into datagrams and back. It does not touch routes, links or leases either:
-// cmd/tulled wires those and feeds the peer table.
+// into datagrams and back. It owns the kernel state of the TUN path and of
+// kernel-path peers (Router: the device's link state, MTU and addresses,
+// the cluster routes through it, per-peer routes on the underlay), and
+// recreates the device when it is deleted (ReopeningTUN). It never touches
+// leases or other links' configuration: cmd/tulled feeds it peer tables and
+// routes chosen by encap.
 //
 // The unit of work is a Frame: one IP packet as the kernel handed it to us,
 // with its virtio-net offload metadata (TSO/USO super-packets stay whole,

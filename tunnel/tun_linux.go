@@ -23,9 +23,6 @@ type TUNOptions struct {
 	// packet is written alone and the device never sees UDP GSO, for kernels
 	// whose UDP GRO handling is broken.
 	GRO bool
-	// GSOMaxSize caps the super-packets the kernel hands us (0: kernel
-	// default).
-	GSOMaxSize int
 	Counters   *Counters
 	Logger     *slog.Logger
 	// OnEvent is called (from a goroutine of the device) when the link goes
