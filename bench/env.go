@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,12 +17,12 @@ import (
 )
 
 // Path names, as reports use them. Later backends add theirs here
-// (tulle-wireguard, wireguard-go, tulle-vxlan, tulle-vxlan-userspace,
-// tulle-hostgw).
+// (tulle-wireguard, wireguard-go, tulle-vxlan, tulle-vxlan-userspace).
 const (
 	PathRaw         = "raw"
 	PathKernelVXLAN = "kernel-vxlan"
 	PathTulleUDP    = "tulle-udp"
+	PathTulleHostGW = "tulle-hostgw"
 )
 
 // pathDef is a path the harness knows how to set up.
@@ -29,19 +30,26 @@ type pathDef struct {
 	name string
 	// backend is the tulle backend type, or "" for a reference path.
 	backend string
+	// netConf is the cluster network of the path's tulleds: each tulle
+	// path runs its own tulled per node, with its own network, TUN and
+	// port, so the paths never share routes.
+	netConf string
+	tun     string
 }
 
 var knownPaths = []pathDef{
 	{name: PathRaw},
 	{name: PathKernelVXLAN},
-	{name: PathTulleUDP, backend: netconf.BackendUDP},
+	{name: PathTulleUDP, backend: netconf.BackendUDP, netConf: cluster.DefaultNetConf, tun: "tulle0"},
+	{name: PathTulleHostGW, backend: netconf.BackendHostGW, tun: "tullehg0",
+		netConf: `{"Network":"100.112.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:97::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw","Port":8286}}`},
 }
 
 // SupportedPaths returns the paths this build can measure, in report order.
 func SupportedPaths() []string {
 	var out []string
 	for _, p := range knownPaths {
-		if p.backend == "" || slices.Contains(netconf.Backends(), p.backend) {
+		if p.backend == "" || slices.Contains(netconf.Types(), p.backend) {
 			out = append(out, p.name)
 		}
 	}
@@ -70,6 +78,8 @@ type Path struct {
 	// Tulle reports whether tulled carries the traffic (CPU and RSS figures
 	// apply).
 	Tulle bool
+	// cluster runs the path's tulleds, if any.
+	cluster *cluster.Cluster
 }
 
 // EnvOptions configure an Env.
@@ -90,9 +100,9 @@ type EnvOptions struct {
 
 // Env is a cluster of namespaces with every selected path configured.
 type Env struct {
-	Topo    *topo.Topology
-	Cluster *cluster.Cluster
-	Paths   []Path
+	Topo     *topo.Topology
+	Paths    []Path
+	clusters []*cluster.Cluster
 }
 
 // Setup builds the environment. On error everything built is removed.
@@ -151,15 +161,18 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 				return env, err
 			}
 			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2")})
-		case PathTulleUDP:
-			if err := env.startTulle(ctx, opt, progress); err != nil {
-				return env, err
-			}
-			dst, err := env.Cluster.Nodes[1].Addr(ctx, false)
+		case PathTulleUDP, PathTulleHostGW:
+			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
+			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
 			if err != nil {
 				return env, err
 			}
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: true})
+			dst, err := c.Nodes[1].Addr(ctx, false)
+			if err != nil {
+				return env, err
+			}
+			// host-gw: the kernel carries the traffic, tulled only routes.
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name != PathTulleHostGW, cluster: c})
 		}
 	}
 	return env, nil
@@ -187,32 +200,31 @@ func kernelVXLAN(tp *topo.Topology) error {
 	return nil
 }
 
-func (e *Env) startTulle(ctx context.Context, opt EnvOptions, progress func(string)) error {
-	if e.Cluster != nil {
-		return nil
-	}
+// startTulle runs the tulleds of one tulle path on every node.
+func (e *Env) startTulle(ctx context.Context, opt EnvOptions, d pathDef, progress func(string)) (*cluster.Cluster, error) {
 	if opt.Tulled == "" {
-		return errors.New("tulle paths need the tulled binary")
+		return nil, errors.New("tulle paths need the tulled binary")
 	}
 	if _, err := os.Stat(opt.Tulled); err != nil {
-		return fmt.Errorf("tulled binary: %w", err)
+		return nil, fmt.Errorf("tulled binary: %w", err)
 	}
-	progress(fmt.Sprintf("starting tulled on %d nodes", len(e.Topo.Nodes)))
-	c, err := cluster.New(e.Topo, cluster.Options{Tulled: opt.Tulled, Dir: opt.Dir, Args: opt.TulledArgs})
+	progress(fmt.Sprintf("starting tulled (%s) on %d nodes", d.backend, len(e.Topo.Nodes)))
+	args := append([]string{"--tun", d.tun}, opt.TulledArgs...)
+	c, err := cluster.New(e.Topo, cluster.Options{Tulled: opt.Tulled, Dir: filepath.Join(opt.Dir, d.name), NetConf: d.netConf, Args: args, DualStackUnderlay: true})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	e.Cluster = c
-	return c.Start(ctx)
+	e.clusters = append(e.clusters, c)
+	return c, c.Start(ctx)
 }
 
-// TulledPIDs returns the PIDs of the running tulled processes.
-func (e *Env) TulledPIDs() []int {
-	if e.Cluster == nil {
+// TulledPIDs returns the PIDs of the tulled processes of path p.
+func (e *Env) TulledPIDs(p Path) []int {
+	if p.cluster == nil {
 		return nil
 	}
 	var pids []int
-	for _, n := range e.Cluster.Nodes {
+	for _, n := range p.cluster.Nodes {
 		if pid := n.PID(); pid > 0 {
 			pids = append(pids, pid)
 		}
@@ -222,8 +234,10 @@ func (e *Env) TulledPIDs() []int {
 
 // Close removes everything Setup made.
 func (e *Env) Close() error {
-	if e.Cluster != nil {
-		return e.Cluster.Close()
+	var errs []error
+	for _, c := range e.clusters {
+		errs = append(errs, c.Stop())
 	}
-	return e.Topo.Close()
+	errs = append(errs, e.Topo.Close())
+	return errors.Join(errs...)
 }

@@ -100,14 +100,14 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 	}
 	tcp := func(fig string, streams int) func(Path, int) (string, error) {
 		return func(p Path, round int) (string, error) {
-			before := readCPU(env.TulledPIDs())
+			before := readCPU(env.TulledPIDs(p))
 			r, err := runIperf3(ctx, a, iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, Streams: streams})
 			if err != nil {
 				return "", err
 			}
 			add(p, fig, round, r.Gbps())
 			if streams == 1 {
-				after := readCPU(env.TulledPIDs())
+				after := readCPU(env.TulledPIDs(p))
 				gb := r.End.SumReceived.Bytes / 1e9
 				add(p, FigCPUMachine, round, (after.machine-before.machine)/gb)
 				if p.Tulle {
@@ -136,7 +136,7 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 		add(p, FigRTTP50, round, p50)
 		add(p, FigRTTP99, round, p99)
 		if p.Tulle {
-			add(p, FigRSS, round, peakRSSMiB(env.TulledPIDs()))
+			add(p, FigRSS, round, peakRSSMiB(env.TulledPIDs(p)))
 		}
 		return fmt.Sprintf("p50 %.0f µs, p99 %.0f µs", p50, p99), nil
 	}

@@ -310,6 +310,12 @@ func (n *Node) Log() string {
 // Close stops every tulled (SIGTERM), runs cleanup on each node and removes
 // the topology. It is safe to call more than once.
 func (c *Cluster) Close() error {
+	return errors.Join(c.Stop(), c.Topo.Close())
+}
+
+// Stop stops every tulled (SIGTERM) and runs cleanup on each node, leaving
+// the topology (other clusters may share it).
+func (c *Cluster) Stop() error {
 	var errs []error
 	for _, n := range c.Nodes {
 		if err := n.Stop(syscall.SIGTERM); err != nil {
@@ -320,9 +326,6 @@ func (c *Cluster) Close() error {
 		if err := n.Cleanup(); err != nil && !strings.Contains(err.Error(), "namespace") {
 			errs = append(errs, err)
 		}
-	}
-	if err := c.Topo.Close(); err != nil {
-		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
