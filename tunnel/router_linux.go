@@ -261,8 +261,11 @@ func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
 			if c.Dst == nil {
 				continue
 			}
+			// Only routes into this tulled's own cluster networks are its
+			// to remove: another tulled on the host (another network) owns
+			// its own.
 			dst, ok := netipPrefix(c.Dst)
-			if !ok || want[dst] {
+			if !ok || want[dst] || !inNetworks(dst, r.cfg.Networks) {
 				continue
 			}
 			if err := netlink.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
@@ -272,6 +275,11 @@ func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
 		}
 	}
 	return repaired, nil
+}
+
+// inNetworks reports whether p lies inside one of networks.
+func inNetworks(p netip.Prefix, networks []netip.Prefix) bool {
+	return slices.ContainsFunc(networks, func(n netip.Prefix) bool { return n.Contains(p.Addr()) && p.Bits() >= n.Bits() })
 }
 
 func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
@@ -474,7 +482,7 @@ func Cleanup(link string, networks []netip.Prefix) error {
 				continue
 			}
 			dst, ok := netipPrefix(rt.Dst)
-			if !ok || !slices.ContainsFunc(networks, func(n netip.Prefix) bool { return n.Contains(dst.Addr()) && dst.Bits() >= n.Bits() }) {
+			if !ok || !inNetworks(dst, networks) {
 				continue
 			}
 			if err := netlink.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {

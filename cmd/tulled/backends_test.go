@@ -6,6 +6,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/topo"
@@ -166,4 +167,46 @@ func TestAutoAcrossARouter(t *testing.T) {
 	if sent != got {
 		t.Fatal("transfer across the router corrupted")
 	}
+}
+
+// TestTwoTulledsOneHost: two tulleds per node with different cluster
+// networks (a udp one and a host-gw one, as the benchmark runs them) never
+// touch each other's routes.
+func TestTwoTulledsOneHost(t *testing.T) {
+	udp := startCluster(t, 2, cluster.Options{DualStackUnderlay: true})
+	other := `{"Network":"100.112.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:97::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw","Port":8286}}`
+	hg, err := cluster.New(udp.Topo, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), NetConf: other, Args: []string{"--tun", "tullehg0"}, DualStackUnderlay: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := hg.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := hg.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := hg.Nodes[1].Subnets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	route := sub[0].String() + " via " + hg.Nodes[1].IP4.String()
+	// Both routers reconcile on every route event: had either touched the
+	// other's routes, they would flap from here on.
+	for i := range 50 {
+		if out, _ := hg.Nodes[0].Run("ip", "route", "show", "proto", "116"); !strings.Contains(out, route) {
+			t.Fatalf("sample %d: the host-gw tulled's route %q is missing:\n%s", i, route, out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, n := range udp.Nodes {
+		if strings.Contains(n.Log(), "removed stale route") {
+			t.Errorf("the udp tulled on %s removed another tulled's route:\n%s", n.Name, n.Log())
+		}
+	}
+	ping(t, udp.Nodes[0], addr(t, udp.Nodes[1], false))
+	ping(t, hg.Nodes[0], addr(t, hg.Nodes[1], false))
 }
