@@ -88,7 +88,7 @@ func sampleResults(t *testing.T) *Results {
 		}
 	}
 	add(PathRaw, FigTCP1, 10, 12, 11)
-	add(PathKernelVXLAN, FigTCP1, 8, 10, 9)
+	add(PathKernelVXLAN, FigTCP1, 4, 10, 18) // ratios 1.0, 0.6, 0.5: round order is not sorted order
 	add(PathTulleUDP, FigTCP1, 4, 6, 9)
 	add(PathRaw, FigRTTP50, 20, 20, 20)
 	add(PathKernelVXLAN, FigRTTP50, 25, 20, 20)
@@ -98,6 +98,9 @@ func sampleResults(t *testing.T) *Results {
 	pr, err := Summarize(s, paths)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for i, mtu := range []int{1500, 1450, 1456} {
+		pr[i].InnerMTU = mtu
 	}
 	return &Results{Schema: Schema, Host: Host{CPUs: 2, Kernel: "6.18"}, Figures: figureInfos(4), Paths: pr, Complete: true,
 		Config: Config{Nodes: 2, Paths: paths, Rounds: 3, DurationSeconds: 10, Streams: 4, MTU: 1500}}
@@ -115,6 +118,13 @@ func TestSummarize(t *testing.T) {
 	// Per-round ratios 0.5, 0.6, 1.0: median 0.6, not 6/9.
 	if s := u.VsKernelVXLAN[FigTCP1]; s.Median != 0.6 || s.Min != 0.5 || s.Max != 1.0 {
 		t.Errorf("tcp1 vs VXLAN = %+v", s)
+	}
+	// Ratio samples pair with the figure samples: round order, not sorted.
+	vx := r.Paths[1].Figures[FigTCP1].Samples
+	for i, ratio := range u.VsKernelVXLAN[FigTCP1].Samples {
+		if want := u.Figures[FigTCP1].Samples[i] / vx[i]; ratio != want {
+			t.Errorf("ratio sample %d = %v, want round %d's %v", i, ratio, i, want)
+		}
 	}
 	if s := u.VsRaw[FigRTTP50]; s.Median != 6 {
 		t.Errorf("rtt vs raw = %+v, want median 6", s)
@@ -143,7 +153,8 @@ func TestMarkdown(t *testing.T) {
 	md := sampleResults(t).Markdown()
 	for _, want := range []string{
 		"| figure | raw | kernel-vxlan | tulle-udp |",
-		"| TCP, 1 stream (Gbit/s) | 11.0 (10.0–12.0) | 9.00 (8.00–10.0) | 6.00 (4.00–9.00) |",
+		"| TCP, 1 stream (Gbit/s) | 11.0 (10.0–12.0) | 10.0 (4.00–18.0) | 6.00 (4.00–9.00) |",
+		"| inner MTU (bytes) | 1500 | 1450 | 1456 |",
 		"| tulled peak RSS (largest node) (MiB) | – | – | 20.7 (20.5–20.8) |",
 		"| tulle-udp | 0.60 (0.50–1.00) |",
 	} {

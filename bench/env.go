@@ -78,6 +78,9 @@ type Path struct {
 	// Tulle reports whether tulled carries the traffic (CPU and RSS figures
 	// apply).
 	Tulle bool
+	// MTU is the path's inner MTU: the largest packet it carries
+	// unfragmented between Dst and node 1.
+	MTU int
 	// cluster runs the path's tulleds, if any.
 	cluster *cluster.Cluster
 }
@@ -151,16 +154,20 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 		}
 	}
 	b := tp.Nodes[1]
+	underlay := opt.MTU
+	if underlay == 0 {
+		underlay = 1500
+	}
 	for _, name := range opt.Paths {
 		switch name {
 		case PathRaw:
-			env.Paths = append(env.Paths, Path{Name: name, Dst: b.IP4})
+			env.Paths = append(env.Paths, Path{Name: name, Dst: b.IP4, MTU: underlay})
 		case PathKernelVXLAN:
-			progress("configuring kernel VXLAN (VNI 42, port 4789, 100.64.0.0/24)")
-			if err := kernelVXLAN(tp); err != nil {
+			progress(fmt.Sprintf("configuring kernel VXLAN as flannel does (VNI 1, port 8472, MTU %d, 100.64.0.0/24)", underlay-vxlanOverhead))
+			if err := kernelVXLAN(tp, underlay-vxlanOverhead); err != nil {
 				return env, err
 			}
-			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2")})
+			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2"), MTU: underlay - vxlanOverhead})
 		case PathTulleUDP, PathTulleHostGW:
 			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
 			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
@@ -171,18 +178,32 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 			if err != nil {
 				return env, err
 			}
+			mtu := underlay // host-gw: plain routes over the underlay
+			if name == PathTulleUDP {
+				st, err := c.Nodes[0].Status(ctx)
+				if err != nil {
+					return env, err
+				}
+				mtu = st.MTU
+			}
 			// host-gw: the kernel carries the traffic, tulled only routes.
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name != PathTulleHostGW, cluster: c})
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name != PathTulleHostGW, MTU: mtu, cluster: c})
 		}
 	}
 	return env, nil
 }
 
+// vxlanOverhead is what VXLAN over IPv4 adds (outer IP, UDP, VXLAN and
+// inner Ethernet headers): flannel's inner MTU rule is underlay − 50.
+const vxlanOverhead = 50
+
 // kernelVXLAN configures a full mesh of unicast VXLAN on every node, as an
-// operator would (an all-zeros FDB entry per peer), in 100.64.0.0/24.
-func kernelVXLAN(tp *topo.Topology) error {
+// operator would (an all-zeros FDB entry per peer), in 100.64.0.0/24, with
+// flannel's VNI 1 and port 8472 so the reference is the one flannel users
+// run.
+func kernelVXLAN(tp *topo.Topology, mtu int) error {
 	for i, n := range tp.Nodes {
-		cmds := [][]string{{"ip", "link", "add", "tvx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", n.IP4.String(), "dev", n.Link}}
+		cmds := [][]string{{"ip", "link", "add", "tvx0", "mtu", fmt.Sprint(mtu), "type", "vxlan", "id", "1", "dstport", "8472", "local", n.IP4.String(), "dev", n.Link}}
 		for _, p := range tp.Nodes {
 			if p != n {
 				cmds = append(cmds, []string{"bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "tvx0", "dst", p.IP4.String()})

@@ -44,6 +44,14 @@ func (r *Results) Markdown() string {
 	for range r.Paths {
 		b.WriteString("---|")
 	}
+	b.WriteString("\n| inner MTU (bytes) |")
+	for _, p := range r.Paths {
+		if p.InnerMTU > 0 {
+			fmt.Fprintf(&b, " %d |", p.InnerMTU)
+		} else {
+			b.WriteString(" – |")
+		}
+	}
 	b.WriteString("\n")
 	for _, f := range r.Figures {
 		if !r.has(f.Key) {

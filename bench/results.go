@@ -3,6 +3,7 @@ package bench
 import (
 	"encoding/json"
 	"errors"
+	"maps"
 	"os"
 	"runtime"
 	"slices"
@@ -49,8 +50,11 @@ type Config struct {
 
 // PathResult holds one path's figures.
 type PathResult struct {
-	Name    string          `json:"name"`
-	Figures map[string]Stat `json:"figures"`
+	Name string `json:"name"`
+	// InnerMTU is the largest packet the path carries unfragmented
+	// between the nodes' addresses it is measured on.
+	InnerMTU int             `json:"innerMtu,omitempty"`
+	Figures  map[string]Stat `json:"figures"`
 	// Ratios of each figure to the same figure of the reference paths,
 	// computed per round and then summarised.
 	VsKernelVXLAN map[string]Stat `json:"vsKernelVxlan,omitempty"`
@@ -96,17 +100,20 @@ func Summarize(samples []Sample, paths []string) ([]PathResult, error) {
 		}
 		byRound[k][s.Round] = s.Value
 	}
+	// Ratio samples stay in round order, like the figures' samples, so a
+	// reader can pair them.
 	ratios := func(path, fig, ref string) (Stat, bool) {
+		mine := byRound[key{path, fig}]
+		rounds := slices.Sorted(maps.Keys(mine))
 		var r []float64
-		for round, v := range byRound[key{path, fig}] {
+		for _, round := range rounds {
 			if x, ok := byRound[key{ref, fig}][round]; ok && x != 0 {
-				r = append(r, v/x)
+				r = append(r, mine[round]/x)
 			}
 		}
 		if len(r) == 0 {
 			return Stat{}, false
 		}
-		slices.Sort(r)
 		return newStat(r), true
 	}
 	var out []PathResult

@@ -100,6 +100,13 @@ func Run(ctx context.Context, opt Options) (*Results, error) {
 	if res.Paths, err = Summarize(samples, opt.Env.Paths); err != nil {
 		return nil, errors.Join(merr, err)
 	}
+	for i := range res.Paths {
+		for _, p := range env.Paths {
+			if p.Name == res.Paths[i].Name {
+				res.Paths[i].InnerMTU = p.MTU
+			}
+		}
+	}
 	if err := res.write(opt.Out); err != nil {
 		return res, errors.Join(merr, err)
 	}

@@ -22,9 +22,9 @@ type TUNOptions struct {
 	// lets UDP super-packets (USO) through the device. Off, every plain
 	// packet is written alone and the device never sees UDP GSO, for kernels
 	// whose UDP GRO handling is broken.
-	GRO bool
-	Counters   *Counters
-	Logger     *slog.Logger
+	GRO      bool
+	Counters *Counters
+	Logger   *slog.Logger
 	// OnEvent is called (from a goroutine of the device) when the link goes
 	// up or down or its MTU changes, so the owner can reconcile.
 	OnEvent func()
