@@ -222,6 +222,28 @@ func samePeerRoute(a, b *netlink.Route) bool {
 	return a.LinkIndex == b.LinkIndex && a.Protocol == b.Protocol && a.Gw.Equal(b.Gw)
 }
 
+// tulleRoutesOn returns tulle's routes (protocol 116, main table) through
+// link index idx, by destination: one dump per family, so reconciling and
+// checking thousands of peer routes stays linear.
+func tulleRoutesOn(idx int) (map[netip.Prefix]netlink.Route, error) {
+	out := map[netip.Prefix]netlink.Route{}
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		cur, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: idx, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return nil, fmt.Errorf("list tulle routes: %w", err)
+		}
+		for _, c := range cur {
+			if c.Dst == nil {
+				continue
+			}
+			if dst, ok := netipPrefix(c.Dst); ok {
+				out[dst] = c
+			}
+		}
+	}
+	return out, nil
+}
+
 // reconcilePeerRoutes installs the wanted peer routes and removes tulle's
 // stale ones on the underlay.
 func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
@@ -233,15 +255,15 @@ func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
 		return nil, fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
 	}
 	idx := ul.Attrs().Index
+	cur, err := tulleRoutesOn(idx)
+	if err != nil {
+		return nil, err
+	}
 	want := map[netip.Prefix]bool{}
 	for _, p := range r.peerRoutes {
 		want[p.Dst] = true
 		rt := r.peerRoute(idx, p)
-		cur, err := netlink.RouteListFiltered(family(p.Dst), &netlink.Route{Dst: rt.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return repaired, fmt.Errorf("list routes to %s: %w", p.Dst, err)
-		}
-		if slices.ContainsFunc(cur, func(c netlink.Route) bool { return samePeerRoute(&c, rt) }) {
+		if c, ok := cur[p.Dst]; ok && samePeerRoute(&c, rt) {
 			continue
 		}
 		if err := netlink.RouteReplace(rt); err != nil {
@@ -252,27 +274,16 @@ func (r *Router) reconcilePeerRoutes() (repaired []string, err error) {
 	if !r.peersKnown {
 		return repaired, nil
 	}
-	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		cur, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: idx, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return repaired, fmt.Errorf("list tulle routes on %s: %w", r.cfg.Underlay, err)
+	for dst, c := range cur {
+		// Only routes into this tulled's own cluster networks are its to
+		// remove: another tulled on the host (another network) owns its own.
+		if want[dst] || !inNetworks(dst, r.cfg.Networks) {
+			continue
 		}
-		for _, c := range cur {
-			if c.Dst == nil {
-				continue
-			}
-			// Only routes into this tulled's own cluster networks are its
-			// to remove: another tulled on the host (another network) owns
-			// its own.
-			dst, ok := netipPrefix(c.Dst)
-			if !ok || want[dst] || !inNetworks(dst, r.cfg.Networks) {
-				continue
-			}
-			if err := netlink.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
-				return repaired, fmt.Errorf("delete stale route %s: %w", dst, err)
-			}
-			repaired = append(repaired, "removed stale route "+dst.String())
+		if err := netlink.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
+			return repaired, fmt.Errorf("delete stale route %s: %w", dst, err)
 		}
+		repaired = append(repaired, "removed stale route "+dst.String())
 	}
 	return repaired, nil
 }
@@ -366,13 +377,12 @@ func (r *Router) Check() error {
 		if err != nil {
 			return fmt.Errorf("underlay %s: %w", r.cfg.Underlay, err)
 		}
+		cur, err := tulleRoutesOn(ul.Attrs().Index)
+		if err != nil {
+			return err
+		}
 		for _, p := range r.peerRoutes {
-			rt := r.peerRoute(ul.Attrs().Index, p)
-			cur, err := netlink.RouteListFiltered(family(p.Dst), &netlink.Route{Dst: rt.Dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
-			if err != nil {
-				return fmt.Errorf("list routes to %s: %w", p.Dst, err)
-			}
-			if !slices.ContainsFunc(cur, func(c netlink.Route) bool { return samePeerRoute(&c, rt) }) {
+			if c, ok := cur[p.Dst]; !ok || !samePeerRoute(&c, r.peerRoute(ul.Attrs().Index, p)) {
 				return fmt.Errorf("route %s via %s missing", p.Dst, p.Via)
 			}
 		}
