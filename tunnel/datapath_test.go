@@ -35,6 +35,7 @@ type node struct {
 	tr    *udp.Transport
 	peers *tunnel.PeerTable
 	ctr   *tunnel.Counters
+	uctr  *udp.Counters // the transport's
 	addr  netip.AddrPort
 }
 
@@ -42,12 +43,12 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 
 func newNode(t *testing.T, ip string, local ...netip.Prefix) *node {
 	t.Helper()
-	n := &node{tun: tuntest.NewChanTUN(), peers: tunnel.NewPeerTable(local), ctr: &tunnel.Counters{}}
+	n := &node{tun: tuntest.NewChanTUN(), peers: tunnel.NewPeerTable(local), ctr: &tunnel.Counters{}, uctr: &udp.Counters{}}
 	tr, err := udp.New(udp.Options{
 		Local4:   netip.AddrPortFrom(netip.MustParseAddr(ip), 0),
 		MTU:      1500,
 		Accept:   func(a netip.AddrPort) bool { return n.peers.ByAddr(a) != nil },
-		Counters: n.ctr,
+		Counters: n.uctr,
 		Logger:   quiet(),
 	})
 	if err != nil {
@@ -102,7 +103,10 @@ func expectNone(t *testing.T, c chan tuntest.Packet) {
 	}
 }
 
-func waitCounter(t *testing.T, c *tunnel.Counters, k tunnel.Counter, want uint64) {
+func waitCounter[K interface {
+	~int
+	String() string
+}](t *testing.T, c interface{ Get(K) uint64 }, k K, want uint64) {
 	t.Helper()
 	waitFor(t, func() bool { return c.Get(k) >= want }, func() string { return fmt.Sprintf("counter %s = %d, want ≥ %d", k, c.Get(k), want) })
 }
@@ -161,7 +165,7 @@ func TestDatapathCarriesFramesIntact(t *testing.T) {
 			t.Fatalf("burst frame %d corrupted", i)
 		}
 	}
-	if d := b.ctr.Get(tunnel.DropIncomplete) + b.ctr.Get(tunnel.DropBadHeader); d != 0 {
+	if d := b.uctr.Get(udp.DropIncomplete) + b.uctr.Get(udp.DropBadHeader); d != 0 {
 		t.Errorf("%d frames dropped on loopback", d)
 	}
 }
@@ -194,7 +198,7 @@ func TestDatapathDropsAndCounts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitCounter(t, b.ctr, tunnel.DropUnknownSource, 2)
+	waitCounter(t, b.uctr, udp.DropUnknownSource, 2)
 
 	// From a's host but not a's port (any process there): dropped before
 	// any state, like a stranger.
@@ -206,7 +210,7 @@ func TestDatapathDropsAndCounts(t *testing.T) {
 	if _, err := other.Write(valid); err != nil {
 		t.Fatal(err)
 	}
-	waitCounter(t, b.ctr, tunnel.DropUnknownSource, 3)
+	waitCounter(t, b.uctr, udp.DropUnknownSource, 3)
 
 	// From a known peer's endpoint (a third peer c that the test plays),
 	// garbage: bad version, bad header, bad offload.
@@ -227,8 +231,8 @@ func TestDatapathDropsAndCounts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitCounter(t, b.ctr, tunnel.DropBadVersion, 1)
-	waitCounter(t, b.ctr, tunnel.DropBadHeader, 2)
+	waitCounter(t, b.uctr, udp.DropBadVersion, 1)
+	waitCounter(t, b.uctr, udp.DropBadHeader, 2)
 	waitFor(t, func() bool { return b.tun.Refused() >= 1 }, func() string { return "the write with bad offload metadata was not refused" })
 	expectNone(t, b.tun.Outbound)
 	if r := b.tun.Refused(); r != 1 {

@@ -230,7 +230,7 @@ func run(o *options, log *slog.Logger) error {
 		return fmt.Errorf("write %s: %w", api.SubnetFileName, err)
 	}
 
-	ctr := &tunnel.Counters{}
+	ctr, udpCtr := &tunnel.Counters{}, &udp.Counters{}
 	kick := make(chan struct{}, 1)
 	kickRouter := func() {
 		select {
@@ -241,7 +241,7 @@ func run(o *options, log *slog.Logger) error {
 	peers := tunnel.NewPeerTable(l.Subnets())
 	uopt := udp.Options{
 		MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
-		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: ctr, Logger: log,
+		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: udpCtr, Logger: log,
 	}
 	if u.ip4.IsValid() {
 		uopt.Local4 = netip.AddrPortFrom(u.ip4, o.net.Backend.Port)
@@ -284,7 +284,7 @@ func run(o *options, log *slog.Logger) error {
 		log.Info("configured device", "link", o.tunName, "changes", repaired)
 	}
 
-	st := &status{node: o.node, lease: l, ctr: ctr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
+	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
@@ -21,6 +22,7 @@ import (
 type status struct {
 	node    string
 	ctr     *tunnel.Counters
+	udpCtr  *udp.Counters
 	peers   *tunnel.PeerTable
 	mtu     func() int
 	started time.Time
@@ -66,6 +68,7 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Lease: api.Lease{Node: l.Node, Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, PublicIP: l.Attrs.PublicIP, PublicIPv6: l.Attrs.PublicIPv6,
 			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
 		Counters: s.ctr.Snapshot(), Peers: view}
+	s.udpCtr.SnapshotInto(doc.Counters)
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
 }

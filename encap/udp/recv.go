@@ -202,9 +202,9 @@ func (r *receiver) next() {
 		}
 		ap := ua.AddrPort()
 		r.src = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		ctr.Add(tunnel.DatagramsIn, dgs)
+		ctr.Add(DatagramsIn, dgs)
 		if !r.t.opt.Accept(r.src) {
-			ctr.Add(tunnel.DropUnknownSource, dgs)
+			ctr.Add(DropUnknownSource, dgs)
 			continue
 		}
 		return
@@ -243,9 +243,9 @@ func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg, msg []byt
 	h, err := ParseHeader(dg)
 	if err != nil {
 		if err == ErrVersion {
-			ctr.Add(tunnel.DropBadVersion, 1)
+			ctr.Add(DropBadVersion, 1)
 		} else {
-			ctr.Add(tunnel.DropBadHeader, 1)
+			ctr.Add(DropBadHeader, 1)
 		}
 		return false, false
 	}
@@ -270,7 +270,7 @@ func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg, msg []byt
 func (r *receiver) frame(f *tunnel.Frame, buf []byte, start int) bool {
 	o, err := parseDesc(buf[start:])
 	if err != nil || len(buf)-start-DescLen < 20 {
-		r.t.ctr.Add(tunnel.DropBadHeader, 1)
+		r.t.ctr.Add(DropBadHeader, 1)
 		return false
 	}
 	f.Buf, f.Off, f.Offload = buf, start+DescLen, o
@@ -319,7 +319,7 @@ func (r *receiver) slow(f *tunnel.Frame, h Header, payload []byte) (emitted, sto
 	if h.Index == 0 {
 		tr := p.slotFor(h.FrameID)
 		if tr.active {
-			r.abandon(p, tr, tunnel.DropIncomplete) // a repeated start, or the peer's oldest
+			r.abandon(p, tr, DropIncomplete) // a repeated start, or the peer's oldest
 		}
 		if tr.buf == nil && !r.takeBuffer(tr) {
 			return false, false
@@ -333,16 +333,16 @@ func (r *receiver) slow(f *tunnel.Frame, h Header, payload []byte) (emitted, sto
 		if h.Index == h.Count-1 && !p.wasDropped(h.FrameID) {
 			// The tail of a train whose start was lost.
 			p.remember(h.FrameID)
-			ctr.Add(tunnel.DropIncomplete, 1)
+			ctr.Add(DropIncomplete, 1)
 		}
 		return false, false
 	}
 	if h.Index != tr.want || h.Count != tr.count {
-		r.abandon(p, tr, tunnel.DropIncomplete)
+		r.abandon(p, tr, DropIncomplete)
 		return false, false
 	}
 	if tr.n+len(payload) > len(tr.buf) {
-		r.abandon(p, tr, tunnel.DropBadHeader)
+		r.abandon(p, tr, DropBadHeader)
 		return false, false
 	}
 	tr.n += copy(tr.buf[tr.n:], payload)
@@ -402,7 +402,7 @@ func (p *peerTrains) wasDropped(id uint16) bool {
 }
 
 // abandon drops an active train, counts it under why and frees its buffer.
-func (r *receiver) abandon(p *peerTrains, tr *train, why tunnel.Counter) {
+func (r *receiver) abandon(p *peerTrains, tr *train, why Counter) {
 	tr.active = false
 	p.remember(tr.id)
 	r.t.ctr.Add(why, 1)
@@ -424,10 +424,10 @@ func (r *receiver) takeBuffer(tr *train) bool {
 	default:
 		victim := rs.active.head
 		if victim == nil || victim == tr {
-			r.t.ctr.Add(tunnel.DropTrainEvicted, 1)
+			r.t.ctr.Add(DropTrainEvicted, 1)
 			return false
 		}
-		r.abandon(victim.owner, victim, tunnel.DropTrainEvicted)
+		r.abandon(victim.owner, victim, DropTrainEvicted)
 		return r.takeBuffer(tr)
 	}
 	rs.active.push(tr)
@@ -452,7 +452,7 @@ func (r *receiver) sweep() {
 		for i := range p.slots {
 			tr := &p.slots[i]
 			if tr.active && (gone || r.now.Sub(tr.last) > trainTimeout) {
-				r.abandon(p, tr, tunnel.DropIncomplete)
+				r.abandon(p, tr, DropIncomplete)
 			}
 			busy = busy || tr.active
 		}

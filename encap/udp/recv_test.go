@@ -65,10 +65,10 @@ func TestReassemblyBound(t *testing.T) {
 			if got := len(r.trains.peers); got != tt.wantPeers {
 				t.Errorf("peers with reassembly state = %d, want %d", got, tt.wantPeers)
 			}
-			if got := tr.ctr.Get(tunnel.DropUnknownSource); got != tt.wantUnknown {
+			if got := tr.ctr.Get(DropUnknownSource); got != tt.wantUnknown {
 				t.Errorf("drop_unknown_source = %d, want %d", got, tt.wantUnknown)
 			}
-			if tt.wantBufs > 0 && tr.ctr.Get(tunnel.DropIncomplete)+tr.ctr.Get(tunnel.DropTrainEvicted) == 0 {
+			if tt.wantBufs > 0 && tr.ctr.Get(DropIncomplete)+tr.ctr.Get(DropTrainEvicted) == 0 {
 				t.Error("abandoned trains were not counted")
 			}
 			// The real peer's train, datagram by datagram, still arrives.
@@ -127,7 +127,7 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	if len(r.trains.peers) != 0 || len(r.trains.free) != 10 {
 		t.Fatalf("after the timeout: state for %d peers, %d free buffers; want 0 and 10", len(r.trains.peers), len(r.trains.free))
 	}
-	if got := tr.ctr.Get(tunnel.DropIncomplete); got != 10 {
+	if got := tr.ctr.Get(DropIncomplete); got != 10 {
 		t.Errorf("drop_incomplete = %d, want 10", got)
 	}
 }

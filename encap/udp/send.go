@@ -66,7 +66,7 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		f := &frames[i]
 		sk := s.t.sockFor(f.Addr)
 		if sk == nil {
-			ctr.Add(tunnel.DropSend, 1)
+			ctr.Add(DropSend, 1)
 			continue
 		}
 		addr := s.addrs.get(f.Addr)
@@ -135,7 +135,7 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int
 	chunk := maxDg - HeaderLen
 	count := (len(frame) + chunk - 1) / chunk
 	if count > MaxSegments {
-		s.t.ctr.Add(tunnel.DropSend, 1)
+		s.t.ctr.Add(DropSend, 1)
 		return nil
 	}
 	need := len(frame) + count*HeaderLen
@@ -221,7 +221,7 @@ func (s *sender) write(sk *socket) error {
 	for i := 0; i < len(s.msgs); {
 		n, err := sk.bc.WriteBatch(s.msgs[i:], 0)
 		for j := i; j < i+n; j++ {
-			ctr.Add(tunnel.DatagramsOut, uint64(datagrams(len(s.msgs[j].Buffers[0]), s.segs[j])))
+			ctr.Add(DatagramsOut, uint64(datagrams(len(s.msgs[j].Buffers[0]), s.segs[j])))
 		}
 		i += n
 		if err == nil {
@@ -231,14 +231,14 @@ func (s *sender) write(sk *socket) error {
 			return err
 		}
 		if errors.Is(err, unix.EIO) && s.segs[i] > 0 && !sk.gsoOff.Swap(true) {
-			ctr.Add(tunnel.GSOFallbacks, 1)
+			ctr.Add(GSOFallbacks, 1)
 			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.name)
 		}
 		if sk.gsoOff.Load() && s.segs[i] > 0 {
 			s.splitFrom(i)
 			continue
 		}
-		ctr.Add(tunnel.DropSend, 1)
+		ctr.Add(DropSend, 1)
 		i++
 	}
 	return nil

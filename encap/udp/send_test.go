@@ -55,7 +55,7 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	if !tr.socks[0].gsoOff.Load() {
 		t.Fatal("GSO still on after EIO")
 	}
-	if n := tr.ctr.Get(tunnel.GSOFallbacks); n != 1 {
+	if n := tr.ctr.Get(GSOFallbacks); n != 1 {
 		t.Errorf("gso_fallbacks = %d, want 1", n)
 	}
 	if fc.gso != 1 {
@@ -141,7 +141,7 @@ func TestSingleDatagramsCoalesce(t *testing.T) {
 			t.Errorf("message %d = %+v, want %+v", i, rc.msgs[i], want[i])
 		}
 	}
-	if n := tr.ctr.Get(tunnel.DatagramsOut); n != 74 {
+	if n := tr.ctr.Get(DatagramsOut); n != 74 {
 		t.Errorf("datagrams_out = %d, want 74", n)
 	}
 }

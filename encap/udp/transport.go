@@ -31,14 +31,14 @@ type Options struct {
 	// DisableGSO and DisableGRO turn UDP_SEGMENT sends and UDP_GRO
 	// receives off (for comparison and for broken drivers).
 	DisableGSO, DisableGRO bool
-	Counters               *tunnel.Counters
+	Counters               *Counters
 	Logger                 *slog.Logger
 }
 
 // Transport implements tunnel.Transport over UDP sockets.
 type Transport struct {
 	opt    Options
-	ctr    *tunnel.Counters
+	ctr    *Counters
 	log    *slog.Logger
 	socks  []*socket // index 0: IPv4 if bound, then IPv6
 	sender sender
@@ -96,7 +96,7 @@ func (t *Transport) SetMTU(mtu int) {
 // New binds the sockets.
 func New(opt Options) (*Transport, error) {
 	if opt.Counters == nil {
-		opt.Counters = &tunnel.Counters{}
+		opt.Counters = &Counters{}
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()

@@ -117,7 +117,7 @@ func drain(r *receiver, room int) (pkts [][]byte, frames []tunnel.Frame) {
 
 func testTransport() *Transport {
 	return &Transport{opt: Options{Accept: func(a netip.AddrPort) bool { return a.Addr() != netip.MustParseAddr("198.18.0.66") && a.Port() == 8285 }},
-		ctr: &tunnel.Counters{}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		ctr: &Counters{}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 }
 
 // layout runs the sender's train layout for one frame and returns the
@@ -181,7 +181,7 @@ func TestTrainReassembly(t *testing.T) {
 			if len(pkts) != tt.frames {
 				t.Errorf("got %d frames, want %d", len(pkts), tt.frames)
 			}
-			if n := tr.ctr.Get(tunnel.DropIncomplete); n != tt.incomplete {
+			if n := tr.ctr.Get(DropIncomplete); n != tt.incomplete {
 				t.Errorf("drop_incomplete = %d, want %d", n, tt.incomplete)
 			}
 		})
