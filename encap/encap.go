@@ -13,11 +13,13 @@ package encap
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"sort"
 	"strings"
 
+	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
@@ -27,18 +29,28 @@ import (
 const (
 	UDP    = netconf.BackendUDP
 	HostGW = netconf.BackendHostGW
+	VXLAN  = netconf.BackendVXLAN
 	Auto   = netconf.BackendAuto
 )
 
 // preference orders the backends auto mode tries, fastest first: plain
-// routes, then the userspace UDP datapath.
-var preference = []string{HostGW, UDP}
+// routes, the kernel's VXLAN, then the userspace UDP datapath.
+var preference = []string{HostGW, VXLAN, UDP}
 
 // Caps are the backends a node speaks. A nil entry is a backend it does not
 // speak (or that did not parse).
 type Caps struct {
 	UDP    *UDPCaps
 	HostGW *HostGWCaps
+	VXLAN  *VXLANCaps
+}
+
+// VXLANCaps is what a peer needs for VXLAN: the network identifier and
+// port (both ends must agree) and this node's VTEP MAC.
+type VXLANCaps struct {
+	VNI  int    `json:"vni"`
+	Port int    `json:"port"`
+	MAC  string `json:"mac"`
 }
 
 // UDPCaps is what a peer needs for the udp backend.
@@ -58,6 +70,9 @@ func (c Caps) Publish() map[string]json.RawMessage {
 	}
 	if c.HostGW != nil {
 		m[HostGW], _ = json.Marshal(c.HostGW)
+	}
+	if c.VXLAN != nil {
+		m[VXLAN], _ = json.Marshal(c.VXLAN)
 	}
 	return m
 }
@@ -79,6 +94,8 @@ func (c Caps) has(b string) bool {
 		return c.UDP != nil
 	case HostGW:
 		return c.HostGW != nil
+	case VXLAN:
+		return c.VXLAN != nil
 	}
 	return false
 }
@@ -116,6 +133,22 @@ func ParseCaps(a lease.Attrs) (c Caps, problems []string) {
 			var h HostGWCaps
 			if err = json.Unmarshal(raw, &h); err == nil {
 				c.HostGW = &h
+			}
+		case VXLAN:
+			var v VXLANCaps
+			if err = json.Unmarshal(raw, &v); err == nil {
+				_, merr := net.ParseMAC(v.MAC)
+				switch {
+				case v.VNI < 1 || v.VNI > 1<<24-1:
+					err = fmt.Errorf("VNI %d out of range", v.VNI)
+				case v.Port < 1 || v.Port > 65535:
+					err = fmt.Errorf("port %d out of range", v.Port)
+				case merr != nil:
+					err = fmt.Errorf("MAC %q: %v", v.MAC, merr)
+				}
+			}
+			if err == nil {
+				c.VXLAN = &v
 			}
 		default:
 			continue // a backend of a newer tulle
@@ -156,6 +189,10 @@ type Choice struct {
 	// segment. The kernel takes no IPv4 next hop for an IPv6 route, so a
 	// family without one (either may be invalid) stays on the udp path.
 	Gateway4, Gateway6 netip.Addr
+	// VTEP and MAC are the peer's VXLAN tunnel endpoint (its underlay
+	// address in this node's VTEP family) and VTEP MAC.
+	VTEP netip.Addr
+	MAC  net.HardwareAddr
 }
 
 // Select chooses the backend for peer p. Both ends of a pair see the same
@@ -172,6 +209,15 @@ func Select(l Local, p lease.Peer) Choice {
 			ch.Endpoint = netip.AddrPortFrom(p.Attrs.PublicIPv6, pc.UDP.Port)
 		}
 	}
+	if l.Caps.VXLAN != nil && pc.VXLAN != nil {
+		// The VTEP family is this node's primary underlay family.
+		if l.IP4.IsValid() {
+			ch.VTEP = p.Attrs.PublicIP
+		} else {
+			ch.VTEP = p.Attrs.PublicIPv6
+		}
+		ch.MAC, _ = net.ParseMAC(pc.VXLAN.MAC)
+	}
 	gw4, seg4 := l.sameSegment(l.IP4, p.Attrs.PublicIP)
 	gw6, seg6 := l.sameSegment(l.IP6, p.Attrs.PublicIPv6)
 	why := map[string]string{}
@@ -185,6 +231,10 @@ func Select(l Local, p lease.Peer) Choice {
 			why[b] = "the peer is not on this node's L2 segment"
 		case b == UDP && !ch.Endpoint.IsValid():
 			why[b] = "no underlay address in a family this node has"
+		case b == VXLAN && (l.Caps.VXLAN.VNI != pc.VXLAN.VNI || l.Caps.VXLAN.Port != pc.VXLAN.Port):
+			why[b] = fmt.Sprintf("VNI/port differ (here %d/%d, peer %d/%d)", l.Caps.VXLAN.VNI, l.Caps.VXLAN.Port, pc.VXLAN.VNI, pc.VXLAN.Port)
+		case b == VXLAN && !ch.VTEP.IsValid():
+			why[b] = "no peer underlay address in this node's VTEP family"
 		default:
 			return true
 		}
@@ -224,6 +274,9 @@ func Select(l Local, p lease.Peer) Choice {
 			if len(not) > 0 {
 				ch.Reason += " (" + strings.Join(not, "; ") + ")"
 			}
+		}
+		if b != VXLAN {
+			ch.VTEP, ch.MAC = netip.Addr{}, nil
 		}
 		if b == HostGW {
 			ch.Gateway4, ch.Gateway6 = gw4, gw6
@@ -288,6 +341,8 @@ type Programme struct {
 	Userspace []tunnel.Peer
 	// Routes are the kernel paths' routes (host-gw).
 	Routes []tunnel.PeerRoute
+	// VXLAN are the peers the kernel's VXLAN device serves.
+	VXLAN []vxlan.Peer
 }
 
 // Translate turns assignments into a Programme. A peer's subnet that
@@ -298,6 +353,9 @@ func Translate(local []netip.Prefix, as []Assignment) Programme {
 		subnets := slices.DeleteFunc(a.Peer.Subnets(), func(s netip.Prefix) bool { return slices.ContainsFunc(local, s.Overlaps) })
 		if a.Endpoint.IsValid() {
 			pr.Userspace = append(pr.Userspace, tunnel.Peer{Name: a.Peer.Node, Addr: a.Endpoint, Subnets: subnets})
+		}
+		if a.Backend == VXLAN && len(subnets) > 0 {
+			pr.VXLAN = append(pr.VXLAN, vxlan.Peer{Subnets: subnets, VTEP: a.VTEP, MAC: a.MAC})
 		}
 		if a.Backend == HostGW {
 			for _, s := range subnets {

@@ -26,6 +26,17 @@ func peer(ip4, ip6 string, backends map[string]string) lease.Peer {
 	return p
 }
 
+// withVXLAN gives the local node kernel VXLAN (VNI 1, port 8472).
+func withVXLAN(l Local) Local {
+	l.Caps.VXLAN = &VXLANCaps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01"}
+	return l
+}
+
+// vx is a peer's full capability set with the given VXLAN entry.
+func vx(v string) map[string]string {
+	return map[string]string{"udp": `{"port":8286}`, "host-gw": `{}`, "vxlan": v}
+}
+
 func TestSelect(t *testing.T) {
 	both := Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{}}
 	local := Local{Mode: Auto, Caps: both, IP4: netip.MustParseAddr("198.18.0.1"), IP6: netip.MustParseAddr("fd00:198::1"),
@@ -52,6 +63,11 @@ func TestSelect(t *testing.T) {
 		{"malformed udp capability, host-gw still used", nil, peer("198.18.0.2", "", map[string]string{"udp": `{"port":"x"}`, "host-gw": `{}`}), HostGW, "", "198.18.0.2", "ignored capability udp"},
 		{"unknown capability of a newer peer is skipped", nil, peer("198.18.0.2", "", map[string]string{"udp": `{"port":8286}`, "warp": `{"x":1}`}), UDP, "198.18.0.2:8286", "", "the peer does not advertise host-gw"},
 		{"udp capability without a port", nil, peer("198.19.1.2", "", map[string]string{"udp": `{}`}), "", "", "", "capability udp: no port"},
+		{"kernel VXLAN across a router", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`)), VXLAN, "198.19.1.2:8286", "", "fastest both speak (host-gw: the peer is not on this node's L2 segment)"},
+		{"host-gw beats VXLAN on one segment", withVXLAN, peer("198.18.0.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`)), HostGW, "198.18.0.2:8286", "198.18.0.2", "same L2 segment"},
+		{"VXLAN with another VNI: udp", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":2,"port":8472,"mac":"02:00:00:00:00:02"}`)), UDP, "198.19.1.2:8286", "", "VNI/port differ (here 1/8472, peer 2/8472)"},
+		{"VXLAN capability with a bad MAC is skipped", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"nope"}`)), UDP, "198.19.1.2:8286", "", "ignored capability vxlan"},
+		{"forced VXLAN, the peer lacks it", func(l Local) Local { l = withVXLAN(l); l.Mode = VXLAN; return l }, peer("198.19.1.2", "", full), "", "198.19.1.2:8286", "", "the peer does not advertise vxlan"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

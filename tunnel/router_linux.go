@@ -48,7 +48,18 @@ type RouterConfig struct {
 	Local []netip.Prefix
 	// Networks are the cluster networks routed to the device.
 	Networks []netip.Prefix
-	Logger   *slog.Logger
+	// Kernel are kernel backends' states (a VXLAN device and its entries)
+	// reconciled and checked with the router's own, on the same events.
+	Kernel []KernelPath
+	Logger *slog.Logger
+}
+
+// KernelPath is a kernel backend's state: Reconcile repairs it and says
+// what it changed, Check says, without changing anything, why it cannot
+// carry traffic now.
+type KernelPath interface {
+	Reconcile() ([]string, error)
+	Check() error
 }
 
 // Router keeps the TUN link up, its MTU, addresses and routes as configured,
@@ -208,7 +219,18 @@ func (r *Router) Reconcile() (repaired []string, err error) {
 		repaired = append(repaired, "route "+n.String())
 	}
 	fixed, err := r.reconcilePeerRoutes()
-	return append(repaired, fixed...), err
+	repaired = append(repaired, fixed...)
+	if err != nil {
+		return repaired, err
+	}
+	for _, k := range r.cfg.Kernel {
+		fixed, err := k.Reconcile()
+		repaired = append(repaired, fixed...)
+		if err != nil {
+			return repaired, err
+		}
+	}
+	return repaired, nil
 }
 
 // peerRoute is the kernel form of p on the underlay link.
@@ -385,6 +407,11 @@ func (r *Router) Check() error {
 			if c, ok := cur[p.Dst]; !ok || !samePeerRoute(&c, r.peerRoute(ul.Attrs().Index, p)) {
 				return fmt.Errorf("route %s via %s missing", p.Dst, p.Via)
 			}
+		}
+	}
+	for _, k := range r.cfg.Kernel {
+		if err := k.Check(); err != nil {
+			return err
 		}
 	}
 	return nil

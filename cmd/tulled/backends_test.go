@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/topo"
 )
@@ -144,15 +145,16 @@ func TestHostGW(t *testing.T) {
 }
 
 // TestAutoAcrossARouter: two nodes share a segment and a third sits behind
-// a router. auto picks host-gw for the pair on the segment and udp for the
-// others, and every pair talks.
+// a router. auto picks host-gw for the pair on the segment and the
+// kernel's VXLAN (every node here has it) for the others, and every pair
+// talks.
 func TestAutoAcrossARouter(t *testing.T) {
 	c := startTopology(t, topo.Options{Nodes: 2, Routed: 1}, cluster.Options{NetConf: netConfWith("auto"), DualStackUnderlay: true})
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 	want := map[string]map[string]string{
-		n1.Name: {n2.Name: "host-gw", n3.Name: "udp"},
-		n2.Name: {n1.Name: "host-gw", n3.Name: "udp"},
-		n3.Name: {n1.Name: "udp", n2.Name: "udp"},
+		n1.Name: {n2.Name: "host-gw", n3.Name: "vxlan"},
+		n2.Name: {n1.Name: "host-gw", n3.Name: "vxlan"},
+		n3.Name: {n1.Name: "vxlan", n2.Name: "vxlan"},
 	}
 	for _, n := range c.Nodes {
 		got := backends(t, n)
@@ -209,4 +211,100 @@ func TestTwoTulledsOneHost(t *testing.T) {
 	}
 	ping(t, udp.Nodes[0], addr(t, udp.Nodes[1], false))
 	ping(t, hg.Nodes[0], addr(t, hg.Nodes[1], false))
+}
+
+// TestKernelVXLAN forces the kernel's VXLAN on three nodes: flannel's L3
+// model (FDB entry, permanent neighbour, onlink route per peer) carries
+// everything, tulled moves nothing, a departed peer leaves no entry behind
+// and cleanup removes the device.
+func TestKernelVXLAN(t *testing.T) {
+	c := startCluster(t, 3, cluster.Options{NetConf: netConfWith("vxlan")})
+	ns := c.Nodes
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := ns[0].Run("sh", "-c", "ip -d link show tulle-vx0; ip -6 addr show dev tulle-vx0; ip -6 route; sysctl net.ipv6.conf.tulle-vx0.disable_ipv6")
+			t.Log(out)
+		}
+	})
+	for _, n := range ns {
+		for peer, b := range backends(t, n) {
+			if b != "vxlan" {
+				t.Errorf("%s → %s: backend %q, want vxlan", n.Name, peer, b)
+			}
+		}
+	}
+	state := func(n *cluster.Node) string {
+		var b strings.Builder
+		for _, cmd := range [][]string{{"bridge", "fdb", "show", "dev", "tulle-vx0"}, {"ip", "neigh", "show", "dev", "tulle-vx0"},
+			{"ip", "-6", "neigh", "show", "dev", "tulle-vx0"}, {"ip", "route", "show", "dev", "tulle-vx0"}, {"ip", "-6", "route", "show", "dev", "tulle-vx0"}} {
+			out, _ := n.Run(cmd[0], cmd[1:]...)
+			b.WriteString(out)
+		}
+		return b.String()
+	}
+	entriesFor := func(n, peer *cluster.Node) []string {
+		subs, err := peer.Subnets(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		mac := vxlan.MACFor(peer.Name).String()
+		return []string{
+			mac + " dst " + peer.IP4.String(), // FDB
+			subs[0].Addr().String() + " lladdr " + mac + " PERMANENT",
+			vxlan.Gateway(subs[1], vxlan.MACFor(peer.Name)).String() + " lladdr " + mac + " PERMANENT",
+			subs[0].String() + " via " + subs[0].Addr().String() + " proto 116 src",
+			subs[1].String() + " via " + vxlan.Gateway(subs[1], vxlan.MACFor(peer.Name)).String() + " proto 116 src",
+		}
+	}
+	for _, n := range ns {
+		for _, p := range ns {
+			if n == p {
+				continue
+			}
+			want := entriesFor(n, p)
+			waitFor(t, func() bool {
+				s := state(n)
+				for _, w := range want {
+					if !strings.Contains(s, w) {
+						return false
+					}
+				}
+				return true
+			}, fmt.Sprintf("%s's VXLAN entries for %s: %q", n.Name, p.Name, want))
+		}
+	}
+	pingAll(t, ns)
+	before := counter(t, ns[0], "datagrams_out")
+	sent, got := transfer(t, ns[0], ns[1], addr(t, ns[1], false), 50<<20, 0)
+	if sent != got {
+		t.Fatal("transfer over kernel VXLAN corrupted")
+	}
+	if d := counter(t, ns[0], "datagrams_out") - before; d > 100 {
+		t.Errorf("%d datagrams left tulled during a VXLAN transfer; want the kernel to carry it", d)
+	}
+	gone := entriesFor(ns[0], ns[2])
+	if err := ns[2].Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns[2].Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range ns[:2] {
+		waitFor(t, func() bool {
+			s := state(n)
+			for _, w := range gone {
+				if strings.Contains(s, w) || strings.Contains(s, vxlan.MACFor(ns[2].Name).String()) {
+					return false
+				}
+			}
+			return true
+		}, n.Name+" to drop every VXLAN entry of the departed n3")
+	}
+	if out, err := ns[2].Run("ip", "link", "show", "tulle-vx0"); err == nil {
+		t.Errorf("tulled cleanup left the VXLAN device: %s", out)
+	}
+	if r := tulleRoutes(t, ns[2]); strings.TrimSpace(r) != "" {
+		t.Errorf("tulled cleanup left routes behind:\n%s", r)
+	}
+	ping(t, ns[0], addr(t, ns[1], true))
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
@@ -201,9 +202,24 @@ func run(o *options, log *slog.Logger) error {
 		return err
 	}
 	// Every node speaks the userspace udp backend and host-gw (plain
-	// routes need nothing but the kernel); it publishes both, and udp alone
+	// routes need nothing but the kernel), and the kernel's VXLAN where a
+	// probe shows the kernel has it; it publishes them all, and udp alone
 	// for tulleds from before capabilities.
 	caps := encap.Caps{UDP: &encap.UDPCaps{Port: o.net.Backend.Port}, HostGW: &encap.HostGWCaps{}}
+	vtep := u.ip4
+	if !vtep.IsValid() {
+		vtep = u.ip6
+	}
+	if t := o.net.Backend.Type; o.kernelVXLAN && (t == netconf.BackendAuto || t == netconf.BackendVXLAN) {
+		if err := vxlan.Probe(); err != nil {
+			if t == netconf.BackendVXLAN {
+				return badConfig("net-conf field Backend.Type: vxlan, but this kernel cannot make VXLAN devices (%v)", err)
+			}
+			log.Info("no kernel VXLAN; peers are reached over host-gw or udp", "err", err)
+		} else {
+			caps.VXLAN = &encap.VXLANCaps{VNI: o.net.Backend.VNI, Port: int(o.net.Backend.VXLANPort), MAC: vxlan.MACFor(o.node).String()}
+		}
+	}
 	local := encap.Local{Mode: o.net.Backend.Type, Caps: caps, IP4: u.ip4, IP6: u.ip6, OnLink: u.onLink}
 	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}, Backends: caps.Publish()}
 	l, err := store.Claim(ctx, o.node, attrs)
@@ -214,12 +230,21 @@ func run(o *options, log *slog.Logger) error {
 		return fmt.Errorf("claim lease: %w", err)
 	}
 	mtu := udp.InnerMTU(u.mtu, u.primaryIs6)
+	// Pods get the smallest inner MTU of the paths this node may use, so
+	// their packets fit whichever backend serves a peer.
+	podMTU := func(underlayMTU int) int {
+		m := udp.InnerMTU(underlayMTU, u.primaryIs6)
+		if caps.VXLAN != nil {
+			m = min(m, underlayMTU-vxlan.Overhead(u.primaryIs6))
+		}
+		return m
+	}
 	log.Info("lease held", "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "underlay", u.iface, "public_ip", u.ip4, "public_ipv6", u.ip6, "mtu", mtu)
 
 	if err := os.MkdirAll(o.runDir, 0o755); err != nil {
 		return fmt.Errorf("run dir: %w", err)
 	}
-	sf := api.SubnetFile{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, MTU: mtu}
+	sf := api.SubnetFile{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, MTU: podMTU(u.mtu)}
 	if o.net.EnableIPv4 {
 		sf.Network = o.net.Network
 	}
@@ -262,11 +287,21 @@ func run(o *options, log *slog.Logger) error {
 
 	// The underlay's MTU can change under a running node: everything that
 	// sizes packets follows it, the senders first.
+	var vx *vxlan.Kernel
+	var kernel []tunnel.KernelPath
+	if caps.VXLAN != nil {
+		vx = vxlan.New(vxlan.Config{VNI: caps.VXLAN.VNI, Port: caps.VXLAN.Port, Underlay: u.iface, VTEP: vtep, MAC: vxlan.MACFor(o.node),
+			MTU: u.mtu - vxlan.Overhead(u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net)})
+		kernel = append(kernel, vx)
+	}
 	resize := func(underlayMTU, mtu, _ int) {
 		tr.SetMTU(underlayMTU)
 		dp.SetMTU(mtu)
 		dev.SetMTU(mtu)
-		sf.MTU = mtu
+		if vx != nil {
+			vx.SetMTU(underlayMTU - vxlan.Overhead(u.primaryIs6))
+		}
+		sf.MTU = podMTU(underlayMTU)
 		if err := api.WriteSubnetFile(o.runDir, &sf); err != nil {
 			log.Warn("rewrite subnet file with the new MTU", "err", err)
 		}
@@ -274,7 +309,7 @@ func run(o *options, log *slog.Logger) error {
 	}
 	router := tunnel.NewRouter(tunnel.RouterConfig{
 		Link: o.tunName, Underlay: u.iface, Public: u.public(), Size: u.sizes, OnResize: resize,
-		MTU: mtu, GSOMaxSize: udp.MaxFrame(u.mtu, u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net), Logger: log,
+		MTU: mtu, GSOMaxSize: udp.MaxFrame(u.mtu, u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net), Kernel: kernel, Logger: log,
 	})
 	if repaired, err := router.Reconcile(); err != nil {
 		dev.Close()
@@ -300,7 +335,7 @@ func run(o *options, log *slog.Logger) error {
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
-	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, kickRouter, st, log)) })
+	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, vx, kickRouter, st, log)) })
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
 		err := dp.Run(runCtx)
@@ -370,7 +405,7 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 // watchPeers chooses a backend for every peer of every snapshot and
 // applies the result: udp endpoints to the peer table, kernel-path routes
 // to the router, the choices to the status.
-func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, kick func(), st *status, log *slog.Logger) error {
+func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, vx *vxlan.Kernel, kick func(), st *status, log *slog.Logger) error {
 	ch, err := store.WatchPeers(ctx, self)
 	if err != nil {
 		return fmt.Errorf("watch peers: %w", err)
@@ -409,6 +444,9 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 		pr := encap.Translate(l.Subnets(), plan)
 		peers.Set(l.Subnets(), pr.Userspace)
 		router.SetPeerRoutes(pr.Routes)
+		if vx != nil {
+			vx.SetPeers(pr.VXLAN)
+		}
 		kick()
 		st.setPeers(view)
 	}
@@ -419,6 +457,9 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 func cleanup(o *options, log *slog.Logger) error {
 	var errs []error
 	if err := tunnel.Cleanup(o.tunName, networks(o.net)); err != nil {
+		errs = append(errs, err)
+	}
+	if err := vxlan.Cleanup(vxlan.DeviceName); err != nil {
 		errs = append(errs, err)
 	}
 	store, err := openStore(o, log)

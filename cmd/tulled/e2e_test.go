@@ -377,6 +377,8 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 		{"no such interface", good, []string{"--iface", "nope0"}, "--iface"},
 		{"address not local", good, []string{"--public-ip", "198.18.0.99"}, "198.18.0.99"},
 		{"bad tun name", good, []string{"--tun", "this-name-is-far-too-long"}, "--tun"},
+		{"bad VNI", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VNI":0}}`, nil, "Backend.VNI"},
+		{"vxlan forced but turned off", netConfWith("vxlan"), []string{"--kernel-vxlan=false"}, "Backend.Type"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -18,8 +18,13 @@ import (
 	"strings"
 )
 
-// DefaultPort is the UDP port of the userspace backend (flannel's udp port).
-const DefaultPort = 8285
+// Defaults: the udp backend's port (flannel's udp port), and flannel's
+// VXLAN network identifier and port.
+const (
+	DefaultPort      = 8285
+	DefaultVNI       = 1
+	DefaultVXLANPort = 8472
+)
 
 // Backend types. BackendAuto (the default) picks, per peer, the fastest
 // backend both nodes speak; any other forces that backend for every peer.
@@ -27,6 +32,7 @@ const (
 	BackendAuto   = "auto"
 	BackendUDP    = "udp"
 	BackendHostGW = "host-gw"
+	BackendVXLAN  = "vxlan"
 )
 
 // Backends returns the backend types a node may publish as its one legacy
@@ -34,7 +40,7 @@ const (
 func Backends() []string { return []string{BackendUDP} }
 
 // Types returns the values Backend.Type accepts.
-func Types() []string { return []string{BackendAuto, BackendUDP, BackendHostGW} }
+func Types() []string { return []string{BackendAuto, BackendUDP, BackendHostGW, BackendVXLAN} }
 
 // Config is a parsed, validated net-conf.json.
 type Config struct {
@@ -54,7 +60,11 @@ type Config struct {
 // Backend selects and configures the encapsulation.
 type Backend struct {
 	Type string
+	// Port is the udp backend's UDP port.
 	Port uint16
+	// VNI and VXLANPort configure VXLAN (flannel's defaults: 1, 8472).
+	VNI       int
+	VXLANPort uint16
 }
 
 // CheckSubnet reports why p cannot be a node subnet of this network: its
@@ -122,8 +132,10 @@ type raw struct {
 	IPv6SubnetMin string
 	IPv6SubnetMax string
 	Backend       *struct {
-		Type string
-		Port *int
+		Type      string
+		Port      *int
+		VNI       *int
+		VXLANPort *int
 	}
 }
 
@@ -187,7 +199,7 @@ func (r *raw) validate() (*Config, error) {
 			return nil, err
 		}
 	}
-	c.Backend = Backend{Type: BackendAuto, Port: DefaultPort}
+	c.Backend = Backend{Type: BackendAuto, Port: DefaultPort, VNI: DefaultVNI, VXLANPort: DefaultVXLANPort}
 	if r.Backend != nil {
 		if r.Backend.Type != "" {
 			c.Backend.Type = r.Backend.Type
@@ -198,6 +210,19 @@ func (r *raw) validate() (*Config, error) {
 				return nil, &FieldError{Field: "Backend.Port", Err: fmt.Errorf("%d is not a UDP port (1-65535)", p)}
 			}
 			c.Backend.Port = uint16(p)
+		}
+		if r.Backend.VNI != nil {
+			if v := *r.Backend.VNI; v < 1 || v > 1<<24-1 {
+				return nil, &FieldError{Field: "Backend.VNI", Err: fmt.Errorf("%d is not a VXLAN network identifier (1-16777215)", v)}
+			}
+			c.Backend.VNI = *r.Backend.VNI
+		}
+		if r.Backend.VXLANPort != nil {
+			p := *r.Backend.VXLANPort
+			if p < 1 || p > 65535 {
+				return nil, &FieldError{Field: "Backend.VXLANPort", Err: fmt.Errorf("%d is not a UDP port (1-65535)", p)}
+			}
+			c.Backend.VXLANPort = uint16(p)
 		}
 	}
 	if !slices.Contains(Types(), c.Backend.Type) {
