@@ -17,12 +17,13 @@ import (
 )
 
 // Path names, as reports use them. Later backends add theirs here
-// (tulle-wireguard, wireguard-go, tulle-vxlan, tulle-vxlan-userspace).
+// (tulle-wireguard, wireguard-go, tulle-vxlan-userspace).
 const (
 	PathRaw         = "raw"
 	PathKernelVXLAN = "kernel-vxlan"
 	PathTulleUDP    = "tulle-udp"
 	PathTulleHostGW = "tulle-hostgw"
+	PathTulleVXLAN  = "tulle-vxlan"
 )
 
 // pathDef is a path the harness knows how to set up.
@@ -43,6 +44,10 @@ var knownPaths = []pathDef{
 	{name: PathTulleUDP, backend: netconf.BackendUDP, netConf: cluster.DefaultNetConf, tun: "tulle0"},
 	{name: PathTulleHostGW, backend: netconf.BackendHostGW, tun: "tullehg0",
 		netConf: `{"Network":"100.112.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:97::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw","Port":8286}}`},
+	// tulle's kernel VXLAN takes port 8473: the kernel-vxlan reference
+	// holds flannel's 8472 in the same run.
+	{name: PathTulleVXLAN, backend: netconf.BackendVXLAN, tun: "tullevx0",
+		netConf: `{"Network":"100.80.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:98::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","Port":8287,"VXLANPort":8473}}`},
 }
 
 // SupportedPaths returns the paths this build can measure, in report order.
@@ -168,7 +173,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 				return env, err
 			}
 			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2"), MTU: underlay - vxlanOverhead})
-		case PathTulleUDP, PathTulleHostGW:
+		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN:
 			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
 			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
 			if err != nil {
@@ -179,15 +184,19 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 				return env, err
 			}
 			mtu := underlay // host-gw: plain routes over the underlay
-			if name == PathTulleUDP {
+			switch name {
+			case PathTulleUDP:
 				st, err := c.Nodes[0].Status(ctx)
 				if err != nil {
 					return env, err
 				}
 				mtu = st.MTU
+			case PathTulleVXLAN:
+				mtu = underlay - vxlanOverhead
 			}
-			// host-gw: the kernel carries the traffic, tulled only routes.
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name != PathTulleHostGW, MTU: mtu, cluster: c})
+			// host-gw and vxlan: the kernel carries the traffic; tulled only
+			// programs it.
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name == PathTulleUDP, MTU: mtu, cluster: c})
 		}
 	}
 	return env, nil
