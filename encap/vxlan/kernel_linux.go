@@ -54,13 +54,19 @@ func Overhead(v6 bool) int {
 }
 
 // Probe reports whether this kernel can make VXLAN devices, by making one
-// and removing it: never assumed from the kernel version.
+// and removing it: never assumed from the kernel version. The probe device
+// takes a random VNI, so it does not collide with VXLAN devices already
+// there (a VNI and port pair is the kernel's key); a collision all the
+// same (EEXIST) proves the kernel has VXLAN.
 func Probe() error {
 	var rnd [3]byte
 	rand.Read(rnd[:])
 	name := "tlvxp" + hex.EncodeToString(rnd[:])
-	l := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: name}, VxlanId: DefaultVNI, Port: DefaultPort}
-	if err := netlink.LinkAdd(l); err != nil {
+	vni := 1<<23 + int(rnd[0])<<8 | int(rnd[1])
+	l := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: name}, VxlanId: vni, Port: DefaultPort}
+	if err := netlink.LinkAdd(l); errors.Is(err, unix.EEXIST) {
+		return nil
+	} else if err != nil {
 		return fmt.Errorf("create a VXLAN device: %w", err)
 	}
 	if err := netlink.LinkDel(l); err != nil {
