@@ -61,6 +61,31 @@ func pingAll(t *testing.T, ns []*cluster.Node) {
 	}
 }
 
+// kernelTransfer checks that a 50 MB transfer over a kernel path arrives
+// intact with (almost) nothing through tulled.
+func kernelTransfer(t *testing.T, from, to *cluster.Node, path string) {
+	t.Helper()
+	before := counter(t, from, "datagrams_out")
+	sent, got := transfer(t, from, to, addr(t, to, false), 50<<20, 0)
+	if sent != got {
+		t.Fatalf("transfer over %s corrupted", path)
+	}
+	if d := counter(t, from, "datagrams_out") - before; d > 100 {
+		t.Errorf("%d datagrams left tulled during a %s transfer; want the kernel to carry it", d, path)
+	}
+}
+
+// leave stops n's tulled and runs its cleanup: the node leaves the cluster.
+func leave(t *testing.T, n *cluster.Node) {
+	t.Helper()
+	if err := n.Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestHostGW forces host-gw on three nodes of one segment: plain routes via
 // each peer's underlay address carry everything, tulled's datapath moves
 // nothing, and a peer that leaves takes its routes with it.
@@ -81,14 +106,7 @@ func TestHostGW(t *testing.T) {
 			strings.Contains(r, sub2[1].String()+" via "+ns[1].IP6.String()+" dev eth0")
 	}, "host-gw routes to n2 (IPv4 and IPv6) on n1")
 	pingAll(t, ns)
-	before := counter(t, ns[0], "datagrams_out")
-	sent, got := transfer(t, ns[0], ns[1], addr(t, ns[1], false), 50<<20, 0)
-	if sent != got {
-		t.Fatal("transfer over host-gw corrupted")
-	}
-	if d := counter(t, ns[0], "datagrams_out") - before; d > 100 {
-		t.Errorf("%d datagrams left tulled during a host-gw transfer; want the kernel to carry it", d)
-	}
+	kernelTransfer(t, ns[0], ns[1], "host-gw")
 	// A restart of n1 never takes its host-gw routes away: watch them
 	// throughout, from before the stop until the new tulled has its peers.
 	sub2, _ := ns[1].Subnets(context.Background())
@@ -127,12 +145,7 @@ func TestHostGW(t *testing.T) {
 
 	// n3 leaves: its routes go from the others.
 	sub3, _ := ns[2].Subnets(context.Background())
-	if err := ns[2].Stop(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := ns[2].Cleanup(); err != nil {
-		t.Fatal(err)
-	}
+	leave(t, ns[2])
 	for _, n := range ns[:2] {
 		waitFor(t, func() bool {
 			r := tulleRoutes(t, n)
@@ -274,21 +287,9 @@ func TestKernelVXLAN(t *testing.T) {
 		}
 	}
 	pingAll(t, ns)
-	before := counter(t, ns[0], "datagrams_out")
-	sent, got := transfer(t, ns[0], ns[1], addr(t, ns[1], false), 50<<20, 0)
-	if sent != got {
-		t.Fatal("transfer over kernel VXLAN corrupted")
-	}
-	if d := counter(t, ns[0], "datagrams_out") - before; d > 100 {
-		t.Errorf("%d datagrams left tulled during a VXLAN transfer; want the kernel to carry it", d)
-	}
+	kernelTransfer(t, ns[0], ns[1], "kernel VXLAN")
 	gone := entriesFor(ns[0], ns[2])
-	if err := ns[2].Stop(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := ns[2].Cleanup(); err != nil {
-		t.Fatal(err)
-	}
+	leave(t, ns[2])
 	for _, n := range ns[:2] {
 		waitFor(t, func() bool {
 			s := state(n)

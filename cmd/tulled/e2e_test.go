@@ -220,12 +220,7 @@ func TestThreeNodes(t *testing.T) {
 	})
 
 	t.Run("a peer that leaves is removed from every table", func(t *testing.T) {
-		if err := ns[2].Stop(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		if err := ns[2].Cleanup(); err != nil {
-			t.Fatal(err)
-		}
+		leave(t, ns[2])
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
 		for _, n := range ns[:2] {

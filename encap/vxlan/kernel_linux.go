@@ -31,6 +31,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/tulle-net/tulle/tunnel"
 )
 
 // Defaults: flannel's, so operators recognise them.
@@ -40,9 +42,6 @@ const (
 	// DeviceName is the VXLAN device tulled creates.
 	DeviceName = "tulle-vx0"
 )
-
-// RouteProtocol marks tulle's routes (the same as tunnel.RouteProtocol).
-const RouteProtocol = netlink.RouteProtocol(116)
 
 // Overhead is what VXLAN adds to an inner packet on an underlay of the
 // given family: outer IP + UDP + VXLAN + inner Ethernet.
@@ -270,7 +269,7 @@ func Gateway(subnet netip.Prefix, mac net.HardwareAddr) netip.Addr {
 
 func (k *Kernel) route(index int, dst netip.Prefix, gw netip.Addr) *netlink.Route {
 	rt := &netlink.Route{LinkIndex: index, Dst: &net.IPNet{IP: dst.Addr().AsSlice(), Mask: net.CIDRMask(dst.Bits(), dst.Addr().BitLen())},
-		Gw: gw.AsSlice(), Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol, Scope: netlink.SCOPE_UNIVERSE, Table: unix.RT_TABLE_MAIN}
+		Gw: gw.AsSlice(), Flags: int(netlink.FLAG_ONLINK), Protocol: tunnel.RouteProtocol, Scope: netlink.SCOPE_UNIVERSE, Table: unix.RT_TABLE_MAIN}
 	for _, p := range k.cfg.Local {
 		if p.Addr().Is4() == dst.Addr().Is4() {
 			rt.Src = p.Addr().AsSlice()
@@ -330,7 +329,7 @@ func (k *Kernel) reconcilePeers(index int) (changed []string, err error) {
 	// Routes: peer subnet via peer gateway, onlink.
 	routes := map[netip.Prefix]netlink.Route{}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rs, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: index, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN},
+		rs, err := netlink.RouteListFiltered(fam, &netlink.Route{LinkIndex: index, Protocol: tunnel.RouteProtocol, Table: unix.RT_TABLE_MAIN},
 			netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return changed, fmt.Errorf("list routes of %s: %w", k.cfg.Name, err)
