@@ -1,14 +1,12 @@
 package udp
 
 import (
-	"encoding/binary"
-	"net"
 	"net/netip"
 	"time"
 
 	"golang.org/x/net/ipv4"
-	"golang.org/x/sys/unix"
 
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -128,7 +126,7 @@ func newReceiver(t *Transport, read readFunc, gro bool) *receiver {
 	r.oobs = make([][]byte, recvBatch)
 	for i := range r.msgs {
 		r.bufs[i] = make([]byte, recvBufSize)
-		r.oobs[i] = make([]byte, unix.CmsgSpace(4)*2)
+		r.oobs[i] = make([]byte, udpsock.OOBSize)
 	}
 	return r
 }
@@ -191,17 +189,16 @@ func (r *receiver) next() {
 	for r.mi++; r.mi < r.n; r.mi++ {
 		m := &r.msgs[r.mi]
 		r.off = 0
-		r.seg = groSize(m.OOB[:m.NN])
+		r.seg = udpsock.GROSize(m.OOB[:m.NN])
 		if r.seg <= 0 || r.seg > m.N {
 			r.seg = m.N
 		}
 		dgs := uint64((m.N + r.seg - 1) / max(r.seg, 1))
-		ua, ok := m.Addr.(*net.UDPAddr)
+		src, ok := udpsock.Source(m)
 		if !ok || m.N == 0 {
 			continue
 		}
-		ap := ua.AddrPort()
-		r.src = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		r.src = src
 		ctr.Add(DatagramsIn, dgs)
 		if !r.t.opt.Accept(r.src) {
 			ctr.Add(DropUnknownSource, dgs)
@@ -210,29 +207,6 @@ func (r *receiver) next() {
 		return
 	}
 }
-
-// groSize returns the UDP_GRO segment size from a control message buffer,
-// or 0.
-func groSize(oob []byte) int {
-	for len(oob) >= unix.CmsgLen(0) {
-		h := (*unix.Cmsghdr)(unsafePointer(oob))
-		l := int(h.Len)
-		if l < unix.CmsgLen(0) || l > len(oob) {
-			return 0
-		}
-		if h.Level == unix.SOL_UDP && h.Type == unix.UDP_GRO && l >= unix.CmsgLen(2) {
-			d := oob[unix.CmsgLen(0):l]
-			if len(d) >= 4 {
-				return int(binary.NativeEndian.Uint32(d))
-			}
-			return int(binary.NativeEndian.Uint16(d))
-		}
-		oob = oob[min(cmsgAlign(l), len(oob)):]
-	}
-	return 0
-}
-
-func cmsgAlign(n int) int { return (n + 7) &^ 7 }
 
 // datagram handles one datagram dg, found at buf[base:]; msg is the rest of
 // its message (for the in-place train fast path). It reports whether f was

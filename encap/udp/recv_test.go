@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/encap/internal/udpsock/udpsocktest"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
@@ -30,32 +32,32 @@ func TestReassemblyBound(t *testing.T) {
 
 	tests := []struct {
 		name        string
-		flood       func(i int) fakeMsg
+		flood       func(i int) udpsocktest.Msg
 		wantBufs    int
 		wantPeers   int
 		wantUnknown uint64
 	}{
-		{"fresh frame ids from one peer endpoint", func(i int) fakeMsg {
-			return fakeMsg{data: trainHead(uint16(i)), src: peer}
+		{"fresh frame ids from one peer endpoint", func(i int) udpsocktest.Msg {
+			return udpsocktest.Msg{Data: trainHead(uint16(i)), Src: peer}
 		}, TrainSlots, 1, 0},
-		{"fresh ports on a peer's address", func(i int) fakeMsg {
-			return fakeMsg{data: trainHead(uint16(i)), src: netip.AddrPortFrom(peer.Addr(), uint16(10000+i%50000))}
+		{"fresh ports on a peer's address", func(i int) udpsocktest.Msg {
+			return udpsocktest.Msg{Data: trainHead(uint16(i)), Src: netip.AddrPortFrom(peer.Addr(), uint16(10000+i%50000))}
 		}, 0, 0, 20000},
-		{"a stranger", func(i int) fakeMsg {
-			return fakeMsg{data: trainHead(uint16(i)), src: netip.MustParseAddrPort("198.18.0.66:8285")}
+		{"a stranger", func(i int) udpsocktest.Msg {
+			return udpsocktest.Msg{Data: trainHead(uint16(i)), Src: netip.MustParseAddrPort("198.18.0.66:8285")}
 		}, 0, 0, 20000},
-		{"many peers", func(i int) fakeMsg {
-			return fakeMsg{data: trainHead(uint16(i)), src: netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 19, byte(i / 250), byte(1 + i%250)}), 8285)}
+		{"many peers", func(i int) udpsocktest.Msg {
+			return udpsocktest.Msg{Data: trainHead(uint16(i)), Src: netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 19, byte(i / 250), byte(1 + i%250)}), 8285)}
 		}, MaxTrainBuffers, 20000, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tr := testTransport()
-			fr := &fakeReader{}
+			fr := &udpsocktest.Reader{}
 			for i := range 20000 {
-				fr.msgs = append(fr.msgs, tt.flood(i))
+				fr.Msgs = append(fr.Msgs, tt.flood(i))
 			}
-			r := newReceiver(tr, fr.read, true)
+			r := newReceiver(tr, fr.Read, true)
 			if pkts, _ := drain(r, 8); len(pkts) != 0 {
 				t.Fatalf("flood produced %d frames", len(pkts))
 			}
@@ -73,7 +75,7 @@ func TestReassemblyBound(t *testing.T) {
 			}
 			// The real peer's train, datagram by datagram, still arrives.
 			for _, d := range good {
-				fr.msgs = append(fr.msgs, fakeMsg{data: d, src: peer})
+				fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d, Src: peer})
 			}
 			r.n, r.mi = 0, 0
 			got, _ := drain(r, 8)
@@ -94,15 +96,15 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	accepted := map[netip.AddrPort]bool{}
 	tr := testTransport()
 	tr.opt.Accept = func(a netip.AddrPort) bool { return accepted[a] }
-	fr := &fakeReader{}
-	r := newReceiver(tr, fr.read, true)
+	fr := &udpsocktest.Reader{}
+	r := newReceiver(tr, fr.Read, true)
 	r.clock = func() time.Time { return now }
 	var srcs []netip.AddrPort
 	for i := range 10 {
 		src := netip.MustParseAddrPort(fmt.Sprintf("198.18.0.%d:8285", i+1))
 		accepted[src] = true
 		srcs = append(srcs, src)
-		fr.msgs = append(fr.msgs, fakeMsg{data: trainHead(1), src: src})
+		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: trainHead(1), Src: src})
 	}
 	drain(r, 8)
 	if len(r.trains.peers) != 10 || r.trains.alloc != 10 {
@@ -113,7 +115,7 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 		delete(accepted, s)
 	}
 	now = now.Add(sweepInterval + time.Millisecond)
-	fr.msgs = append(fr.msgs, fakeMsg{data: []byte{0}, src: srcs[5]})
+	fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: []byte{0}, Src: srcs[5]})
 	r.n, r.mi = 0, 0
 	drain(r, 8)
 	if len(r.trains.peers) != 5 || len(r.trains.free) != 5 {
@@ -121,7 +123,7 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	}
 	// The rest time out.
 	now = now.Add(trainTimeout + sweepInterval)
-	fr.msgs = append(fr.msgs, fakeMsg{data: []byte{0}, src: srcs[5]})
+	fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: []byte{0}, Src: srcs[5]})
 	r.n, r.mi = 0, 0
 	drain(r, 8)
 	if len(r.trains.peers) != 0 || len(r.trains.free) != 10 {
@@ -143,7 +145,7 @@ func TestInterleavedTrains(t *testing.T) {
 	lay := func(p []byte) [][]byte {
 		f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Offload: tuntest.TSO(p, 1400)}
 		tr.sender.pend, tr.sender.used = tr.sender.pend[:0], 0
-		tr.sender.train(&socket{}, nil, &f, 1472)
+		tr.sender.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, 1472)
 		var out [][]byte
 		for b := tr.sender.pend[0].buf; len(b) > 0; {
 			n := min(len(b), tr.sender.pend[0].seg)
@@ -153,11 +155,11 @@ func TestInterleavedTrains(t *testing.T) {
 		return out
 	}
 	d1, d2 := lay(p1), lay(p2)
-	fr := &fakeReader{}
+	fr := &udpsocktest.Reader{}
 	for i := range d1 {
-		fr.msgs = append(fr.msgs, fakeMsg{data: d1[i], src: src}, fakeMsg{data: d2[i], src: src})
+		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d1[i], Src: src}, udpsocktest.Msg{Data: d2[i], Src: src})
 	}
-	got, _ := drain(newReceiver(tr, fr.read, true), 4)
+	got, _ := drain(newReceiver(tr, fr.Read, true), 4)
 	if len(got) != 2 || !bytes.Equal(got[0], p1) || !bytes.Equal(got[1], p2) {
 		t.Fatalf("interleaved trains: got %d frames", len(got))
 	}

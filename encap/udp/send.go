@@ -1,25 +1,14 @@
 package udp
 
 import (
-	"encoding/binary"
-	"errors"
 	"net"
-	"unsafe"
 
-	"golang.org/x/net/ipv4"
-	"golang.org/x/sys/unix"
-
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
-const (
-	// maxGSOSegments is the kernel's per-send limit (UDP_MAX_SEGMENTS was
-	// 64 before Linux 5.?; 64 is safe everywhere).
-	maxGSOSegments = 64
-	// maxGSOBytes bounds one UDP_SEGMENT send (a UDP length is 16 bits).
-	maxGSOBytes = 65000
-	slabSize    = 1 << 20
-)
+// slabSize is the sender's layout buffer: a batch of frames as datagrams.
+const slabSize = 1 << 20
 
 // pending is a run of datagrams to one peer laid out in the slab, waiting
 // for sendmmsg: a train, or single-datagram frames coalesced because they
@@ -41,11 +30,8 @@ type sender struct {
 	used    int
 	scratch []byte
 	pend    []pending
-	msgs    []ipv4.Message
-	segs    []int // UDP_SEGMENT size of msgs[i], 0 for none
-	iovs    [][1][]byte
-	oobs    [][]byte
-	addrs   udpAddrCache
+	w       udpsock.Writer
+	addrs   udpsock.AddrCache
 	frameID uint16
 }
 
@@ -69,7 +55,7 @@ func (s *sender) send(frames []tunnel.Frame) error {
 			ctr.Add(DropSend, 1)
 			continue
 		}
-		addr := s.addrs.get(f.Addr)
+		addr := s.addrs.Get(f.Addr)
 		pkt := f.Packet()
 		maxDg := int(sk.maxDg.Load())
 		switch {
@@ -111,7 +97,7 @@ func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
 	if n := len(s.pend); n > 0 {
 		p := &s.pend[n-1]
 		if p.s == sk && p.addr == addr && !p.closed && len(dg) <= p.seg &&
-			len(p.buf)/p.seg < maxGSOSegments && len(p.buf)+len(dg) <= maxGSOBytes && &p.buf[len(p.buf)-1] == &s.slab[start-1] {
+			len(p.buf)/p.seg < udpsock.MaxGSOSegments && len(p.buf)+len(dg) <= udpsock.MaxGSOBytes && &p.buf[len(p.buf)-1] == &s.slab[start-1] {
 			p.buf = p.buf[:len(p.buf)+len(dg)]
 			p.closed = len(dg) < p.seg
 			return nil
@@ -155,123 +141,29 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int
 	return nil
 }
 
-// addMsg appends one message for buf (a train of seg-size datagrams when
-// seg > 0) to the send list.
-func (s *sender) addMsg(addr *net.UDPAddr, buf []byte, seg int) {
-	i := len(s.msgs)
-	if i == len(s.iovs) {
-		s.iovs = append(s.iovs, [1][]byte{})
-		s.oobs = append(s.oobs, make([]byte, unix.CmsgSpace(2)))
-	}
-	s.iovs[i][0] = buf
-	m := ipv4.Message{Buffers: s.iovs[i][:], Addr: addr}
-	if seg > 0 && len(buf) > seg {
-		m.OOB = putSegmentCmsg(s.oobs[i], uint16(seg))
-	} else {
-		seg = 0
-	}
-	s.msgs = append(s.msgs, m)
-	s.segs = append(s.segs, seg)
-}
-
-// putSegmentCmsg writes a UDP_SEGMENT control message into b.
-func putSegmentCmsg(b []byte, seg uint16) []byte {
-	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
-	h.Level = unix.SOL_UDP
-	h.Type = unix.UDP_SEGMENT
-	h.SetLen(unix.CmsgLen(2))
-	binary.NativeEndian.PutUint16(b[unix.CmsgLen(0):], seg)
-	return b[:unix.CmsgSpace(2)]
-}
-
 // flush sends everything pending, one sendmmsg run per socket.
 func (s *sender) flush() error {
 	defer func() {
 		s.pend = s.pend[:0]
 		s.used = 0
 	}()
+	ctr := s.t.ctr
 	for i := 0; i < len(s.pend); {
 		sk := s.pend[i].s
-		s.msgs, s.segs = s.msgs[:0], s.segs[:0]
-		gso := !sk.gsoOff.Load()
 		for ; i < len(s.pend) && s.pend[i].s == sk; i++ {
 			p := s.pend[i]
-			per := 1
-			if gso {
-				per = min(maxGSOSegments, maxGSOBytes/p.seg)
-			}
-			for b := p.buf; len(b) > 0; {
-				n := min(len(b), per*p.seg)
-				s.addMsg(p.addr, b[:n], p.seg)
-				b = b[n:]
-			}
+			s.w.Add(sk.Socket, p.addr, p.buf, p.seg)
 		}
-		if err := s.write(sk); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// write sends s.msgs on sk. A GSO send that fails with EIO (the egress
-// device cannot checksum-offload) turns GSO off for the socket and resends
-// the rest as plain datagrams; other per-message errors drop that message.
-func (s *sender) write(sk *socket) error {
-	ctr := s.t.ctr
-	for i := 0; i < len(s.msgs); {
-		n, err := sk.bc.WriteBatch(s.msgs[i:], 0)
-		for j := i; j < i+n; j++ {
-			ctr.Add(DatagramsOut, uint64(datagrams(len(s.msgs[j].Buffers[0]), s.segs[j])))
-		}
-		i += n
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, net.ErrClosed) {
-			return err
-		}
-		if errors.Is(err, unix.EIO) && s.segs[i] > 0 && !sk.gsoOff.Swap(true) {
+		r, err := s.w.Flush(sk.Socket)
+		ctr.Add(DatagramsOut, uint64(r.Datagrams))
+		ctr.Add(DropSend, uint64(r.Dropped))
+		if r.FellBack {
 			ctr.Add(GSOFallbacks, 1)
-			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.name)
+			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.Name)
 		}
-		if sk.gsoOff.Load() && s.segs[i] > 0 {
-			s.splitFrom(i)
-			continue
+		if err != nil {
+			return err
 		}
-		ctr.Add(DropSend, 1)
-		i++
 	}
 	return nil
-}
-
-// splitFrom rewrites the GSO messages from index i on into single datagrams.
-func (s *sender) splitFrom(i int) {
-	type rest struct {
-		addr *net.UDPAddr
-		buf  []byte
-		seg  int
-	}
-	var tail []rest
-	for j := i; j < len(s.msgs); j++ {
-		tail = append(tail, rest{s.msgs[j].Addr.(*net.UDPAddr), s.msgs[j].Buffers[0], s.segs[j]})
-	}
-	s.msgs, s.segs = s.msgs[:i], s.segs[:i]
-	for _, r := range tail {
-		if r.seg == 0 {
-			s.addMsg(r.addr, r.buf, 0)
-			continue
-		}
-		for b := r.buf; len(b) > 0; {
-			n := min(len(b), r.seg)
-			s.addMsg(r.addr, b[:n], 0)
-			b = b[n:]
-		}
-	}
-}
-
-func datagrams(n, seg int) int {
-	if seg == 0 {
-		return 1
-	}
-	return (n + seg - 1) / seg
 }

@@ -10,6 +10,8 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/encap/internal/udpsock/udpsocktest"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
@@ -39,7 +41,7 @@ func (c *eioConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestGSOFallbackOnEIO(t *testing.T) {
 	tr := testTransport()
 	fc := &eioConn{}
-	tr.socks = []*socket{{conn: nil, bc: fc}}
+	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: fc}}}
 	tr.socks[0].maxDg.Store(1472)
 	tr.sender.init(tr)
 	dst := netip.MustParseAddrPort("198.18.0.2:8285")
@@ -52,7 +54,7 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	if err := tr.Send(frames); err != nil {
 		t.Fatal(err)
 	}
-	if !tr.socks[0].gsoOff.Load() {
+	if tr.socks[0].GSO() {
 		t.Fatal("GSO still on after EIO")
 	}
 	if n := tr.ctr.Get(GSOFallbacks); n != 1 {
@@ -66,11 +68,11 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 		t.Fatalf("sent %d datagrams, want %d", len(fc.sent), want)
 	}
 	// They reassemble into the original frames.
-	fr := &fakeReader{}
+	fr := &udpsocktest.Reader{}
 	for _, d := range fc.sent {
-		fr.msgs = append(fr.msgs, fakeMsg{data: d, src: dst})
+		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d, Src: dst})
 	}
-	got, _ := drain(newReceiver(testTransport(), fr.read, true), 4)
+	got, _ := drain(newReceiver(testTransport(), fr.Read, true), 4)
 	if len(got) != 3 || !bytes.Equal(got[0], small) || !bytes.Equal(got[1], big) || !bytes.Equal(got[2], big) {
 		t.Fatalf("fallback datagrams did not reassemble into the 3 frames (%d came out)", len(got))
 	}
@@ -107,7 +109,7 @@ func (c *recConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestSingleDatagramsCoalesce(t *testing.T) {
 	tr := testTransport()
 	rc := &recConn{}
-	tr.socks = []*socket{{bc: rc}}
+	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: rc}}}
 	tr.socks[0].maxDg.Store(1472)
 	tr.sender.init(tr)
 	b, c := netip.MustParseAddrPort("198.18.0.2:8285"), netip.MustParseAddrPort("198.18.0.3:8285")

@@ -4,15 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
-	"golang.org/x/sys/unix"
-
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -47,30 +42,14 @@ type Transport struct {
 
 var _ tunnel.Transport = (*Transport)(nil)
 
-// batchConn is what x/net's ipv4 and ipv6 PacketConns have in common.
-type batchConn interface {
-	ReadBatch(ms []ipv4.Message, flags int) (int, error)
-	WriteBatch(ms []ipv4.Message, flags int) (int, error)
-}
-
 type socket struct {
-	name   string // local address, for logs
-	v6     bool
-	conn   *net.UDPConn
-	bc     batchConn
-	maxDg  atomic.Int32 // largest UDP payload that fits the underlay MTU
-	gsoOff atomic.Bool  // UDP GSO failed (EIO) or is disabled
-	gro    bool
+	*udpsock.Socket
+	maxDg atomic.Int32 // largest UDP payload that fits the underlay MTU
 }
 
 // MaxPayload returns the largest UDP payload per datagram for an underlay
 // of the given MTU and family.
-func MaxPayload(mtu int, v6 bool) int {
-	if v6 {
-		return mtu - 40 - 8
-	}
-	return mtu - 20 - 8
-}
+func MaxPayload(mtu int, v6 bool) int { return udpsock.Payload(mtu, v6) }
 
 // InnerMTU is the TUN MTU for an underlay MTU: the largest plain packet
 // that fits one datagram with header and descriptor.
@@ -81,7 +60,7 @@ func InnerMTU(mtu int, v6 bool) int { return MaxPayload(mtu, v6) - Overhead }
 // maxGSOSegments datagrams and maxGSOBytes bytes.
 func MaxFrame(mtu int, v6 bool) int {
 	dg := MaxPayload(mtu, v6)
-	return min(min(maxGSOSegments, maxGSOBytes/dg)*(dg-HeaderLen)-DescLen, 65536)
+	return min(min(udpsock.MaxGSOSegments, udpsock.MaxGSOBytes/dg)*(dg-HeaderLen)-DescLen, 65536)
 }
 
 // SetMTU follows an underlay MTU change: datagrams are cut to fit it from
@@ -89,7 +68,7 @@ func MaxFrame(mtu int, v6 bool) int {
 // just becomes a longer train).
 func (t *Transport) SetMTU(mtu int) {
 	for _, s := range t.socks {
-		s.maxDg.Store(int32(MaxPayload(mtu, s.v6)))
+		s.maxDg.Store(int32(MaxPayload(mtu, s.V6)))
 	}
 }
 
@@ -127,43 +106,13 @@ func New(opt Options) (*Transport, error) {
 }
 
 func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
-	v6 := la.Addr().Is6() && !la.Addr().Is4In6()
-	network := "udp4"
-	if v6 {
-		network = "udp6"
-	}
-	c, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(la))
+	us, err := udpsock.Listen(la, t.opt.DisableGSO, t.opt.DisableGRO)
 	if err != nil {
-		return nil, fmt.Errorf("udp transport: listen %s: %w", la, err)
+		return nil, fmt.Errorf("udp transport: %w", err)
 	}
-	s := &socket{name: c.LocalAddr().String(), v6: v6, conn: c}
-	s.maxDg.Store(int32(MaxPayload(t.opt.MTU, v6)))
-	if v6 {
-		s.bc = ipv6.NewPacketConn(c)
-	} else {
-		s.bc = ipv4.NewPacketConn(c)
-	}
-	s.gsoOff.Store(t.opt.DisableGSO)
-	// Large socket buffers absorb bursts of 64 KB trains; FORCE works as
-	// root past net.core.[rw]mem_max, the plain call is the fallback.
-	rc, err := c.SyscallConn()
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	rc.Control(func(fd uintptr) {
-		const bufSize = 8 << 20
-		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, bufSize) != nil {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, bufSize)
-		}
-		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, bufSize) != nil {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, bufSize)
-		}
-		if !t.opt.DisableGRO {
-			s.gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
-		}
-	})
-	t.log.Info("udp transport listening", "addr", c.LocalAddr(), "gso", !s.gsoOff.Load(), "gro", s.gro, "max_datagram", s.maxDg.Load())
+	s := &socket{Socket: us}
+	s.maxDg.Store(int32(MaxPayload(t.opt.MTU, s.V6)))
+	t.log.Info("udp transport listening", "addr", s.Name, "gso", s.GSO(), "gro", s.GRO, "max_datagram", s.maxDg.Load())
 	return s, nil
 }
 
@@ -171,7 +120,7 @@ func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
 func (t *Transport) LocalAddrs() []netip.AddrPort {
 	var out []netip.AddrPort
 	for _, s := range t.socks {
-		out = append(out, s.conn.LocalAddr().(*net.UDPAddr).AddrPort())
+		out = append(out, s.LocalAddr())
 	}
 	return out
 }
@@ -183,16 +132,16 @@ func (t *Transport) Close() error {
 	}
 	var errs []error
 	for _, s := range t.socks {
-		errs = append(errs, s.conn.Close())
+		errs = append(errs, s.Conn.Close())
 	}
 	return errors.Join(errs...)
 }
 
 // sockFor returns the socket of dst's family.
 func (t *Transport) sockFor(dst netip.AddrPort) *socket {
-	v6 := dst.Addr().Is6() && !dst.Addr().Is4In6()
+	v6 := udpsock.Is6(dst.Addr())
 	for _, s := range t.socks {
-		if s.v6 == v6 {
+		if s.V6 == v6 {
 			return s
 		}
 	}
@@ -203,29 +152,8 @@ func (t *Transport) sockFor(dst netip.AddrPort) *socket {
 func (t *Transport) Receivers() []tunnel.ReceiveFunc {
 	var fns []tunnel.ReceiveFunc
 	for _, s := range t.socks {
-		r := newReceiver(t, s.bc.ReadBatch, s.gro)
+		r := newReceiver(t, s.BC.ReadBatch, s.GRO)
 		fns = append(fns, r.receive)
 	}
 	return fns
-}
-
-// udpAddrCache maps peers to the *net.UDPAddr x/net wants, so sends do not
-// allocate. Used by the sending goroutine only.
-type udpAddrCache struct {
-	mu sync.Mutex
-	m  map[netip.AddrPort]*net.UDPAddr
-}
-
-func (c *udpAddrCache) get(a netip.AddrPort) *net.UDPAddr {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if u, ok := c.m[a]; ok {
-		return u
-	}
-	if c.m == nil || len(c.m) > 4096 {
-		c.m = map[netip.AddrPort]*net.UDPAddr{}
-	}
-	u := net.UDPAddrFromAddrPort(a)
-	c.m[a] = u
-	return u
 }

@@ -5,12 +5,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"testing"
 
-	"golang.org/x/net/ipv4"
-
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/encap/internal/udpsock/udpsocktest"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
@@ -62,43 +61,6 @@ func TestParseHeaderRejects(t *testing.T) {
 	}
 }
 
-// fakeReader serves prepared messages to a receiver, as recvmmsg would.
-type fakeReader struct {
-	msgs []fakeMsg
-}
-
-type fakeMsg struct {
-	data []byte
-	gso  int
-	src  netip.AddrPort
-}
-
-func (f *fakeReader) read(ms []ipv4.Message, _ int) (int, error) {
-	if len(f.msgs) == 0 {
-		return 0, net.ErrClosed
-	}
-	n := 0
-	for n < len(ms) && len(f.msgs) > 0 {
-		m := f.msgs[0]
-		f.msgs = f.msgs[1:]
-		ms[n].N = copy(ms[n].Buffers[0], m.data)
-		ms[n].NN = 0
-		if m.gso > 0 {
-			ms[n].NN = len(groCmsg(ms[n].OOB, m.gso))
-		}
-		ms[n].Addr = net.UDPAddrFromAddrPort(m.src)
-		n++
-	}
-	return n, nil
-}
-
-func groCmsg(b []byte, gso int) []byte {
-	out := putSegmentCmsg(b, uint16(gso))
-	h := out[:16]
-	h[12] = 104 // UDP_GRO rather than UDP_SEGMENT
-	return out
-}
-
 // drain runs a receiver until its reader is exhausted and returns copies of
 // every frame's packet, with the frames themselves for inspection.
 func drain(r *receiver, room int) (pkts [][]byte, frames []tunnel.Frame) {
@@ -126,7 +88,7 @@ func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	tr := testTransport()
 	tr.sender.init(tr)
 	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
-	tr.sender.train(&socket{}, nil, &f, maxDg) // lays out only: no socket is touched
+	tr.sender.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, maxDg) // lays out only: no socket is touched
 	p := tr.sender.pend[0]
 	var dgs [][]byte
 	for b := p.buf; len(b) > 0; {
@@ -146,33 +108,33 @@ func TestTrainReassembly(t *testing.T) {
 		t.Fatalf("20040-byte packet laid out in %d datagrams, want 14", len(dgs))
 	}
 	joined := bytes.Join(dgs, nil)
-	split := func(dgs ...[]byte) []fakeMsg {
-		var m []fakeMsg
+	split := func(dgs ...[]byte) []udpsocktest.Msg {
+		var m []udpsocktest.Msg
 		for _, d := range dgs {
-			m = append(m, fakeMsg{data: d, src: src})
+			m = append(m, udpsocktest.Msg{Data: d, Src: src})
 		}
 		return m
 	}
 	tests := []struct {
 		name       string
-		msgs       []fakeMsg
+		msgs       []udpsocktest.Msg
 		frames     int
 		incomplete uint64
 	}{
-		{"one GRO message (in place)", []fakeMsg{{data: joined, gso: 1472, src: src}}, 1, 0},
+		{"one GRO message (in place)", []udpsocktest.Msg{{Data: joined, GSO: 1472, Src: src}}, 1, 0},
 		{"datagram by datagram", split(dgs...), 1, 0},
-		{"GRO split in two", []fakeMsg{{data: bytes.Join(dgs[:5], nil), gso: 1472, src: src}, {data: bytes.Join(dgs[5:], nil), gso: 1472, src: src}}, 1, 0},
+		{"GRO split in two", []udpsocktest.Msg{{Data: bytes.Join(dgs[:5], nil), GSO: 1472, Src: src}, {Data: bytes.Join(dgs[5:], nil), GSO: 1472, Src: src}}, 1, 0},
 		{"lost middle datagram", split(append(append([][]byte{}, dgs[:6]...), dgs[7:]...)...), 0, 1},
 		{"lost first datagram", split(dgs[1:]...), 0, 1},
 		{"reordered", split(append(append(append([][]byte{}, dgs[:3]...), dgs[4], dgs[3]), dgs[5:]...)...), 0, 1},
 		{"duplicate then whole", split(append(append([][]byte{}, dgs[:3]...), dgs...)...), 1, 1},
-		{"unknown source", []fakeMsg{{data: joined, gso: 1472, src: netip.MustParseAddrPort("198.18.0.66:8285")}}, 0, 0},
+		{"unknown source", []udpsocktest.Msg{{Data: joined, GSO: 1472, Src: netip.MustParseAddrPort("198.18.0.66:8285")}}, 0, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tr := testTransport()
-			fr := &fakeReader{msgs: tt.msgs}
-			pkts, frames := drain(newReceiver(tr, fr.read, true), 4)
+			fr := &udpsocktest.Reader{Msgs: tt.msgs}
+			pkts, frames := drain(newReceiver(tr, fr.Read, true), 4)
 			for i, f := range frames {
 				if !bytes.Equal(pkts[i], pkt) || f.Offload != o || f.Addr != src {
 					t.Fatalf("frame differs: %d bytes (want %d), offload %+v (want %+v), from %s", len(pkts[i]), len(pkt), f.Offload, o, f.Addr)
@@ -203,7 +165,7 @@ func TestReceiveManySmallPacketsInOneGROMessage(t *testing.T) {
 		msg = append(append(msg, h...), p...)
 	}
 	tr := testTransport()
-	got, _ := drain(newReceiver(tr, (&fakeReader{msgs: []fakeMsg{{data: msg, gso: HeaderLen + 540, src: src}}}).read, true), 16)
+	got, _ := drain(newReceiver(tr, (&udpsocktest.Reader{Msgs: []udpsocktest.Msg{{Data: msg, GSO: HeaderLen + 540, Src: src}}}).Read, true), 16)
 	if len(got) != 40 {
 		t.Fatalf("got %d packets, want 40", len(got))
 	}
@@ -231,8 +193,8 @@ func FuzzDecap(f *testing.F) {
 		}
 		tr := testTransport()
 		src := netip.MustParseAddrPort("198.18.0.2:8285")
-		fr := &fakeReader{msgs: []fakeMsg{{data: data, gso: int(gso), src: src}, {data: data, src: src}}}
-		r := newReceiver(tr, fr.read, true)
+		fr := &udpsocktest.Reader{Msgs: []udpsocktest.Msg{{Data: data, GSO: int(gso), Src: src}, {Data: data, Src: src}}}
+		r := newReceiver(tr, fr.Read, true)
 		frames := make([]tunnel.Frame, 3)
 		for range 1000 {
 			n, err := r.receive(frames)
