@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"time"
+
+	"github.com/tulle-net/tulle/internal/inet"
 )
 
 // tokenBucket limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f). Used by
@@ -55,12 +57,12 @@ func tooBig(out, pkt []byte, from netip.Addr, mtu int) int {
 		s4 := src.As4()
 		copy(h[12:16], f4[:])
 		copy(h[16:20], s4[:])
-		binary.BigEndian.PutUint16(h[10:], ^checksum(h[:20], 0))
+		binary.BigEndian.PutUint16(h[10:], inet.Checksum(h[:20], 0))
 		ic := h[20:]
 		ic[0], ic[1] = 3, 4 // destination unreachable, fragmentation needed
 		binary.BigEndian.PutUint16(ic[6:], uint16(mtu))
 		copy(ic[8:], pkt[:quote])
-		binary.BigEndian.PutUint16(ic[2:], ^checksum(ic[:8+quote], 0))
+		binary.BigEndian.PutUint16(ic[2:], inet.Checksum(ic[:8+quote], 0))
 		return n
 	}
 	if !from.Is6() || pkt[6] == 58 && len(pkt) > 40 && pkt[40] < 128 {
@@ -80,30 +82,6 @@ func tooBig(out, pkt []byte, from netip.Addr, mtu int) int {
 	ic[0] = 2 // packet too big
 	binary.BigEndian.PutUint32(ic[4:], uint32(mtu))
 	copy(ic[8:], pkt[:quote])
-	binary.BigEndian.PutUint16(ic[2:], ^checksum(ic[:8+quote], pseudoHeader6(h[8:40], 58, 8+quote)))
+	binary.BigEndian.PutUint16(ic[2:], inet.Checksum(ic[:8+quote], inet.PseudoHeader(h[8:24], h[24:40], 58, 8+quote)))
 	return n
-}
-
-func pseudoHeader6(addrs []byte, proto byte, length int) uint32 {
-	var s uint32
-	for i := 0; i+1 < len(addrs); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(addrs[i:]))
-	}
-	return s + uint32(proto) + uint32(length)
-}
-
-// checksum folds the RFC 1071 sum of b onto initial.
-func checksum(b []byte, initial uint32) uint16 {
-	s := initial
-	for len(b) >= 2 {
-		s += uint32(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		s += uint32(b[0]) << 8
-	}
-	for s>>16 != 0 {
-		s = s&0xffff + s>>16
-	}
-	return uint16(s)
 }
