@@ -58,7 +58,7 @@ func TestSegment(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			pkt := tuntest.TCP(tt.src, tt.dst, tt.payload)
 			ip := tuntest.IPHeaderLen(pkt)
-			pkt[ip+13] = 0x19 | tcpCWRIf(tt.ecn) // FIN PSH ACK (+CWR)
+			pkt[ip+13] = 0x19 | tcpCWRIf(tt.ecn)               // FIN PSH ACK (+CWR)
 			binary.BigEndian.PutUint32(pkt[ip+4:], 0xfffff000) // sequence numbers wrap
 			o := tuntest.TSO(pkt, tt.mss)
 			if tt.ecn {
