@@ -7,9 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/encap/internal/udpsock/udpsocktest"
-	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
 
@@ -142,19 +140,7 @@ func TestInterleavedTrains(t *testing.T) {
 	p2 := tuntest.TCP(netip.MustParseAddr("100.96.2.2"), netip.MustParseAddr("100.96.1.1"), 9000)
 	tr := testTransport()
 	tr.sender.init(tr)
-	lay := func(p []byte) [][]byte {
-		f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Offload: tuntest.TSO(p, 1400)}
-		tr.sender.pend, tr.sender.used = tr.sender.pend[:0], 0
-		tr.sender.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, 1472)
-		var out [][]byte
-		for b := tr.sender.pend[0].buf; len(b) > 0; {
-			n := min(len(b), tr.sender.pend[0].seg)
-			out = append(out, append([]byte(nil), b[:n]...))
-			b = b[n:]
-		}
-		return out
-	}
-	d1, d2 := lay(p1), lay(p2)
+	d1, d2 := layoutOn(tr, p1, tuntest.TSO(p1, 1400), 1472), layoutOn(tr, p2, tuntest.TSO(p2, 1400), 1472)
 	fr := &udpsocktest.Reader{}
 	for i := range d1 {
 		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d1[i], Src: src}, udpsocktest.Msg{Data: d2[i], Src: src})

@@ -10,34 +10,19 @@ import (
 // slabSize is the sender's layout buffer: a batch of frames as datagrams.
 const slabSize = 1 << 20
 
-// pending is a run of datagrams to one peer laid out in the slab, waiting
-// for sendmmsg: a train, or single-datagram frames coalesced because they
-// share a destination and a size. All datagrams but the last are seg bytes,
-// which is the shape UDP GSO sends in one message.
-type pending struct {
-	s      *socket
-	addr   *net.UDPAddr
-	buf    []byte
-	seg    int  // datagram size (all but the last)
-	closed bool // a shorter last datagram or a train: nothing may follow
-}
-
 // sender lays frames out as datagrams and sends them. Send is called by the
 // datapath's tx goroutine only.
 type sender struct {
 	t       *Transport
-	slab    []byte
-	used    int
+	b       *udpsock.Batch
 	scratch []byte
-	pend    []pending
-	w       udpsock.Writer
 	addrs   udpsock.AddrCache
 	frameID uint16
 }
 
 func (s *sender) init(t *Transport) {
 	s.t = t
-	s.slab = make([]byte, slabSize)
+	s.b = udpsock.NewBatch(slabSize)
 	s.scratch = make([]byte, tunnel.BufSize+DescLen)
 }
 
@@ -82,28 +67,15 @@ func (s *sender) send(frames []tunnel.Frame) error {
 	return s.flush()
 }
 
-// single queues one datagram. It joins the previous run when that run goes
-// to the same peer with datagrams of the same size (this one may be
-// shorter, and then ends the run), so a burst of small packets to one peer
-// leaves in one UDP GSO send instead of one message each.
+// single queues one datagram; the batch joins it to the previous one when
+// they share a peer and a size.
 func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
-	if s.used+len(dg) > len(s.slab) {
+	if len(s.b.Room()) < len(dg) {
 		if err := s.flush(); err != nil {
 			return err
 		}
 	}
-	start := s.used
-	s.used += copy(s.slab[start:], dg)
-	if n := len(s.pend); n > 0 {
-		p := &s.pend[n-1]
-		if p.s == sk && p.addr == addr && !p.closed && len(dg) <= p.seg &&
-			len(p.buf)/p.seg < udpsock.MaxGSOSegments && len(p.buf)+len(dg) <= udpsock.MaxGSOBytes && &p.buf[len(p.buf)-1] == &s.slab[start-1] {
-			p.buf = p.buf[:len(p.buf)+len(dg)]
-			p.closed = len(dg) < p.seg
-			return nil
-		}
-	}
-	s.pend = append(s.pend, pending{s: sk, addr: addr, buf: s.slab[start:s.used], seg: len(dg)})
+	s.b.Commit(sk.Socket, addr, copy(s.b.Room(), dg), len(dg))
 	return nil
 }
 
@@ -125,45 +97,31 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int
 		return nil
 	}
 	need := len(frame) + count*HeaderLen
-	if s.used+need > len(s.slab) {
+	if len(s.b.Room()) < need {
 		if err := s.flush(); err != nil {
 			return err
 		}
 	}
 	s.frameID++
-	start := s.used
+	room, n := s.b.Room(), 0
 	for i := 0; i < count; i++ {
 		c := frame[i*chunk : min((i+1)*chunk, len(frame))]
-		Header{Type: TypeFrame, FrameID: s.frameID, Index: uint8(i), Count: uint8(count)}.Marshal(s.slab[s.used:])
-		s.used += HeaderLen + copy(s.slab[s.used+HeaderLen:], c)
+		Header{Type: TypeFrame, FrameID: s.frameID, Index: uint8(i), Count: uint8(count)}.Marshal(room[n:])
+		n += HeaderLen + copy(room[n+HeaderLen:], c)
 	}
-	s.pend = append(s.pend, pending{s: sk, addr: addr, buf: s.slab[start:s.used], seg: HeaderLen + chunk, closed: true})
+	s.b.Commit(sk.Socket, addr, n, HeaderLen+chunk)
 	return nil
 }
 
 // flush sends everything pending, one sendmmsg run per socket.
 func (s *sender) flush() error {
-	defer func() {
-		s.pend = s.pend[:0]
-		s.used = 0
-	}()
 	ctr := s.t.ctr
-	for i := 0; i < len(s.pend); {
-		sk := s.pend[i].s
-		for ; i < len(s.pend) && s.pend[i].s == sk; i++ {
-			p := s.pend[i]
-			s.w.Add(sk.Socket, p.addr, p.buf, p.seg)
-		}
-		r, err := s.w.Flush(sk.Socket)
+	return s.b.Flush(func(sk *udpsock.Socket, r udpsock.Result) {
 		ctr.Add(DatagramsOut, uint64(r.Datagrams))
 		ctr.Add(DropSend, uint64(r.Dropped))
 		if r.FellBack {
 			ctr.Add(GSOFallbacks, 1)
 			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.Name)
 		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+	})
 }

@@ -87,16 +87,14 @@ func testTransport() *Transport {
 func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	tr := testTransport()
 	tr.sender.init(tr)
+	return layoutOn(tr, pkt, o, maxDg)
+}
+
+// layoutOn lays out on tr's sender, whose frame ids go on counting.
+func layoutOn(tr *Transport, pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
 	tr.sender.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, maxDg) // lays out only: no socket is touched
-	p := tr.sender.pend[0]
-	var dgs [][]byte
-	for b := p.buf; len(b) > 0; {
-		n := min(len(b), p.seg)
-		dgs = append(dgs, append([]byte(nil), b[:n]...))
-		b = b[n:]
-	}
-	return dgs
+	return tr.sender.b.Queued()
 }
 
 func TestTrainReassembly(t *testing.T) {
