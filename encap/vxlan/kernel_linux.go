@@ -1,6 +1,9 @@
-// Package vxlan is tulle's kernel VXLAN backend: one VXLAN device, programmed
-// per peer the way flannel's vxlan backend does it (its L3 model), so the
-// kernel carries the traffic and tulled moves no packets:
+// Package vxlan is tulle's VXLAN backend, in two forms that speak one wire
+// format (RFC 7348, flannel's L3 model) and so form one cluster:
+//
+// Kernel: one VXLAN device, programmed per peer the way flannel's vxlan
+// backend does it, so the kernel carries the traffic and tulled moves no
+// packets:
 //
 //	FDB entry        peer VTEP MAC → peer underlay address   (bridge fdb, permanent)
 //	neighbour entry  peer gateway → peer VTEP MAC (permanent)
@@ -16,6 +19,11 @@
 // The package owns its device and every entry on it, and nothing else. A
 // peer that leaves takes its entries with it; the device (and so every
 // entry) goes with Cleanup.
+//
+// Userspace: when this node's kernel has no VXLAN (or it is turned off),
+// Userspace speaks the same datagrams from tulled's datapath, a
+// tunnel.Transport: to a peer's kernel the node looks like one more VXLAN
+// device (VTEP MAC and address published in its lease).
 package vxlan
 
 import (

@@ -113,9 +113,7 @@ func NewUserspace(cfg UserspaceConfig) (*Userspace, error) {
 	if !cfg.Local4.IsValid() && !cfg.Local6.IsValid() {
 		return nil, errors.New("userspace vxlan: no local address to bind")
 	}
-	u := &Userspace{cfg: cfg, ctr: cfg.Counters, log: cfg.Logger}
-	u.vni = [3]byte{byte(cfg.VNI >> 16), byte(cfg.VNI >> 8), byte(cfg.VNI)}
-	u.peers.Store(&peerSet{})
+	u := newUserspace(cfg)
 	for _, a := range []netip.Addr{cfg.Local4, cfg.Local6} {
 		if !a.IsValid() {
 			continue
@@ -130,8 +128,16 @@ func NewUserspace(cfg UserspaceConfig) (*Userspace, error) {
 		u.socks = append(u.socks, vs)
 		u.log.Info("userspace vxlan listening", "addr", s.Name, "vni", cfg.VNI, "mac", cfg.MAC, "gso", s.GSO(), "gro", s.GRO)
 	}
-	u.sender.init(u)
 	return u, nil
+}
+
+// newUserspace returns a Userspace without sockets.
+func newUserspace(cfg UserspaceConfig) *Userspace {
+	u := &Userspace{cfg: cfg, ctr: cfg.Counters, log: cfg.Logger}
+	u.vni = [3]byte{byte(cfg.VNI >> 16), byte(cfg.VNI >> 8), byte(cfg.VNI)}
+	u.peers.Store(&peerSet{})
+	u.sender.init(u)
+	return u
 }
 
 // SetPeers replaces the peers. Frames to any other endpoint are dropped;

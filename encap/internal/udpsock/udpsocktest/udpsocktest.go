@@ -56,3 +56,47 @@ func putGRO(b []byte, seg int) int {
 	binary.NativeEndian.PutUint32(b[unix.CmsgLen(0):], uint32(seg))
 	return unix.CmsgSpace(4)
 }
+
+// Conn records what is written to it, each GSO message split into its
+// datagrams as the kernel would put them on the wire; reads report
+// net.ErrClosed. It satisfies udpsock.BatchConn.
+type Conn struct {
+	// Sent are the datagrams written, Src holding the destination.
+	Sent []Msg
+	// Messages counts the messages (sendmmsg entries) written.
+	Messages int
+}
+
+// ReadBatch implements udpsock.BatchConn.
+func (c *Conn) ReadBatch([]ipv4.Message, int) (int, error) { return 0, net.ErrClosed }
+
+// WriteBatch implements udpsock.BatchConn.
+func (c *Conn) WriteBatch(ms []ipv4.Message, _ int) (int, error) {
+	for _, m := range ms {
+		c.Messages++
+		data := m.Buffers[0]
+		seg := segment(m.OOB)
+		if seg == 0 {
+			seg = len(data)
+		}
+		dst := m.Addr.(*net.UDPAddr).AddrPort()
+		for len(data) > 0 {
+			n := min(seg, len(data))
+			c.Sent = append(c.Sent, Msg{Data: append([]byte(nil), data[:n]...), Src: dst})
+			data = data[n:]
+		}
+	}
+	return len(ms), nil
+}
+
+// segment reads a UDP_SEGMENT control message, or 0.
+func segment(oob []byte) int {
+	if len(oob) < unix.CmsgLen(2) {
+		return 0
+	}
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	if h.Level != unix.SOL_UDP || h.Type != unix.UDP_SEGMENT {
+		return 0
+	}
+	return int(binary.NativeEndian.Uint16(oob[unix.CmsgLen(0):]))
+}
