@@ -4,9 +4,10 @@
 // this node's facts and the peer's lease, so both ends of a pair reach the
 // same answer and every rule is table-tested without root.
 //
-// Kernel backends (host-gw) move no packets: tulled only programs routes
-// for them (tunnel.Router). Userspace backends (udp, in encap/udp) move
-// packets through tunnel.Transport. The package reads leases; it never
+// Kernel backends (host-gw, the kernel's VXLAN) move no packets: tulled
+// only programs routes, devices and entries for them (tunnel.Router,
+// encap/vxlan.Kernel). Userspace backends (udp, VXLAN in userspace) move
+// packets; Mux presents them to the datapath as one tunnel.Transport. The package reads leases; it never
 // stores them and never touches the TUN device.
 package encap
 
@@ -33,9 +34,21 @@ const (
 	Auto   = netconf.BackendAuto
 )
 
-// preference orders the backends auto mode tries, fastest first: plain
-// routes, the kernel's VXLAN, then the userspace UDP datapath.
+// preference orders the backends, fastest first: plain routes, the
+// kernel's VXLAN, then the userspace datapath.
 var preference = []string{HostGW, VXLAN, UDP}
+
+// candidate is one step of auto mode's order.
+type candidate struct {
+	backend string
+	// kernelOnly: VXLAN only when both ends' kernels speak it. VXLAN from a
+	// datapath (either end) comes after udp, which a userspace path moves
+	// faster.
+	kernelOnly bool
+}
+
+// autoOrder is what auto mode tries, in order.
+var autoOrder = []candidate{{HostGW, false}, {VXLAN, true}, {UDP, false}, {VXLAN, false}}
 
 // Caps are the backends a node speaks. A nil entry is a backend it does not
 // speak (or that did not parse).
@@ -46,11 +59,15 @@ type Caps struct {
 }
 
 // VXLANCaps is what a peer needs for VXLAN: the network identifier and
-// port (both ends must agree) and this node's VTEP MAC.
+// port (both ends must agree) and this node's VTEP MAC. Userspace says the
+// node speaks VXLAN from its datapath (encap/vxlan.Userspace) rather than
+// through its kernel; absent, as tulleds before it published, it is the
+// kernel.
 type VXLANCaps struct {
-	VNI  int    `json:"vni"`
-	Port int    `json:"port"`
-	MAC  string `json:"mac"`
+	VNI       int    `json:"vni"`
+	Port      int    `json:"port"`
+	MAC       string `json:"mac"`
+	Userspace bool   `json:"userspace,omitempty"`
 }
 
 // UDPCaps is what a peer needs for the udp backend.
@@ -193,6 +210,10 @@ type Choice struct {
 	// address in this node's VTEP family) and VTEP MAC.
 	VTEP netip.Addr
 	MAC  net.HardwareAddr
+	// Userspace is set when this node speaks VXLAN to the peer from its
+	// datapath; Endpoint is then the peer's VXLAN endpoint. Otherwise the
+	// kernel's VXLAN device serves it, whichever way the peer speaks.
+	Userspace bool
 }
 
 // Select chooses the backend for peer p. Both ends of a pair see the same
@@ -221,7 +242,8 @@ func Select(l Local, p lease.Peer) Choice {
 	gw4, seg4 := l.sameSegment(l.IP4, p.Attrs.PublicIP)
 	gw6, seg6 := l.sameSegment(l.IP6, p.Attrs.PublicIPv6)
 	why := map[string]string{}
-	can := func(b string) bool {
+	can := func(c candidate) bool {
+		b := c.backend
 		switch {
 		case !l.Caps.has(b):
 			why[b] = "this node does not speak " + b
@@ -235,21 +257,24 @@ func Select(l Local, p lease.Peer) Choice {
 			why[b] = fmt.Sprintf("VNI/port differ (here %d/%d, peer %d/%d)", l.Caps.VXLAN.VNI, l.Caps.VXLAN.Port, pc.VXLAN.VNI, pc.VXLAN.Port)
 		case b == VXLAN && !ch.VTEP.IsValid():
 			why[b] = "no peer underlay address in this node's VTEP family"
+		case b == VXLAN && c.kernelOnly && l.Caps.VXLAN.Userspace:
+			why[b] = "this node's VXLAN is in userspace"
+		case b == VXLAN && c.kernelOnly && pc.VXLAN.Userspace:
+			why[b] = "the peer's VXLAN is in userspace"
 		default:
 			return true
 		}
 		return false
 	}
-	var tried []string
+	tried := autoOrder
 	if l.Mode != Auto {
-		tried = []string{l.Mode}
-	} else {
-		tried = preference
+		tried = []candidate{{backend: l.Mode}}
 	}
-	for _, b := range tried {
-		if !can(b) {
+	for i, c := range tried {
+		if !can(c) {
 			continue
 		}
+		b := c.backend
 		ch.Backend = b
 		switch {
 		case l.Mode != Auto:
@@ -264,11 +289,10 @@ func Select(l Local, p lease.Peer) Choice {
 			ch.Reason = "same L2 segment (" + strings.Join(segs, ", ") + ")"
 		default:
 			var not []string
-			for _, o := range preference {
-				if o == b {
-					break
+			for _, o := range tried[:i] {
+				if o.backend != b && !slices.Contains(not, o.backend+": "+why[o.backend]) {
+					not = append(not, o.backend+": "+why[o.backend])
 				}
-				not = append(not, o+": "+why[o])
 			}
 			ch.Reason = "fastest both speak"
 			if len(not) > 0 {
@@ -277,6 +301,11 @@ func Select(l Local, p lease.Peer) Choice {
 		}
 		if b != VXLAN {
 			ch.VTEP, ch.MAC = netip.Addr{}, nil
+		}
+		if b == VXLAN && l.Caps.VXLAN.Userspace {
+			ch.Userspace = true
+			ch.Endpoint = netip.AddrPortFrom(ch.VTEP, uint16(pc.VXLAN.Port))
+			ch.Reason += "; VXLAN in userspace"
 		}
 		if b == HostGW {
 			ch.Gateway4, ch.Gateway6 = gw4, gw6
@@ -291,8 +320,10 @@ func Select(l Local, p lease.Peer) Choice {
 	}
 	if ch.Backend == "" {
 		var r []string
-		for _, b := range tried {
-			r = append(r, b+": "+why[b])
+		for _, c := range tried {
+			if e := c.backend + ": " + why[c.backend]; !slices.Contains(r, e) {
+				r = append(r, e)
+			}
 		}
 		ch.Reason = "no backend both speak: " + strings.Join(r, "; ")
 		if l.Mode != Auto {
@@ -343,6 +374,9 @@ type Programme struct {
 	Routes []tunnel.PeerRoute
 	// VXLAN are the peers the kernel's VXLAN device serves.
 	VXLAN []vxlan.Peer
+	// UserVXLAN are the peers userspace VXLAN serves (also in Userspace,
+	// by the same endpoint).
+	UserVXLAN []vxlan.Endpoint
 }
 
 // Translate turns assignments into a Programme. A peer's subnet that
@@ -354,7 +388,10 @@ func Translate(local []netip.Prefix, as []Assignment) Programme {
 		if a.Endpoint.IsValid() {
 			pr.Userspace = append(pr.Userspace, tunnel.Peer{Name: a.Peer.Node, Addr: a.Endpoint, Subnets: subnets})
 		}
-		if a.Backend == VXLAN && len(subnets) > 0 {
+		switch {
+		case a.Backend == VXLAN && a.Userspace:
+			pr.UserVXLAN = append(pr.UserVXLAN, vxlan.Endpoint{Addr: a.Endpoint, MAC: a.MAC})
+		case a.Backend == VXLAN && len(subnets) > 0:
 			pr.VXLAN = append(pr.VXLAN, vxlan.Peer{Subnets: subnets, VTEP: a.VTEP, MAC: a.MAC})
 		}
 		if a.Backend == HostGW {

@@ -2,6 +2,7 @@ package encap
 
 import (
 	"encoding/json"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -29,6 +30,12 @@ func peer(ip4, ip6 string, backends map[string]string) lease.Peer {
 // withVXLAN gives the local node kernel VXLAN (VNI 1, port 8472).
 func withVXLAN(l Local) Local {
 	l.Caps.VXLAN = &VXLANCaps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01"}
+	return l
+}
+
+// withUserVXLAN gives the local node VXLAN in userspace.
+func withUserVXLAN(l Local) Local {
+	l.Caps.VXLAN = &VXLANCaps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01", Userspace: true}
 	return l
 }
 
@@ -67,6 +74,11 @@ func TestSelect(t *testing.T) {
 		{"host-gw beats VXLAN on one segment", withVXLAN, peer("198.18.0.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`)), HostGW, "198.18.0.2:8286", "198.18.0.2", "same L2 segment"},
 		{"VXLAN with another VNI: udp", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":2,"port":8472,"mac":"02:00:00:00:00:02"}`)), UDP, "198.19.1.2:8286", "", "VNI/port differ (here 1/8472, peer 2/8472)"},
 		{"VXLAN capability with a bad MAC is skipped", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"nope"}`)), UDP, "198.19.1.2:8286", "", "ignored capability vxlan"},
+		{"userspace VXLAN here, kernel there: udp", withUserVXLAN, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`)), UDP, "198.19.1.2:8286", "", "vxlan: this node's VXLAN is in userspace"},
+		{"kernel VXLAN here, userspace there: udp", withVXLAN, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02","userspace":true}`)), UDP, "198.19.1.2:8286", "", "vxlan: the peer's VXLAN is in userspace"},
+		{"a VXLAN-only peer (flannel's kernel): userspace VXLAN", withUserVXLAN, peer("198.19.1.2", "", map[string]string{"vxlan": `{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`}), VXLAN, "198.19.1.2:8472", "", "udp: the peer does not advertise udp); VXLAN in userspace"},
+		{"forced VXLAN from userspace to a kernel", func(l Local) Local { l = withUserVXLAN(l); l.Mode = VXLAN; return l }, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02"}`)), VXLAN, "198.19.1.2:8472", "", "forces vxlan; VXLAN in userspace"},
+		{"forced VXLAN from a kernel to userspace: the kernel device", func(l Local) Local { l = withVXLAN(l); l.Mode = VXLAN; return l }, peer("198.19.1.2", "", vx(`{"vni":1,"port":8472,"mac":"02:00:00:00:00:02","userspace":true}`)), VXLAN, "198.19.1.2:8286", "", "Backend.Type forces vxlan"},
 		{"forced VXLAN, the peer lacks it", func(l Local) Local { l = withVXLAN(l); l.Mode = VXLAN; return l }, peer("198.19.1.2", "", full), "", "198.19.1.2:8286", "", "the peer does not advertise vxlan"},
 	}
 	for _, tt := range tests {
@@ -107,6 +119,36 @@ func TestSelectIsSymmetric(t *testing.T) {
 	lb.Attrs.Backends = b.Caps.Publish()
 	if x, y := Select(a, lb).Backend, Select(b, la).Backend; x != y || x != UDP {
 		t.Fatalf("with host-gw off on b: a→b %q, b→a %q; want udp both ways", x, y)
+	}
+}
+
+// TestSelectIsSymmetricWithVXLAN: every mix of kernel and userspace VXLAN,
+// auto and forced, chooses alike at both ends, and a userspace end uses
+// the datapath while a kernel end uses its device.
+func TestSelectIsSymmetricWithVXLAN(t *testing.T) {
+	for _, mode := range []string{Auto, VXLAN} {
+		for _, ua := range []bool{false, true} {
+			for _, ub := range []bool{false, true} {
+				mk := func(ip string, mac string, user bool) (Local, lease.Peer) {
+					l := Local{Mode: mode, IP4: netip.MustParseAddr(ip), Caps: Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{},
+						VXLAN: &VXLANCaps{VNI: 1, Port: 8472, MAC: mac, Userspace: user}}}
+					return l, lease.Peer{Node: ip, Attrs: lease.Attrs{PublicIP: l.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: l.Caps.Publish()}}
+				}
+				a, la := mk("198.18.0.1", "02:00:00:00:00:01", ua)
+				b, lb := mk("198.19.0.1", "02:00:00:00:00:02", ub)
+				x, y := Select(a, lb), Select(b, la)
+				want := UDP
+				if mode == VXLAN || (!ua && !ub) {
+					want = VXLAN
+				}
+				if x.Backend != want || y.Backend != want {
+					t.Errorf("mode %s, userspace a=%v b=%v: a→b %s, b→a %s; want %s", mode, ua, ub, x.Backend, y.Backend, want)
+				}
+				if want == VXLAN && (x.Userspace != ua || y.Userspace != ub) {
+					t.Errorf("mode %s, userspace a=%v b=%v: datapath a=%v b=%v", mode, ua, ub, x.Userspace, y.Userspace)
+				}
+			}
+		}
 	}
 }
 
@@ -153,13 +195,21 @@ func TestTranslate(t *testing.T) {
 		{Peer: mk("thief", "100.96.1.0/24", "fd00:96:0:4::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.4"), Gateway6: netip.MustParseAddr("fd00:198::4")}},
 		{Peer: mk("v4only", "100.96.6.0/24", "fd00:96:0:6::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.6"), Endpoint: netip.MustParseAddrPort("198.18.0.6:8285")}},
 		{Peer: mk("unreachable", "100.96.5.0/24", ""), Choice: Choice{Reason: "no backend"}},
+		{Peer: mk("uvx", "100.96.7.0/24", ""), Choice: Choice{Backend: VXLAN, Userspace: true, VTEP: netip.MustParseAddr("198.19.1.7"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 7}, Endpoint: netip.MustParseAddrPort("198.19.1.7:8472")}},
+		{Peer: mk("kvx", "100.96.8.0/24", ""), Choice: Choice{Backend: VXLAN, VTEP: netip.MustParseAddr("198.19.1.8"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 8}, Endpoint: netip.MustParseAddrPort("198.19.1.8:8285")}},
 	}
 	pr := Translate(local, as)
+	if len(pr.UserVXLAN) != 1 || pr.UserVXLAN[0].Addr.String() != "198.19.1.7:8472" || pr.UserVXLAN[0].MAC.String() != "02:00:00:00:00:07" {
+		t.Errorf("userspace VXLAN peers: %+v", pr.UserVXLAN)
+	}
+	if len(pr.VXLAN) != 1 || pr.VXLAN[0].VTEP.String() != "198.19.1.8" {
+		t.Errorf("kernel VXLAN peers: %+v", pr.VXLAN)
+	}
 	var names []string
 	for _, p := range pr.Userspace {
 		names = append(names, p.Name+"="+p.Addr.String())
 	}
-	if got := strings.Join(names, " "); got != "gw=198.18.0.2:8285 udp=198.19.1.2:8285 v4only=198.18.0.6:8285" {
+	if got := strings.Join(names, " "); got != "gw=198.18.0.2:8285 udp=198.19.1.2:8285 v4only=198.18.0.6:8285 uvx=198.19.1.7:8472 kvx=198.19.1.8:8285" {
 		t.Errorf("userspace peers: %s", got)
 	}
 	var routes []string

@@ -157,3 +157,7 @@ func (t *Transport) Receivers() []tunnel.ReceiveFunc {
 	}
 	return fns
 }
+
+// Serves reports whether the transport can reach a: any endpoint of a
+// family it has a socket for.
+func (t *Transport) Serves(a netip.AddrPort) bool { return t.sockFor(a) != nil }
