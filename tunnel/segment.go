@@ -127,3 +127,45 @@ func finishCsum(p []byte, start, off int) {
 	}
 	binary.BigEndian.PutUint16(p[at:], c)
 }
+
+// FinishUnfinished completes the TCP or UDP checksum of a packet whose
+// sender left it for a device to finish and no device did: the field
+// still holds the pseudo-header sum. Linux hands such packets on where no
+// wire is crossed (a veth, a virtio-net link between two VMs on one host),
+// and a kernel VXLAN device there encapsulates them unfinished; a kernel
+// receiver trusts them, a userspace receiver must finish them. A complete
+// packet whose checksum happens to equal its pseudo-header sum is left as
+// it was (finishing it computes the same value). It reports whether pkt
+// was changed.
+func FinishUnfinished(pkt []byte) bool {
+	v, ip, ok := ipHeaderLen(pkt)
+	if !ok {
+		return false
+	}
+	var src, dst []byte
+	var proto uint8
+	if v == 4 {
+		if binary.BigEndian.Uint16(pkt[6:])&0x3fff != 0 {
+			return false // a fragment: no whole L4 header to check
+		}
+		src, dst, proto = pkt[12:16], pkt[16:20], pkt[9]
+	} else {
+		src, dst, proto = pkt[8:24], pkt[24:40], pkt[6]
+	}
+	off := 16
+	switch {
+	case proto == 17:
+		off = 6
+	case proto != 6:
+		return false
+	}
+	if len(pkt) < ip+off+2 {
+		return false
+	}
+	field := binary.BigEndian.Uint16(pkt[ip+off:])
+	if field == 0 || field != inet.Fold(inet.PseudoHeader(src, dst, proto, len(pkt)-ip)) {
+		return false
+	}
+	finishCsum(pkt, ip, off)
+	return true
+}

@@ -161,3 +161,40 @@ func BenchmarkSegment(b *testing.B) {
 		}
 	}
 }
+
+func TestFinishUnfinished(t *testing.T) {
+	src, dst := netip.MustParseAddr("100.64.1.2"), netip.MustParseAddr("100.64.2.3")
+	partial := func(src, dst netip.Addr) []byte {
+		p := tuntest.TCP(src, dst, 300)
+		ip := tuntest.IPHeaderLen(p)
+		binary.BigEndian.PutUint16(p[ip+16:], inet.Fold(inet.PseudoHeader(src.AsSlice(), dst.AsSlice(), 6, len(p)-ip)))
+		if ip == 20 {
+			binary.BigEndian.PutUint16(p[10:], inet.Checksum(p[:20], 0))
+		}
+		return p
+	}
+	for _, s := range []netip.Addr{src, netip.MustParseAddr("fd00:1::2")} {
+		d := dst
+		if s.Is6() {
+			d = netip.MustParseAddr("fd00:2::3")
+		}
+		p := partial(s, d)
+		if !tunnel.FinishUnfinished(p) {
+			t.Fatalf("%v: an unfinished checksum was not finished", s)
+		}
+		l4Valid(t, p)
+		// Finished, it is left alone; so is a corrupted complete one.
+		if tunnel.FinishUnfinished(p) {
+			t.Errorf("%v: a complete checksum was recomputed", s)
+		}
+		p[len(p)-1] ^= 0xff
+		if tunnel.FinishUnfinished(p) {
+			t.Errorf("%v: a corrupted packet's checksum was made valid", s)
+		}
+	}
+	p := partial(src, dst)
+	binary.BigEndian.PutUint16(p[6:], 0x2000) // more fragments
+	if tunnel.FinishUnfinished(p) {
+		t.Error("a fragment was touched")
+	}
+}

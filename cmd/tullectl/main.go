@@ -89,7 +89,7 @@ func status(ctx context.Context, args []string) error {
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))
 	for _, p := range s.Peers {
-		fmt.Fprintf(w, "  %s\t%s\t%s\t%v\t%s\n", p.Name, or(p.Backend, "none"), p.Endpoint, p.Subnets, p.Reason)
+		fmt.Fprintf(w, "  %s\t%s\t%s\t%v\t%s\n", p.Name, backendOf(p), p.Endpoint, p.Subnets, p.Reason)
 	}
 	names := make([]string, 0, len(s.Counters))
 	for k := range s.Counters {
@@ -133,4 +133,13 @@ func or(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// backendOf names a peer's backend for people: "vxlan (userspace)" when
+// tulled's datapath speaks it.
+func backendOf(p api.Peer) string {
+	if p.Userspace {
+		return p.Backend + " (userspace)"
+	}
+	return or(p.Backend, "none")
 }

@@ -39,6 +39,9 @@ type underlay struct {
 	// onLink are the prefixes directly connected on the interface: a peer
 	// inside one shares its L2 segment.
 	onLink []netip.Prefix
+	// vxlan: the node speaks VXLAN (kernel or userspace), whose inner MTU
+	// is the smallest.
+	vxlan bool
 }
 
 // findUnderlay resolves --iface/--public-ip/--public-ipv6 against the
@@ -197,28 +200,48 @@ func run(o *options, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	store, err := openStore(o, log)
-	if err != nil {
-		return err
-	}
 	// Every node speaks the userspace udp backend and host-gw (plain
-	// routes need nothing but the kernel), and the kernel's VXLAN where a
-	// probe shows the kernel has it; it publishes them all, and udp alone
-	// for tulleds from before capabilities.
+	// routes need nothing but the kernel), and VXLAN: through the kernel
+	// where a probe shows the kernel has it (and --kernel-vxlan allows),
+	// else from the datapath. It publishes them all, and udp alone for
+	// tulleds from before capabilities.
 	caps := encap.Caps{UDP: &encap.UDPCaps{Port: o.net.Backend.Port}, HostGW: &encap.HostGWCaps{}}
 	vtep := u.ip4
 	if !vtep.IsValid() {
 		vtep = u.ip6
 	}
-	if t := o.net.Backend.Type; o.kernelVXLAN && (t == netconf.BackendAuto || t == netconf.BackendVXLAN) {
-		if err := vxlan.Probe(); err != nil {
-			if t == netconf.BackendVXLAN {
-				return badConfig("net-conf field Backend.Type: vxlan, but this kernel cannot make VXLAN devices (%v)", err)
-			}
-			log.Info("no kernel VXLAN; peers are reached over host-gw or udp", "err", err)
-		} else {
-			caps.VXLAN = &encap.VXLANCaps{VNI: o.net.Backend.VNI, Port: int(o.net.Backend.VXLANPort), MAC: vxlan.MACFor(o.node).String()}
+	var uvx *vxlan.Userspace
+	vxCtr := &vxlan.Counters{}
+	if t := o.net.Backend.Type; t == netconf.BackendAuto || t == netconf.BackendVXLAN {
+		caps.VXLAN = &encap.VXLANCaps{VNI: o.net.Backend.VNI, Port: int(o.net.Backend.VXLANPort), MAC: vxlan.MACFor(o.node).String()}
+		perr := errors.New("turned off by --kernel-vxlan=false")
+		if o.kernelVXLAN {
+			perr = vxlan.Probe()
 		}
+		if perr != nil {
+			caps.VXLAN.Userspace = true
+			if gone, err := vxlan.RemoveFormer(vxlan.DeviceName, caps.VXLAN.Port); err != nil {
+				log.Warn("remove the kernel VXLAN device of an earlier run", "device", vxlan.DeviceName, "err", err)
+			} else if gone {
+				log.Info("removed the kernel VXLAN device of an earlier run: VXLAN is in userspace now", "device", vxlan.DeviceName)
+			}
+			uvx, err = vxlan.NewUserspace(vxlan.UserspaceConfig{VNI: caps.VXLAN.VNI, Port: caps.VXLAN.Port, MAC: vxlan.MACFor(o.node), Local4: u.ip4, Local6: u.ip6,
+				MTU: u.mtu, DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: vxCtr, Logger: log})
+			switch {
+			case err != nil && t == netconf.BackendVXLAN:
+				return badConfig("net-conf field Backend.Type: vxlan: no kernel VXLAN (%v), and VXLAN in userspace cannot start: %v", perr, err)
+			case err != nil:
+				log.Warn("no VXLAN: no kernel VXLAN, and VXLAN in userspace cannot start; peers are reached over host-gw or udp", "kernel", perr, "err", err)
+				caps.VXLAN = nil
+			default:
+				defer uvx.Close() // the datapath closes it too; this covers the failures before
+				log.Info("VXLAN in userspace", "why", perr)
+			}
+		}
+	}
+	store, err := openStore(o, log)
+	if err != nil {
+		return err
 	}
 	local := encap.Local{Mode: o.net.Backend.Type, Caps: caps, IP4: u.ip4, IP6: u.ip6, OnLink: u.onLink}
 	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}, Backends: caps.Publish()}
@@ -229,16 +252,11 @@ func run(o *options, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("claim lease: %w", err)
 	}
-	mtu := udp.InnerMTU(u.mtu, u.primaryIs6)
-	// Pods get the smallest inner MTU of the paths this node may use, so
-	// their packets fit whichever backend serves a peer.
-	podMTU := func(underlayMTU int) int {
-		m := udp.InnerMTU(underlayMTU, u.primaryIs6)
-		if caps.VXLAN != nil {
-			m = min(m, underlayMTU-vxlan.Overhead(u.primaryIs6))
-		}
-		return m
-	}
+	// The TUN and pods get the smallest inner MTU of the paths this node
+	// may use, so their packets fit whichever backend serves a peer.
+	u.vxlan = caps.VXLAN != nil
+	mtu, _ := u.sizes(u.mtu)
+	podMTU := func(underlayMTU int) int { m, _ := u.sizes(underlayMTU); return m }
 	log.Info("lease held", "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "underlay", u.iface, "public_ip", u.ip4, "public_ipv6", u.ip6, "mtu", mtu)
 
 	if err := os.MkdirAll(o.runDir, 0o755); err != nil {
@@ -274,9 +292,13 @@ func run(o *options, log *slog.Logger) error {
 	if u.ip6.IsValid() {
 		uopt.Local6 = netip.AddrPortFrom(u.ip6, o.net.Backend.Port)
 	}
-	tr, err := udp.New(uopt)
+	udpTr, err := udp.New(uopt)
 	if err != nil {
 		return err
+	}
+	tr := encap.NewMux(udpTr)
+	if uvx != nil {
+		tr = encap.NewMux(udpTr, uvx)
 	}
 	dev, err := tunnel.OpenReopeningTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
 	if err != nil {
@@ -289,7 +311,7 @@ func run(o *options, log *slog.Logger) error {
 	// sizes packets follows it, the senders first.
 	var vx *vxlan.Kernel
 	var kernel []tunnel.KernelPath
-	if caps.VXLAN != nil {
+	if caps.VXLAN != nil && !caps.VXLAN.Userspace {
 		vx = vxlan.New(vxlan.Config{VNI: caps.VXLAN.VNI, Port: caps.VXLAN.Port, Underlay: u.iface, VTEP: vtep, MAC: vxlan.MACFor(o.node),
 			MTU: u.mtu - vxlan.Overhead(u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net)})
 		kernel = append(kernel, vx)
@@ -319,7 +341,7 @@ func run(o *options, log *slog.Logger) error {
 		log.Info("configured device", "link", o.tunName, "changes", repaired)
 	}
 
-	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
+	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, vxCtr: vxCtr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}
@@ -335,7 +357,9 @@ func run(o *options, log *slog.Logger) error {
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
-	wg.Go(func() { cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, vx, kickRouter, st, log)) })
+	wg.Go(func() {
+		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, vx, uvx, kickRouter, st, log))
+	})
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
 		err := dp.Run(runCtx)
@@ -366,9 +390,14 @@ func (u *underlay) public() []netip.Addr {
 	return a
 }
 
-// sizes returns the TUN MTU and GSO cap for an underlay MTU.
+// sizes returns the TUN MTU and GSO cap for an underlay MTU: the smallest
+// inner MTU of the paths this node speaks.
 func (u *underlay) sizes(underlayMTU int) (mtu, gsoMax int) {
-	return udp.InnerMTU(underlayMTU, u.primaryIs6), udp.MaxFrame(underlayMTU, u.primaryIs6)
+	mtu = udp.InnerMTU(underlayMTU, u.primaryIs6)
+	if u.vxlan {
+		mtu = min(mtu, underlayMTU-vxlan.Overhead(u.primaryIs6))
+	}
+	return mtu, udp.MaxFrame(underlayMTU, u.primaryIs6)
 }
 
 // renew extends the lease every lease.RenewInterval. A failed renewal is
@@ -405,7 +434,7 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 // watchPeers chooses a backend for every peer of every snapshot and
 // applies the result: udp endpoints to the peer table, kernel-path routes
 // to the router, the choices to the status.
-func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, vx *vxlan.Kernel, kick func(), st *status, log *slog.Logger) error {
+func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, vx *vxlan.Kernel, uvx *vxlan.Userspace, kick func(), st *status, log *slog.Logger) error {
 	ch, err := store.WatchPeers(ctx, self)
 	if err != nil {
 		return fmt.Errorf("watch peers: %w", err)
@@ -423,7 +452,7 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 		view := make([]api.Peer, 0, len(plan))
 		for _, a := range plan {
 			seen[a.Peer.Node] = true
-			view = append(view, api.Peer{Name: a.Peer.Node, Endpoint: a.Endpoint, Subnets: a.Peer.Subnets(), Backend: a.Backend, Reason: a.Reason})
+			view = append(view, api.Peer{Name: a.Peer.Node, Endpoint: a.Endpoint, Subnets: a.Peer.Subnets(), Backend: a.Backend, Userspace: a.Userspace, Reason: a.Reason})
 			said := a.Backend + "|" + a.Reason + "|" + a.Endpoint.String() + "|" + fmt.Sprint(a.Peer.Subnets())
 			if known[a.Peer.Node] == said {
 				continue
@@ -442,6 +471,11 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 			}
 		}
 		pr := encap.Translate(l.Subnets(), plan)
+		// The transport learns its peers before the table sends it their
+		// frames.
+		if uvx != nil {
+			uvx.SetPeers(pr.UserVXLAN)
+		}
 		peers.Set(l.Subnets(), pr.Userspace)
 		router.SetPeerRoutes(pr.Routes)
 		if vx != nil {

@@ -373,10 +373,19 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 		{"address not local", good, []string{"--public-ip", "198.18.0.99"}, "198.18.0.99"},
 		{"bad tun name", good, []string{"--tun", "this-name-is-far-too-long"}, "--tun"},
 		{"bad VNI", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VNI":0}}`, nil, "Backend.VNI"},
-		{"vxlan forced but turned off", netConfWith("vxlan"), []string{"--kernel-vxlan=false"}, "Backend.Type"},
+		{"udp and VXLAN on one port", `{"Network":"100.96.0.0/12","Backend":{"Port":8472}}`, nil, "Backend.VXLANPort"},
+		// A flannel-style device holds the VXLAN port: VXLAN in userspace
+		// cannot bind it.
+		{"vxlan forced, kernel VXLAN off, its port taken", netConfWith("vxlan"), []string{"--kernel-vxlan=false", "--iface", n.Link}, "Backend.Type: vxlan"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			if strings.Contains(tt.name, "port taken") {
+				if out, err := n.Run("sh", "-c", "ip link add flannel.1 type vxlan id 1 dstport 8472 nolearning && ip link set flannel.1 up"); err != nil {
+					t.Fatalf("flannel-style device: %v: %s", err, out)
+				}
+				defer n.Run("ip", "link", "del", "flannel.1")
+			}
 			conf := filepath.Join(dir, "net-conf.json")
 			os.WriteFile(conf, []byte(tt.netConf), 0o644)
 			leases, run := filepath.Join(dir, tt.name, "leases"), filepath.Join(dir, tt.name, "run")

@@ -42,7 +42,8 @@ type options struct {
 	gro        bool
 	udpGSO     bool
 	udpGRO     bool
-	// kernelVXLAN allows the kernel's VXLAN where a probe finds it.
+	// kernelVXLAN allows the kernel's VXLAN where a probe finds it;
+	// VXLAN is otherwise spoken in userspace.
 	kernelVXLAN bool
 	logLevel    string
 
@@ -79,7 +80,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.gro, "tun-gro", true, "coalesce packets on TUN write (GRO) and pass UDP GSO through the TUN")
 	fs.BoolVar(&o.udpGSO, "udp-gso", true, "send trains with UDP_SEGMENT")
 	fs.BoolVar(&o.udpGRO, "udp-gro", true, "receive with UDP_GRO")
-	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false: never; peers are then reached over host-gw or udp)")
+	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false, or no kernel VXLAN: tulled speaks VXLAN from its datapath)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -137,9 +138,6 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, badConfig("%v", err)
 	}
 	o.net = c
-	if c.Backend.Type == netconf.BackendVXLAN && !o.kernelVXLAN {
-		return nil, badConfig("net-conf field Backend.Type: vxlan, but --kernel-vxlan=false")
-	}
 	return o, nil
 }
 

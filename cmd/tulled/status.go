@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
@@ -23,6 +24,7 @@ type status struct {
 	node    string
 	ctr     *tunnel.Counters
 	udpCtr  *udp.Counters
+	vxCtr   *vxlan.Counters
 	peers   *tunnel.PeerTable
 	mtu     func() int
 	started time.Time
@@ -69,6 +71,7 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
 		Counters: s.ctr.Snapshot(), Peers: view}
 	s.udpCtr.SnapshotInto(doc.Counters)
+	s.vxCtr.SnapshotInto(doc.Counters)
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
 }

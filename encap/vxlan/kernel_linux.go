@@ -456,3 +456,22 @@ func Cleanup(name string) error {
 	}
 	return nil
 }
+
+// RemoveFormer removes tulle's device when it carries VXLAN on port: the
+// kernel path of an earlier run of this node, before its VXLAN moved to
+// userspace. It would hold the port and keep serving peers with entries
+// nobody reconciles. A device on another port (another tulled on this
+// host) is left alone. It reports whether a device was removed.
+func RemoveFormer(name string, port int) (bool, error) {
+	l, err := netlink.LinkByName(name)
+	if errors.As(err, new(netlink.LinkNotFoundError)) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if v, ok := l.(*netlink.Vxlan); !ok || v.Port != port {
+		return false, nil
+	}
+	return true, Cleanup(name)
+}

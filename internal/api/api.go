@@ -62,13 +62,17 @@ func (l *Lease) Subnets() []netip.Prefix {
 // Peer is one peer node as the datapath sees it.
 type Peer struct {
 	Name string `json:"name"`
-	// Endpoint is the underlay address and port of the peer's udp
-	// backend: where userspace traffic goes to and must come from.
+	// Endpoint is the underlay address and port of the peer's userspace
+	// path (udp, or VXLAN in userspace): where its traffic through tulled
+	// goes to and must come from.
 	Endpoint netip.AddrPort `json:"endpoint,omitzero"`
 	Subnets  []netip.Prefix `json:"subnets"`
 	// Backend serves the peer ("" when none can); Reason says why.
 	Backend string `json:"backend"`
-	Reason  string `json:"reason"`
+	// Userspace is set when tulled's datapath speaks the backend (VXLAN
+	// without the kernel's device).
+	Userspace bool   `json:"userspace,omitempty"`
+	Reason    string `json:"reason"`
 }
 
 // Get fetches the status from the socket at path.

@@ -43,6 +43,9 @@ type Options struct {
 	LeaseTTL time.Duration
 	// Args are extra tulled flags for every node.
 	Args []string
+	// NodeArgs are extra tulled flags for the node of that index (a mixed
+	// cluster); they become Node.Extra.
+	NodeArgs map[int][]string
 }
 
 // Cluster is a set of tulled processes.
@@ -58,6 +61,9 @@ type Node struct {
 	c       *Cluster
 	RunDir  string
 	LogPath string
+	// Extra are flags for this node alone, read at each Start (a restart
+	// with another capability).
+	Extra   []string
 	cmd     *exec.Cmd
 	exited  chan struct{}
 	exitErr error
@@ -78,12 +84,13 @@ func New(t *topo.Topology, opt Options) (*Cluster, error) {
 		return nil, err
 	}
 	c := &Cluster{Topo: t, opt: opt}
-	for _, tn := range t.Nodes {
+	for i, tn := range t.Nodes {
 		c.Nodes = append(c.Nodes, &Node{
 			Node:    tn,
 			c:       c,
 			RunDir:  filepath.Join(opt.Dir, tn.Name, "run"),
 			LogPath: filepath.Join(opt.Dir, tn.Name+".log"),
+			Extra:   opt.NodeArgs[i],
 		})
 	}
 	return c, nil
@@ -123,7 +130,8 @@ func (n *Node) Args() []string {
 	default:
 		a = append(a, "--public-ip", n.IP4.String())
 	}
-	return append(a, o.Args...)
+	a = append(a, o.Args...)
+	return append(a, n.Extra...)
 }
 
 // Start launches tulled on every node and waits until each has a lease

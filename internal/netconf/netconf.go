@@ -225,6 +225,9 @@ func (r *raw) validate() (*Config, error) {
 			c.Backend.VXLANPort = uint16(p)
 		}
 	}
+	if c.Backend.VXLANPort == c.Backend.Port {
+		return nil, &FieldError{Field: "Backend.VXLANPort", Err: fmt.Errorf("%d is Backend.Port too: udp and VXLAN need a port each", c.Backend.Port)}
+	}
 	if !slices.Contains(Types(), c.Backend.Type) {
 		return nil, &FieldError{Field: "Backend.Type", Err: fmt.Errorf("unknown backend %q (supported: %s)", c.Backend.Type, strings.Join(Types(), ", "))}
 	}

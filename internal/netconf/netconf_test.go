@@ -55,6 +55,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"port", `{"Network":"100.96.0.0/12","Backend":{"Type":"udp","Port":70000}}`, "Backend.Port"},
 		{"vni", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VNI":16777216}}`, "Backend.VNI"},
 		{"vxlan port", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VXLANPort":0}}`, "Backend.VXLANPort"},
+		{"vxlan port is udp's", `{"Network":"100.96.0.0/12","Backend":{"Port":8472}}`, "Backend.VXLANPort"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
