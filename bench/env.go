@@ -17,13 +17,14 @@ import (
 )
 
 // Path names, as reports use them. Later backends add theirs here
-// (tulle-wireguard, wireguard-go, tulle-vxlan-userspace).
+// (tulle-wireguard, wireguard-go).
 const (
-	PathRaw         = "raw"
-	PathKernelVXLAN = "kernel-vxlan"
-	PathTulleUDP    = "tulle-udp"
-	PathTulleHostGW = "tulle-hostgw"
-	PathTulleVXLAN  = "tulle-vxlan"
+	PathRaw            = "raw"
+	PathKernelVXLAN    = "kernel-vxlan"
+	PathTulleUDP       = "tulle-udp"
+	PathTulleHostGW    = "tulle-hostgw"
+	PathTulleVXLAN     = "tulle-vxlan"
+	PathTulleVXLANUser = "tulle-vxlan-userspace"
 )
 
 // pathDef is a path the harness knows how to set up.
@@ -36,6 +37,8 @@ type pathDef struct {
 	// port, so the paths never share routes.
 	netConf string
 	tun     string
+	// args are extra tulled flags of the path.
+	args []string
 }
 
 var knownPaths = []pathDef{
@@ -48,6 +51,10 @@ var knownPaths = []pathDef{
 	// holds flannel's 8472 in the same run.
 	{name: PathTulleVXLAN, backend: netconf.BackendVXLAN, tun: "tullevx0",
 		netConf: `{"Network":"100.80.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:98::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","Port":8287,"VXLANPort":8473}}`},
+	// VXLAN spoken by tulled's datapath at both ends (as a node without
+	// the kernel module would), on port 8474.
+	{name: PathTulleVXLANUser, backend: netconf.BackendVXLAN, tun: "tulleuv0", args: []string{"--kernel-vxlan=false"},
+		netConf: `{"Network":"100.72.0.0/13","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:99::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","Port":8288,"VXLANPort":8474}}`},
 }
 
 // SupportedPaths returns the paths this build can measure, in report order.
@@ -173,7 +180,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 				return env, err
 			}
 			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2"), MTU: underlay - vxlanOverhead})
-		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN:
+		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN, PathTulleVXLANUser:
 			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
 			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
 			if err != nil {
@@ -191,12 +198,12 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 					return env, err
 				}
 				mtu = st.MTU
-			case PathTulleVXLAN:
+			case PathTulleVXLAN, PathTulleVXLANUser:
 				mtu = underlay - vxlanOverhead
 			}
-			// host-gw and vxlan: the kernel carries the traffic; tulled only
-			// programs it.
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name == PathTulleUDP, MTU: mtu, cluster: c})
+			// host-gw and kernel vxlan: the kernel carries the traffic;
+			// tulled only programs it.
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name == PathTulleUDP || name == PathTulleVXLANUser, MTU: mtu, cluster: c})
 		}
 	}
 	return env, nil
@@ -239,7 +246,8 @@ func (e *Env) startTulle(ctx context.Context, opt EnvOptions, d pathDef, progres
 		return nil, fmt.Errorf("tulled binary: %w", err)
 	}
 	progress(fmt.Sprintf("starting tulled (%s) on %d nodes", d.backend, len(e.Topo.Nodes)))
-	args := append([]string{"--tun", d.tun}, opt.TulledArgs...)
+	args := append([]string{"--tun", d.tun}, d.args...)
+	args = append(args, opt.TulledArgs...)
 	c, err := cluster.New(e.Topo, cluster.Options{Tulled: opt.Tulled, Dir: filepath.Join(opt.Dir, d.name), NetConf: d.netConf, Args: args, DualStackUnderlay: true})
 	if err != nil {
 		return nil, err
