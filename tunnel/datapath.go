@@ -12,8 +12,14 @@ import (
 	"time"
 )
 
-// BatchSize is how many frames one loop iteration reads and sends.
+// BatchSize is how many frames one tx iteration reads from the TUN and
+// sends.
 const BatchSize = 16
+
+// RxBatch is how many frames one rx iteration takes from a receiver and
+// writes to the TUN: a whole UDP GRO message of single-packet datagrams
+// (VXLAN: up to 64), so the TUN's GRO can merge it into one super-packet.
+const RxBatch = 64
 
 // Config configures a Datapath.
 type Config struct {
@@ -164,8 +170,8 @@ func (d *Datapath) sendTooBig(pkt []byte) bool {
 
 // rxLoop: transport → checks → TUN.
 func (d *Datapath) rxLoop(recv ReceiveFunc) error {
-	in := make([]Frame, BatchSize)
-	out := make([]Frame, 0, BatchSize)
+	in := make([]Frame, RxBatch)
+	out := make([]Frame, 0, RxBatch)
 	ctr := d.cfg.Counters
 	peers := d.cfg.Peers
 	for {
