@@ -21,6 +21,7 @@ const (
 	DropUnknownSource                // from an address that is no VXLAN peer's (before any state is kept)
 	GSOFallbacks                     // times UDP GSO was turned off after EIO
 	ChecksumsFinished                // received packets whose sender left the checksum unfinished
+	Coalesced                        // received TCP segments merged into super-packets
 	numCounters
 )
 
@@ -29,7 +30,7 @@ var counterNames = [numCounters]string{
 	DropSend: "vxlan_drop_send", DropNoPeer: "vxlan_drop_no_peer", DropOffload: "vxlan_drop_offload",
 	DropTooBig: "vxlan_drop_too_big", DropMalformed: "vxlan_drop_malformed", DropBadVNI: "vxlan_drop_bad_vni",
 	DropNotForUs: "vxlan_drop_not_for_us", DropUnknownSource: "vxlan_drop_unknown_source", GSOFallbacks: "vxlan_gso_fallbacks",
-	ChecksumsFinished: "vxlan_checksums_finished",
+	ChecksumsFinished: "vxlan_checksums_finished", Coalesced: "vxlan_coalesced",
 }
 
 // String returns the counter's name as the status API reports it.

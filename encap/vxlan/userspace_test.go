@@ -38,21 +38,36 @@ func frameOf(p []byte, o tunnel.Offload, to netip.AddrPort) tunnel.Frame {
 	return tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), p...), Off: tunnel.Headroom, Offload: o, Addr: to}
 }
 
-// receiveAll runs a receiver over msgs and returns copies of the frames.
-func receiveAll(u *Userspace, msgs []udpsocktest.Msg) (pkts [][]byte, from []netip.AddrPort) {
+// receiveAll runs a receiver over msgs and returns the packets it hands
+// on, super-packets cut back into their segments as the kernel would, with
+// the number of frames.
+func receiveAll(t *testing.T, u *Userspace, msgs []udpsocktest.Msg) (pkts [][]byte, from []netip.AddrPort, frames int) {
+	t.Helper()
 	r := newVReceiver(u, (&udpsocktest.Reader{Msgs: msgs}).Read)
-	fs := make([]tunnel.Frame, 16)
+	fs := make([]tunnel.Frame, 64)
+	out := make([]byte, 100000)
 	for {
 		n, err := r.receive(fs)
 		if err != nil {
-			return pkts, from
+			return pkts, from, frames
 		}
 		for _, f := range fs[:n] {
-			if f.Offload != (tunnel.Offload{}) {
-				panic("received frame with offload metadata")
+			frames++
+			if f.Offload == (tunnel.Offload{}) {
+				pkts = append(pkts, append([]byte(nil), f.Packet()...))
+				from = append(from, f.Addr)
+				continue
 			}
-			pkts = append(pkts, append([]byte(nil), f.Packet()...))
-			from = append(from, f.Addr)
+			m, seg, err := tunnel.Segment(out, f.Packet(), nil, f.Offload)
+			if err != nil {
+				t.Fatalf("received super-packet does not segment: %v (%+v)", err, f.Offload)
+			}
+			for b := out[:m]; len(b) > 0; {
+				k := min(seg, len(b))
+				pkts = append(pkts, append([]byte(nil), b[:k]...))
+				from = append(from, f.Addr)
+				b = b[k:]
+			}
 		}
 	}
 }
@@ -125,7 +140,17 @@ func TestRoundTrip(t *testing.T) {
 				joined = append(joined, d.Data...)
 			}
 			msgs = append(msgs, udpsocktest.Msg{Data: joined, GSO: seg, Src: netip.AddrPortFrom(epA.Addr(), 53211)})
-			pkts, from := receiveAll(b, msgs)
+			var sent [][]byte
+			for _, d := range conn.Sent {
+				sent = append(sent, d.Data[EncapLen:])
+			}
+			pkts, from, frames := receiveAll(t, b, msgs)
+			// One GRO message of one flow's segments: merged into one frame
+			// (a GSO send holds at most 64 segments and 65000 bytes, so
+			// a 64 KB super-packet takes two).
+			if frames > 2 {
+				t.Errorf("%d frames handed on, want the segments merged", frames)
+			}
 			want := 1
 			if tt.mss > 0 {
 				want = (tt.payload + tt.mss - 1) / tt.mss
@@ -143,6 +168,10 @@ func TestRoundTrip(t *testing.T) {
 				}
 				if !checksumsValid(p) {
 					t.Fatalf("packet %d: checksums invalid", i)
+				}
+				// Merged and cut again, every segment is what was sent.
+				if !bytes.Equal(p, sent[i]) {
+					t.Fatalf("packet %d differs from the segment sent", i)
 				}
 				payload = append(payload, p[ip+20:]...)
 			}
@@ -200,7 +229,7 @@ func TestReceiveRejects(t *testing.T) {
 			if tt.mutate != nil {
 				d = tt.mutate(d)
 			}
-			pkts, _ := receiveAll(a, []udpsocktest.Msg{{Data: d, Src: tt.src}})
+			pkts, _, _ := receiveAll(t, a, []udpsocktest.Msg{{Data: d, Src: tt.src}})
 			if len(pkts) != 0 {
 				t.Fatalf("%d packets passed", len(pkts))
 			}
@@ -211,7 +240,7 @@ func TestReceiveRejects(t *testing.T) {
 	}
 	// Ethernet padding after the IP packet is trimmed.
 	a, _ := testNode(macA, Endpoint{Addr: epB, MAC: macB})
-	pkts, _ := receiveAll(a, []udpsocktest.Msg{{Data: append(good(), 0, 0, 0, 0), Src: from}})
+	pkts, _, _ := receiveAll(t, a, []udpsocktest.Msg{{Data: append(good(), 0, 0, 0, 0), Src: from}})
 	if len(pkts) != 1 || !bytes.Equal(pkts[0], pkt) {
 		t.Errorf("padded frame: %d packets", len(pkts))
 	}
@@ -247,4 +276,89 @@ func TestSendDrops(t *testing.T) {
 	if a.ctr.Get(DropNoPeer) != 2 || a.Serves(epB) {
 		t.Error("a removed peer is still served")
 	}
+}
+
+// TestCoalesce: segments merge only while they continue one flow in
+// order with valid checksums; whatever breaks the run arrives on its own,
+// and nothing is lost or changed.
+func TestCoalesce(t *testing.T) {
+	a, conn := testNode(macA, Endpoint{Addr: epB, MAC: macB})
+	b, _ := testNode(macB, Endpoint{Addr: epA, MAC: macA})
+	src, dst := netip.MustParseAddr("100.64.1.2"), netip.MustParseAddr("100.64.2.3")
+	segs := func(payload int) [][]byte {
+		conn.Sent = nil
+		pkt := tuntest.TCP(src, dst, payload)
+		pkt[20+13] = 0x10 // ACK
+		if err := a.Send([]tunnel.Frame{frameOf(pkt, tuntest.TSO(pkt, 1000), epB)}); err != nil {
+			t.Fatal(err)
+		}
+		var out [][]byte
+		for _, d := range conn.Sent {
+			out = append(out, d.Data)
+		}
+		return out
+	}
+	tests := []struct {
+		name   string
+		dgs    func() [][]byte
+		frames int
+	}{
+		{"one run", func() [][]byte { return segs(10000) }, 1},
+		{"a bad checksum breaks the run", func() [][]byte {
+			d := segs(10000)
+			d[4][len(d[4])-1] ^= 1
+			return d
+		}, 3},
+		{"out of order", func() [][]byte {
+			d := segs(10000)
+			d[3], d[4] = d[4], d[3]
+			return d
+		}, 4},
+		{"another flow in between", func() [][]byte {
+			d := segs(10000)
+			o := append([]byte(nil), d[2]...)
+			o[EncapLen+20] ^= 1 // another source port
+			return append(d[:3], append([][]byte{o}, d[3:]...)...)
+		}, 3},
+		{"PSH ends the run", func() [][]byte {
+			d := segs(10000)
+			d[1][EncapLen+20+13] |= tcpPSH
+			fixTCP(d[1][EncapLen:])
+			return d
+		}, 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := tt.dgs()
+			// Datagrams of equal size share a GRO message; sizes differ only
+			// at the end.
+			msg := udpsocktest.Msg{Data: bytesJoin(d), GSO: len(d[0]), Src: netip.AddrPortFrom(epA.Addr(), 40000)}
+			pkts, _, frames := receiveAll(t, b, []udpsocktest.Msg{msg})
+			if frames != tt.frames {
+				t.Errorf("%d frames, want %d", frames, tt.frames)
+			}
+			if len(pkts) != len(d) {
+				t.Fatalf("%d packets out of %d datagrams", len(pkts), len(d))
+			}
+			for i := range d {
+				if !bytes.Equal(pkts[i], d[i][EncapLen:]) && checksumsValid(d[i][EncapLen:]) {
+					t.Errorf("packet %d changed", i)
+				}
+			}
+		})
+	}
+}
+
+func bytesJoin(d [][]byte) []byte {
+	var out []byte
+	for _, x := range d {
+		out = append(out, x...)
+	}
+	return out
+}
+
+// fixTCP recomputes an IPv4 TCP segment's checksum.
+func fixTCP(p []byte) {
+	p[36], p[37] = 0, 0
+	binary.BigEndian.PutUint16(p[36:], inet.Checksum(p[20:], inet.PseudoHeader(p[12:16], p[16:20], 6, len(p)-20)))
 }
