@@ -18,7 +18,8 @@ func netConfWith(backend string) string {
 	return strings.Replace(cluster.DefaultNetConf, `"Type":"udp"`, fmt.Sprintf(`"Type":%q`, backend), 1)
 }
 
-// backends returns peer → backend from n's status.
+// backends returns peer → backend from n's status: "vxlan (userspace)"
+// when tulled's datapath speaks it.
 func backends(t *testing.T, n *cluster.Node) map[string]string {
 	t.Helper()
 	s, err := n.Status(context.Background())
@@ -28,6 +29,9 @@ func backends(t *testing.T, n *cluster.Node) map[string]string {
 	m := map[string]string{}
 	for _, p := range s.Peers {
 		m[p.Name] = p.Backend
+		if p.Userspace {
+			m[p.Name] += " (userspace)"
+		}
 		if p.Reason == "" {
 			t.Errorf("%s: peer %s has no reason for its backend", n.Name, p.Name)
 		}

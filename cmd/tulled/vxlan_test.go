@@ -19,24 +19,6 @@ import (
 	"github.com/tulle-net/tulle/lease/local"
 )
 
-// peerView returns peer → "backend" or "backend (userspace)" from n's
-// status.
-func peerView(t *testing.T, n *cluster.Node) map[string]string {
-	t.Helper()
-	s, err := n.Status(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, p := range s.Peers {
-		m[p.Name] = p.Backend
-		if p.Userspace {
-			m[p.Name] += " (userspace)"
-		}
-	}
-	return m
-}
-
 // vxlanState is n's VXLAN device's FDB, neighbours and routes (empty
 // without the device).
 func vxlanState(n *cluster.Node) string {
@@ -64,7 +46,7 @@ func TestMixedVXLAN(t *testing.T) {
 				cc: {a.Name: "vxlan", b.Name: "vxlan"},
 			}
 			for n, w := range want {
-				got := peerView(t, n)
+				got := backends(t, n)
 				for p, bk := range w {
 					if got[p] != bk {
 						t.Errorf("%s → %s: %q, want %q", n.Name, p, got[p], bk)
@@ -108,7 +90,7 @@ func TestVXLANTurnedOff(t *testing.T) {
 	c := startTopology(t, topo.Options{Nodes: 1, Routed: 2}, cluster.Options{NetConf: netConfWith("auto"), DualStackUnderlay: true})
 	n1, n2, n3 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
 	for _, n := range c.Nodes {
-		for p, b := range peerView(t, n) {
+		for p, b := range backends(t, n) {
 			if b != "vxlan" {
 				t.Fatalf("%s → %s: %q, want the kernel's vxlan before the change", n.Name, p, b)
 			}
@@ -132,7 +114,7 @@ func TestVXLANTurnedOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, n := range []*cluster.Node{n1, n2} {
-		waitFor(t, func() bool { return peerView(t, n)[n3.Name] == "udp" }, n.Name+" to move n3 to udp")
+		waitFor(t, func() bool { return backends(t, n)[n3.Name] == "udp" }, n.Name+" to move n3 to udp")
 		waitFor(t, func() bool { return !strings.Contains(vxlanState(n), mac3) }, n.Name+" to drop n3's VXLAN entries")
 		sub, err := n3.Subnets(ctx)
 		if err != nil {
@@ -213,7 +195,7 @@ func TestFlannelInterop(t *testing.T) {
 	if err := tn.WaitPeers(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	if got := peerView(t, tn)[fl.Name]; got != "vxlan (userspace)" {
+	if got := backends(t, tn)[fl.Name]; got != "vxlan (userspace)" {
 		t.Fatalf("tulled → flannel node: %q (%s), want vxlan (userspace)", got, peerReason(t, tn, fl.Name))
 	}
 	tsub, err := tn.Subnets(ctx)

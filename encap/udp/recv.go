@@ -4,15 +4,12 @@ import (
 	"net/netip"
 	"time"
 
-	"golang.org/x/net/ipv4"
-
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
 const (
-	recvBatch   = 8
-	recvBufSize = tunnel.Headroom + 65536
+	recvBatch = 8
 
 	// TrainSlots is how many trains one peer may have in reassembly at
 	// once: enough for a few interleaved trains, small enough that a
@@ -31,23 +28,12 @@ const (
 	trainBufSize  = tunnel.Headroom + DescLen + tunnel.MaxPacket
 )
 
-type readFunc func(ms []ipv4.Message, flags int) (int, error)
-
 // receiver turns datagrams into frames for one socket. It keeps a cursor
 // into the last recvmmsg batch, so a GRO message holding more frames than
 // the caller has room for is handed out over several calls.
 type receiver struct {
-	t    *Transport
-	read readFunc
-	msgs []ipv4.Message
-	iovs [][1][]byte
-	bufs [][]byte
-	oobs [][]byte
-
-	n, mi int            // messages in the batch, current message
-	off   int            // offset of the next datagram in the current message
-	seg   int            // datagram size of the current message (GRO segment size)
-	src   netip.AddrPort // sender of the current message
+	t *Transport
+	c *udpsock.Cursor
 
 	clock     func() time.Time
 	now       time.Time // taken once per recvmmsg batch
@@ -118,23 +104,23 @@ type train struct {
 	prev, next *train
 }
 
-func newReceiver(t *Transport, read readFunc, gro bool) *receiver {
-	r := &receiver{t: t, read: read, clock: time.Now, trains: reassembly{peers: map[netip.AddrPort]*peerTrains{}}}
-	r.msgs = make([]ipv4.Message, recvBatch)
-	r.iovs = make([][1][]byte, recvBatch)
-	r.bufs = make([][]byte, recvBatch)
-	r.oobs = make([][]byte, recvBatch)
-	for i := range r.msgs {
-		r.bufs[i] = make([]byte, recvBufSize)
-		r.oobs[i] = make([]byte, udpsock.OOBSize)
-	}
+func newReceiver(t *Transport, read udpsock.ReadFunc, gro bool) *receiver {
+	r := &receiver{t: t, clock: time.Now, trains: reassembly{peers: map[netip.AddrPort]*peerTrains{}}}
+	r.c = udpsock.NewCursor(read, recvBatch, tunnel.Headroom, 65536, func(src netip.AddrPort, dgs int) bool {
+		t.ctr.Add(DatagramsIn, uint64(dgs))
+		if !t.opt.Accept(src) {
+			t.ctr.Add(DropUnknownSource, uint64(dgs))
+			return false
+		}
+		return true
+	})
 	return r
 }
 
 func (r *receiver) receive(frames []tunnel.Frame) (int, error) {
 	out := 0
 	for out < len(frames) {
-		if r.mi >= r.n {
+		if r.c.Done() {
 			if out > 0 {
 				return out, nil
 			}
@@ -143,16 +129,9 @@ func (r *receiver) receive(frames []tunnel.Frame) (int, error) {
 			}
 			continue
 		}
-		m := &r.msgs[r.mi]
-		data := r.bufs[r.mi][tunnel.Headroom : tunnel.Headroom+m.N]
-		end := min(r.off+r.seg, len(data))
-		base := tunnel.Headroom + r.off
-		dg := data[r.off:end]
-		r.off = end
-		emitted, stop := r.datagram(&frames[out], r.bufs[r.mi], base, dg, data)
-		if r.off >= len(data) {
-			r.next()
-		}
+		base, dg := r.c.Take()
+		emitted, stop := r.datagram(&frames[out], r.c.Buf(), base, dg)
+		r.c.Settle()
 		if emitted {
 			out++
 		}
@@ -163,14 +142,10 @@ func (r *receiver) receive(frames []tunnel.Frame) (int, error) {
 	return out, nil
 }
 
-// fill reads a new batch of messages.
+// fill reads a new batch of messages, and frees what abandoned trains and
+// departed peers hold once a sweep interval has passed.
 func (r *receiver) fill() error {
-	for i := range r.msgs {
-		r.iovs[i][0] = r.bufs[i][tunnel.Headroom:]
-		r.msgs[i] = ipv4.Message{Buffers: r.iovs[i][:], OOB: r.oobs[i]}
-	}
-	n, err := r.read(r.msgs, 0)
-	if err != nil {
+	if err := r.c.Fill(); err != nil {
 		return err
 	}
 	r.now = r.clock()
@@ -178,41 +153,13 @@ func (r *receiver) fill() error {
 		r.sweep()
 		r.nextSweep = r.now.Add(sweepInterval)
 	}
-	r.n, r.mi = n, -1
-	r.next()
 	return nil
 }
 
-// next moves to the next message from an accepted source.
-func (r *receiver) next() {
-	ctr := r.t.ctr
-	for r.mi++; r.mi < r.n; r.mi++ {
-		m := &r.msgs[r.mi]
-		r.off = 0
-		r.seg = udpsock.GROSize(m.OOB[:m.NN])
-		if r.seg <= 0 || r.seg > m.N {
-			r.seg = m.N
-		}
-		dgs := uint64((m.N + r.seg - 1) / max(r.seg, 1))
-		src, ok := udpsock.Source(m)
-		if !ok || m.N == 0 {
-			continue
-		}
-		r.src = src
-		ctr.Add(DatagramsIn, dgs)
-		if !r.t.opt.Accept(r.src) {
-			ctr.Add(DropUnknownSource, dgs)
-			continue
-		}
-		return
-	}
-}
-
-// datagram handles one datagram dg, found at buf[base:]; msg is the rest of
-// its message (for the in-place train fast path). It reports whether f was
-// filled, and whether the call must return now (f points into a reassembly
-// buffer that the next datagram could overwrite).
-func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg, msg []byte) (emitted, stop bool) {
+// datagram handles one datagram dg, found at buf[base:]. It reports
+// whether f was filled, and whether the call must return now (f points
+// into a reassembly buffer that the next datagram could overwrite).
+func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg []byte) (emitted, stop bool) {
 	ctr := r.t.ctr
 	h, err := ParseHeader(dg)
 	if err != nil {
@@ -224,7 +171,7 @@ func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg, msg []byt
 		return false, false
 	}
 	payload := dg[h.Len:]
-	f.Addr = r.src
+	f.Addr = r.c.Src
 	if h.Type == TypePacket {
 		f.Buf, f.Off, f.Offload = buf[:base+len(dg)], base+h.Len, tunnel.Offload{}
 		return true, false
@@ -255,14 +202,15 @@ func (r *receiver) frame(f *tunnel.Frame, buf []byte, start int) bool {
 // by sliding the slices together over their headers. It returns the frame
 // length and consumes the datagrams.
 func (r *receiver) inPlace(buf []byte, base int, h Header, dg []byte) (int, bool) {
-	msgEnd := tunnel.Headroom + r.msgs[r.mi].N
+	msgEnd := tunnel.Headroom + len(r.c.Data())
+	seg := r.c.Seg
 	// Every datagram but the last is seg bytes; they must all be here.
-	if base+int(h.Count-1)*r.seg >= msgEnd {
+	if base+int(h.Count-1)*seg >= msgEnd {
 		return 0, false
 	}
 	for k := 1; k < int(h.Count); k++ {
-		p := base + k*r.seg
-		hk, err := ParseHeader(buf[p:min(p+r.seg, msgEnd)])
+		p := base + k*seg
+		hk, err := ParseHeader(buf[p:min(p+seg, msgEnd)])
 		if err != nil || hk.Type != TypeFrame || hk.FrameID != h.FrameID || int(hk.Index) != k || hk.Count != h.Count || hk.Len != h.Len {
 			return 0, false
 		}
@@ -270,11 +218,11 @@ func (r *receiver) inPlace(buf []byte, base int, h Header, dg []byte) (int, bool
 	dst := base + h.Len
 	w := len(dg) - h.Len
 	for k := 1; k < int(h.Count); k++ {
-		p := base + k*r.seg
-		e := min(p+r.seg, msgEnd)
+		p := base + k*seg
+		e := min(p+seg, msgEnd)
 		w += copy(buf[dst+w:], buf[p+h.Len:e])
 	}
-	r.off = min(base+int(h.Count)*r.seg, msgEnd) - tunnel.Headroom
+	r.c.Off = min(base+int(h.Count)*seg, msgEnd) - tunnel.Headroom
 	return w, true
 }
 
@@ -284,10 +232,10 @@ func (r *receiver) inPlace(buf []byte, base int, h Header, dg []byte) (int, bool
 func (r *receiver) slow(f *tunnel.Frame, h Header, payload []byte) (emitted, stop bool) {
 	ctr := r.t.ctr
 	rs := &r.trains
-	p := rs.peers[r.src]
+	p := rs.peers[r.c.Src]
 	if p == nil {
 		p = &peerTrains{}
-		rs.peers[r.src] = p
+		rs.peers[r.c.Src] = p
 	}
 	p.last = r.now
 	if h.Index == 0 {

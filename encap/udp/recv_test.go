@@ -75,7 +75,6 @@ func TestReassemblyBound(t *testing.T) {
 			for _, d := range good {
 				fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d, Src: peer})
 			}
-			r.n, r.mi = 0, 0
 			got, _ := drain(r, 8)
 			if len(got) != 1 || !bytes.Equal(got[0], pkt) {
 				t.Fatalf("after the flood, a real train gave %d frames", len(got))
@@ -114,7 +113,6 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	}
 	now = now.Add(sweepInterval + time.Millisecond)
 	fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: []byte{0}, Src: srcs[5]})
-	r.n, r.mi = 0, 0
 	drain(r, 8)
 	if len(r.trains.peers) != 5 || len(r.trains.free) != 5 {
 		t.Fatalf("after 5 peers left: state for %d peers, %d free buffers; want 5 and 5", len(r.trains.peers), len(r.trains.free))
@@ -122,7 +120,6 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	// The rest time out.
 	now = now.Add(trainTimeout + sweepInterval)
 	fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: []byte{0}, Src: srcs[5]})
-	r.n, r.mi = 0, 0
 	drain(r, 8)
 	if len(r.trains.peers) != 0 || len(r.trains.free) != 10 {
 		t.Fatalf("after the timeout: state for %d peers, %d free buffers; want 0 and 10", len(r.trains.peers), len(r.trains.free))

@@ -5,118 +5,58 @@ import (
 	"encoding/binary"
 	"net/netip"
 
-	"golang.org/x/net/ipv4"
-
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/internal/inet"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
-const (
-	recvBatch   = 8
-	recvBufSize = tunnel.Headroom + 65536
-)
-
-type readFunc func(ms []ipv4.Message, flags int) (int, error)
+// recvBatch is how many messages one recvmmsg reads.
+const recvBatch = 8
 
 // vreceiver turns VXLAN datagrams into frames for one socket. Frames point
 // into its buffers, valid until the next receive; a GRO message holding
 // more datagrams than the caller has room for is handed out over several
 // calls.
 type vreceiver struct {
-	u    *Userspace
-	read readFunc
-	msgs []ipv4.Message
-	iovs [][1][]byte
-	bufs [][]byte
-	oobs [][]byte
-
-	n, mi int            // messages in the batch, current message
-	off   int            // offset of the next datagram in the current message
-	seg   int            // datagram size of the current message
-	src   netip.AddrPort // the peer endpoint of the current message
+	u   *Userspace
+	c   *udpsock.Cursor
+	src netip.AddrPort // the peer endpoint of the current message
 }
 
-func newVReceiver(u *Userspace, read readFunc) *vreceiver {
-	r := &vreceiver{u: u, read: read}
-	r.msgs = make([]ipv4.Message, recvBatch)
-	r.iovs = make([][1][]byte, recvBatch)
-	r.bufs = make([][]byte, recvBatch)
-	r.oobs = make([][]byte, recvBatch)
-	for i := range r.msgs {
-		r.bufs[i] = make([]byte, recvBufSize)
-		r.oobs[i] = make([]byte, udpsock.OOBSize)
-	}
+func newVReceiver(u *Userspace, read udpsock.ReadFunc) *vreceiver {
+	r := &vreceiver{u: u}
+	r.c = udpsock.NewCursor(read, recvBatch, tunnel.Headroom, 65536, func(src netip.AddrPort, dgs int) bool {
+		u.ctr.Add(DatagramsIn, uint64(dgs))
+		ep, ok := u.peers.Load().byIP[src.Addr()]
+		if !ok {
+			u.ctr.Add(DropUnknownSource, uint64(dgs))
+			return false
+		}
+		r.src = ep
+		return true
+	})
 	return r
 }
 
 func (r *vreceiver) receive(frames []tunnel.Frame) (int, error) {
 	out := 0
 	for out < len(frames) {
-		if r.mi >= r.n {
+		if r.c.Done() {
 			if out > 0 {
 				return out, nil
 			}
-			if err := r.fill(); err != nil {
+			if err := r.c.Fill(); err != nil {
 				return 0, err
 			}
 			continue
 		}
-		m := &r.msgs[r.mi]
-		data := r.bufs[r.mi][tunnel.Headroom : tunnel.Headroom+m.N]
-		end := min(r.off+r.seg, len(data))
-		base := tunnel.Headroom + r.off
-		dg := data[r.off:end]
-		r.off = end
-		if r.datagram(&frames[out], r.bufs[r.mi], base, dg) {
+		base, dg := r.c.Take()
+		if r.datagram(&frames[out], r.c.Buf(), base, dg) {
 			out++
 		}
-		if r.off >= len(data) {
-			r.next()
-		}
+		r.c.Settle()
 	}
 	return out, nil
-}
-
-func (r *vreceiver) fill() error {
-	for i := range r.msgs {
-		r.iovs[i][0] = r.bufs[i][tunnel.Headroom:]
-		r.msgs[i] = ipv4.Message{Buffers: r.iovs[i][:], OOB: r.oobs[i]}
-	}
-	n, err := r.read(r.msgs, 0)
-	if err != nil {
-		return err
-	}
-	r.n, r.mi = n, -1
-	r.next()
-	return nil
-}
-
-// next moves to the next message from a VXLAN peer.
-func (r *vreceiver) next() {
-	ctr := r.u.ctr
-	peers := r.u.peers.Load()
-	for r.mi++; r.mi < r.n; r.mi++ {
-		m := &r.msgs[r.mi]
-		r.off = 0
-		r.seg = udpsock.GROSize(m.OOB[:m.NN])
-		if r.seg <= 0 || r.seg > m.N {
-			r.seg = m.N
-		}
-		src, ok := udpsock.Source(m)
-		if !ok || m.N == 0 {
-			continue
-		}
-		dgs := uint64((m.N + r.seg - 1) / r.seg)
-		ctr.Add(DatagramsIn, dgs)
-		ep, ok := peers.byIP[src.Addr()]
-		if !ok {
-			ctr.Add(DropUnknownSource, dgs)
-			continue
-		}
-		r.src = ep
-		return
-	}
 }
 
 // inner checks one VXLAN datagram and returns its inner IP packet
@@ -190,12 +130,11 @@ func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 	mss := len(first) - hl
 	ip := hl - tcpHeaderLen(first)
 	seq := binary.BigEndian.Uint32(first[ip+4:]) + uint32(mss)
-	msgEnd := r.msgs[r.mi].N
-	data := buf[tunnel.Headroom : tunnel.Headroom+msgEnd]
+	data := r.c.Data()
 	end := f.Off + len(first)
 	n, psh := 1, false
-	for r.off < msgEnd {
-		dg := data[r.off:min(r.off+r.seg, msgEnd)]
+	for r.c.Off < len(data) {
+		dg := data[r.c.Off:min(r.c.Off+r.c.Seg, len(data))]
 		q, _, ok := r.inner(dg)
 		if !ok || len(q) < hl || len(q)-hl > mss || end-f.Off+len(q)-hl > 65535 || !sameFlow(first, q, hl) ||
 			binary.BigEndian.Uint32(q[ip+4:]) != seq {
@@ -212,7 +151,7 @@ func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 			break
 		}
 		end += copy(buf[end:], q[hl:])
-		r.off += len(dg)
+		r.c.Off += len(dg)
 		seq += uint32(len(q) - hl)
 		n++
 		psh = flags&tcpPSH != 0
