@@ -34,27 +34,42 @@ func vxlanState(n *cluster.Node) string {
 // TestMixedVXLAN: VXLAN forced on three nodes, the first with its kernel's
 // VXLAN turned off. It speaks VXLAN from its datapath; the others' kernels
 // take it for one more VXLAN device. Every pair talks, both families
-// inside, over an IPv4 and an IPv6 underlay.
+// inside, over an IPv4 and an IPv6 underlay; and with every node in
+// userspace (the backend forced alone).
 func TestMixedVXLAN(t *testing.T) {
-	for _, v6 := range []bool{false, true} {
-		t.Run(map[bool]string{false: "IPv4 underlay", true: "IPv6 underlay"}[v6], func(t *testing.T) {
-			c := startCluster(t, 3, cluster.Options{NetConf: netConfWith("vxlan"), IPv6Underlay: v6, NodeArgs: map[int][]string{0: {"--kernel-vxlan=false"}}})
-			a, b, cc := c.Nodes[0], c.Nodes[1], c.Nodes[2]
-			want := map[*cluster.Node]map[string]string{
-				a:  {b.Name: "vxlan (userspace)", cc.Name: "vxlan (userspace)"},
-				b:  {a.Name: "vxlan", cc.Name: "vxlan"},
-				cc: {a.Name: "vxlan", b.Name: "vxlan"},
+	for _, tt := range []struct {
+		name string
+		v6   bool
+		user int // the first user nodes speak VXLAN in userspace
+	}{
+		{"IPv4 underlay", false, 1},
+		{"IPv6 underlay", true, 1},
+		{"every node in userspace", false, 3},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			args := map[int][]string{}
+			for i := range tt.user {
+				args[i] = []string{"--kernel-vxlan=false"}
 			}
-			for n, w := range want {
+			c := startCluster(t, 3, cluster.Options{NetConf: netConfWith("vxlan"), IPv6Underlay: tt.v6, NodeArgs: args})
+			a, b, cc := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+			for i, n := range c.Nodes {
 				got := backends(t, n)
-				for p, bk := range w {
-					if got[p] != bk {
-						t.Errorf("%s → %s: %q, want %q", n.Name, p, got[p], bk)
+				for _, p := range c.Nodes {
+					if p == n {
+						continue
+					}
+					want := "vxlan"
+					if i < tt.user {
+						want = "vxlan (userspace)"
+					}
+					if got[p.Name] != want {
+						t.Errorf("%s → %s: %q, want %q", n.Name, p.Name, got[p.Name], want)
 					}
 				}
-			}
-			if out, err := a.Run("ip", "link", "show", vxlan.DeviceName); err == nil {
-				t.Errorf("the userspace node has a kernel VXLAN device: %s", out)
+				if _, err := n.Run("ip", "link", "show", vxlan.DeviceName); (err == nil) == (i < tt.user) {
+					t.Errorf("%s: kernel VXLAN device present = %v, want %v", n.Name, err == nil, i >= tt.user)
+				}
 			}
 			pingAll(t, c.Nodes)
 			for _, pair := range [][2]*cluster.Node{{a, b}, {b, a}} {
@@ -69,6 +84,12 @@ func TestMixedVXLAN(t *testing.T) {
 			}
 			if n := counter(t, a, "vxlan_segmented"); n == 0 {
 				t.Error("no super-packet was cut in software: the transfers did not use TSO")
+			}
+			// Between two datapaths a GSO train arrives as one GRO message,
+			// merged back into super-packets; a kernel sender's segments
+			// arrive one message each, and the TUN's GRO merges them.
+			if n := counter(t, a, "vxlan_coalesced"); (n > 0) != (tt.user > 1) {
+				t.Errorf("vxlan_coalesced = %d with %d userspace nodes", n, tt.user)
 			}
 			for _, k := range []string{"vxlan_drop_malformed", "vxlan_drop_not_for_us", "vxlan_drop_bad_vni", "vxlan_drop_offload", "vxlan_drop_too_big", "vxlan_drop_unknown_source"} {
 				if n := counter(t, a, k); n != 0 {

@@ -124,11 +124,14 @@ func (r *vreceiver) datagram(f *tunnel.Frame, buf []byte, base int, dg []byte) b
 func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 	first := f.Packet()
 	hl, ok := segmentHeaders(first)
-	if !ok || first[hl-7]&tcpPSH != 0 || !tcpChecksumValid(first, hl) {
+	if !ok {
+		return
+	}
+	ip := hl - tcpHeaderLen(first)
+	if first[ip+13]&tcpPSH != 0 || !tcpChecksumValid(first, hl) {
 		return
 	}
 	mss := len(first) - hl
-	ip := hl - tcpHeaderLen(first)
 	seq := binary.BigEndian.Uint32(first[ip+4:]) + uint32(mss)
 	data := r.c.Data()
 	end := f.Off + len(first)

@@ -287,7 +287,10 @@ func TestCoalesce(t *testing.T) {
 	src, dst := netip.MustParseAddr("100.64.1.2"), netip.MustParseAddr("100.64.2.3")
 	segs := func(payload int) [][]byte {
 		conn.Sent = nil
-		pkt := tuntest.TCP(src, dst, payload)
+		// A 32-byte TCP header: NOP, NOP, timestamps, as Linux sends.
+		pkt := tuntest.TCP(src, dst, payload+12)
+		pkt[20+12] = 8 << 4
+		copy(pkt[40:], []byte{1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2})
 		pkt[20+13] = 0x10 // ACK
 		if err := a.Send([]tunnel.Frame{frameOf(pkt, tuntest.TSO(pkt, 1000), epB)}); err != nil {
 			t.Fatal(err)
@@ -318,8 +321,15 @@ func TestCoalesce(t *testing.T) {
 			d := segs(10000)
 			o := append([]byte(nil), d[2]...)
 			o[EncapLen+20] ^= 1 // another source port
+			fixTCP(o[EncapLen:])
 			return append(d[:3], append([][]byte{o}, d[3:]...)...)
 		}, 3},
+		{"PSH on the first: nothing merges into it", func() [][]byte {
+			d := segs(3000)
+			d[0][EncapLen+20+13] |= tcpPSH
+			fixTCP(d[0][EncapLen:])
+			return d
+		}, 2},
 		{"PSH ends the run", func() [][]byte {
 			d := segs(10000)
 			d[1][EncapLen+20+13] |= tcpPSH
