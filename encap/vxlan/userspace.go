@@ -174,15 +174,6 @@ func (u *Userspace) SetMTU(mtu int) {
 	}
 }
 
-// LocalAddrs returns the bound addresses.
-func (u *Userspace) LocalAddrs() []netip.AddrPort {
-	var out []netip.AddrPort
-	for _, s := range u.socks {
-		out = append(out, s.LocalAddr())
-	}
-	return out
-}
-
 // Close implements tunnel.Transport.
 func (u *Userspace) Close() error {
 	if u.closed.Swap(true) {

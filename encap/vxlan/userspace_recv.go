@@ -123,12 +123,8 @@ func (r *vreceiver) datagram(f *tunnel.Frame, buf []byte, base int, dg []byte) b
 // that does not fit ends the run and is handled on its own.
 func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 	first := f.Packet()
-	hl, ok := segmentHeaders(first)
-	if !ok {
-		return
-	}
-	ip := hl - tcpHeaderLen(first)
-	if first[ip+13]&tcpPSH != 0 || !tcpChecksumValid(first, hl) {
+	ip, hl, ok := segmentHeaders(first)
+	if !ok || first[ip+13]&tcpPSH != 0 || !tcpChecksumValid(first, ip) {
 		return
 	}
 	mss := len(first) - hl
@@ -150,7 +146,7 @@ func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 		if tunnel.FinishUnfinished(q) {
 			r.u.ctr.Add(ChecksumsFinished, 1)
 		}
-		if !tcpChecksumValid(q, hl) {
+		if !tcpChecksumValid(q, ip) {
 			break
 		}
 		end += copy(buf[end:], q[hl:])
@@ -194,37 +190,30 @@ const (
 	tcpPSH = 0x08
 )
 
-// segmentHeaders returns the IP + TCP header length of a TCP segment that
-// can head a merge: IPv4 without options or fragmentation, or IPv6
-// without extension headers; flags ACK or ACK|PSH; some payload.
-func segmentHeaders(p []byte) (int, bool) {
-	var ip int
+// segmentHeaders returns the IP header length and the IP + TCP header
+// length of a TCP segment that can head a merge: IPv4 without options or
+// fragmentation, or IPv6 without extension headers; flags ACK or ACK|PSH;
+// some payload.
+func segmentHeaders(p []byte) (ip, hl int, ok bool) {
 	switch {
 	case p[0] == 0x45 && p[9] == 6 && binary.BigEndian.Uint16(p[6:])&0x3fff == 0:
 		ip = 20
 	case p[0]>>4 == 6 && len(p) >= 60 && p[6] == 6:
 		ip = 40
 	default:
-		return 0, false
+		return 0, 0, false
 	}
 	if len(p) < ip+20 {
-		return 0, false
+		return 0, 0, false
 	}
 	th := int(p[ip+12]>>4) * 4
 	if th < 20 || len(p) <= ip+th {
-		return 0, false
+		return 0, 0, false
 	}
 	if f := p[ip+13]; f != tcpACK && f != tcpACK|tcpPSH {
-		return 0, false
+		return 0, 0, false
 	}
-	return ip + th, true
-}
-
-func tcpHeaderLen(p []byte) int {
-	if p[0]>>4 == 4 {
-		return int(p[20+12]>>4) * 4
-	}
-	return int(p[40+12]>>4) * 4
+	return ip, ip + th, true
 }
 
 // sameFlow reports whether q continues p's flow with the same headers:
@@ -247,9 +236,9 @@ func sameFlow(p, q []byte, hl int) bool {
 		bytes.Equal(q[ip+14:ip+16], p[ip+14:ip+16]) && bytes.Equal(q[ip+18:hl], p[ip+18:hl])
 }
 
-// tcpChecksumValid checks a TCP segment's checksum.
-func tcpChecksumValid(p []byte, hl int) bool {
-	ip := hl - tcpHeaderLen(p)
+// tcpChecksumValid checks the checksum of a TCP segment whose IP header
+// is ip bytes long.
+func tcpChecksumValid(p []byte, ip int) bool {
 	var src, dst []byte
 	if ip == 20 {
 		src, dst = p[12:16], p[16:20]

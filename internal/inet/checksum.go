@@ -45,12 +45,15 @@ func Sum(b []byte, initial uint64) uint64 {
 		ac += carry
 	}
 	f := fold(ac)
-	if binary.NativeEndian.Uint16([]byte{0, 1}) != 1 { // little endian
+	if littleEndian {
 		f = bits.ReverseBytes16(f)
 	}
 	s, c := bits.Add64(initial, uint64(f), 0)
 	return s + c
 }
+
+// littleEndian: the native sum is byte-swapped from the big-endian one.
+var littleEndian = binary.NativeEndian.Uint16([]byte{0, 1}) != 1
 
 func fold(s uint64) uint16 {
 	s = s&0xffffffff + s>>32

@@ -61,9 +61,6 @@ func (w *Writer) add(addr *net.UDPAddr, buf []byte, seg int) {
 	w.segs = append(w.segs, seg)
 }
 
-// Len is the number of messages queued.
-func (w *Writer) Len() int { return len(w.msgs) }
-
 // Flush sends everything queued on s. A GSO send that fails with EIO (the
 // egress device cannot checksum-offload) turns GSO off for the socket and
 // resends the rest as plain datagrams; other per-message errors drop that
