@@ -108,6 +108,14 @@ type EnvOptions struct {
 	// node's underlay link.
 	NetemDelayMS float64
 	NetemLossPct float64
+	// Wire turns the segmentation offloads (TSO, GSO, USO) off on both
+	// ends of every underlay link, so single packets cross as on a real
+	// NIC's wire instead of whole GSO super-packets.
+	Wire bool
+	// LossPct, when > 0, drops that share of the packets arriving on every
+	// underlay link, at random (an nftables netdev ingress rule: works
+	// where sch_netem is missing).
+	LossPct float64
 	// TulledArgs are extra tulled flags.
 	TulledArgs []string
 	Progress   func(string)
@@ -161,8 +169,20 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 		progress(fmt.Sprintf("netem on every underlay link: %s", strings.Join(args[6:], " ")))
 		for _, n := range tp.Nodes {
 			if _, err := n.Run("tc", args...); err != nil {
-				return env, fmt.Errorf("netem (is sch_netem available?): %w", err)
+				return env, fmt.Errorf("netem: %w (this kernel may lack sch_netem: use --loss, which needs only nftables)", err)
 			}
+		}
+	}
+	if opt.Wire {
+		progress("wire-like underlay: TSO, GSO and USO off on every underlay link")
+		if err := tp.WireLike(); err != nil {
+			return env, err
+		}
+	}
+	if opt.LossPct > 0 {
+		progress(fmt.Sprintf("%g%% random loss on every underlay link (nftables netdev ingress)", opt.LossPct))
+		if err := tp.Loss(opt.LossPct); err != nil {
+			return env, err
 		}
 	}
 	b := tp.Nodes[1]

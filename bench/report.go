@@ -32,6 +32,14 @@ func (r *Results) Markdown() string {
 	if r.Config.NetemDelayMS > 0 || r.Config.NetemLossPct > 0 {
 		fmt.Fprintf(&b, ", netem delay %gms loss %g%%", r.Config.NetemDelayMS, r.Config.NetemLossPct)
 	}
+	if r.Config.Wire {
+		b.WriteString(", wire-like underlay (TSO/GSO/USO off)")
+	} else {
+		b.WriteString(", veth as is (GSO super-packets cross whole)")
+	}
+	if r.Config.LossPct > 0 {
+		fmt.Fprintf(&b, ", %g%% random loss per link (nftables)", r.Config.LossPct)
+	}
 	fmt.Fprintf(&b, "; %d CPUs, Linux %s, %s.\n\n", r.Host.CPUs, r.Host.Kernel, r.Host.GoVersion)
 	if !r.Complete {
 		b.WriteString("**Incomplete run**: the figures below cover the rounds that finished.\n\n")

@@ -45,6 +45,8 @@ type Config struct {
 	MTU             int      `json:"mtu"`
 	NetemDelayMS    float64  `json:"netemDelayMs"`
 	NetemLossPct    float64  `json:"netemLossPct"`
+	Wire            bool     `json:"wire"`
+	LossPct         float64  `json:"lossPct"`
 	RTTSamples      int      `json:"rttSamples"`
 }
 

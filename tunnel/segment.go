@@ -43,76 +43,155 @@ func Segment(out, pkt, prefix []byte, o Offload) (n, seg int, err error) {
 		}
 		return n + len(pkt), n + len(pkt), nil
 	}
-	hl := int(hdrLen)
-	ip := int(o.CsumStart)
-	mss := int(o.GSOSize)
-	payload := pkt[hl:]
-	count := (len(payload) + mss - 1) / mss
-	if count == 0 {
-		count = 1 // a header-only super-packet goes out as is
-	}
-	if count*(len(prefix)+hl)+len(payload) > len(out) {
+	c := newCut(pkt, o, int(hdrLen))
+	if c.count*(len(prefix)+c.hl)+len(c.payload) > len(out) {
 		return 0, 0, ErrNoRoom
 	}
-	v4 := pkt[0]>>4 == 4
-	tcp := o.GSOType&^GSOECN != GSOUDPL4
-	var src, dst []byte
-	proto := uint8(17)
-	if tcp {
-		proto = 6
-	}
-	if v4 {
-		src, dst = pkt[12:16], pkt[16:20]
-	} else {
-		src, dst = pkt[8:24], pkt[24:40]
-	}
-	var id uint16
-	var seq uint32
-	if v4 {
-		id = binary.BigEndian.Uint16(pkt[4:])
-	}
-	if tcp {
-		seq = binary.BigEndian.Uint32(pkt[ip+4:])
-	}
-	csumAt := ip + int(o.CsumOffset)
-	for i := range count {
-		chunk := payload[min(i*mss, len(payload)):min((i+1)*mss, len(payload))]
+	for i := range c.count {
 		n += copy(out[n:], prefix)
-		s := out[n : n+hl+len(chunk)]
-		copy(s, pkt[:hl])
-		copy(s[hl:], chunk)
-		n += len(s)
-		if v4 {
-			binary.BigEndian.PutUint16(s[2:], uint16(len(s)))
-			binary.BigEndian.PutUint16(s[4:], id+uint16(i))
-			s[10], s[11] = 0, 0
-			binary.BigEndian.PutUint16(s[10:], inet.Checksum(s[:ip], 0))
-		} else {
-			binary.BigEndian.PutUint16(s[4:], uint16(len(s)-40))
-		}
-		l4 := s[ip:]
-		if tcp {
-			binary.BigEndian.PutUint32(l4[4:], seq+uint32(i*mss))
-			if i < count-1 {
-				l4[13] &^= tcpFIN | tcpPSH
-			}
-			if i > 0 {
-				l4[13] &^= tcpCWR
-			}
-		} else {
-			binary.BigEndian.PutUint16(l4[4:], uint16(len(l4)))
-		}
-		s[csumAt], s[csumAt+1] = 0, 0
-		c := inet.Checksum(l4, inet.PseudoHeader(src, dst, proto, len(l4)))
-		if !tcp && c == 0 {
-			c = 0xffff
-		}
-		binary.BigEndian.PutUint16(s[csumAt:], c)
+		l := c.piece(out[n:], i, 1, false)
+		n += l
 		if i == 0 {
-			seg = len(prefix) + len(s)
+			seg = len(prefix) + l
 		}
 	}
 	return n, seg, nil
+}
+
+// Cutter cuts a TSO/USO super-packet into smaller ones of whole segments,
+// each small enough for one datagram: a receiver can hand every piece that
+// arrives to its kernel, so a lost datagram costs only its own segments
+// rather than the whole super-packet. Pieces keep the offload's partial
+// checksum (the field holds the pseudo-header sum for the piece's length)
+// and GSO type; a piece of one segment carries no GSO. Headers are
+// rewritten per piece as Segment does per segment.
+type Cutter struct {
+	c    cut
+	per  int // segments per piece
+	next int // index of the next piece's first segment
+}
+
+// NewCutter prepares to cut pkt (offload o, which must be TCP or UDP GSO)
+// into pieces of at most maxLen bytes. It fails with ErrBadOffload for an
+// invalid offload or one without segmentation, and ErrNoRoom when not even
+// one segment fits in maxLen.
+func NewCutter(pkt []byte, o Offload, maxLen int) (Cutter, error) {
+	hdrLen, err := ValidateOffload(pkt, o)
+	if err != nil {
+		return Cutter{}, err
+	}
+	if o.GSOType == GSONone {
+		return Cutter{}, ErrBadOffload
+	}
+	c := newCut(pkt, o, int(hdrLen))
+	per := (maxLen - c.hl) / c.mss
+	if per < 1 {
+		return Cutter{}, ErrNoRoom
+	}
+	return Cutter{c: c, per: per}, nil
+}
+
+// PieceLen is the length of every piece but the last.
+func (k *Cutter) PieceLen() int {
+	return k.c.hl + min(k.per*k.c.mss, len(k.c.payload))
+}
+
+// Next writes the next piece into out and returns its length and offload;
+// ok is false when every piece was written. out must hold PieceLen bytes.
+func (k *Cutter) Next(out []byte) (n int, o Offload, ok bool) {
+	if k.next >= k.c.count {
+		return 0, Offload{}, false
+	}
+	segs := min(k.per, k.c.count-k.next)
+	n = k.c.piece(out, k.next, segs, true)
+	k.next += segs
+	o = k.c.o
+	if segs == 1 {
+		o.GSOType, o.GSOSize = GSONone, 0
+	}
+	return n, o, true
+}
+
+// cut is a validated GSO super-packet being cut into pieces.
+type cut struct {
+	pkt      []byte
+	o        Offload
+	payload  []byte
+	hl, ip   int // IP + transport header length; IP header length
+	mss      int
+	count    int // segments
+	v4, tcp  bool
+	src, dst []byte
+	proto    uint8
+	id       uint16
+	seq      uint32
+}
+
+func newCut(pkt []byte, o Offload, hl int) cut {
+	c := cut{pkt: pkt, o: o, hl: hl, ip: int(o.CsumStart), mss: int(o.GSOSize), payload: pkt[hl:]}
+	c.count = (len(c.payload) + c.mss - 1) / c.mss
+	if c.count == 0 {
+		c.count = 1 // a header-only super-packet goes out as is
+	}
+	c.v4 = pkt[0]>>4 == 4
+	c.tcp = o.GSOType&^GSOECN != GSOUDPL4
+	c.proto = 17
+	if c.tcp {
+		c.proto = 6
+		c.seq = binary.BigEndian.Uint32(pkt[c.ip+4:])
+	}
+	if c.v4 {
+		c.src, c.dst = pkt[12:16], pkt[16:20]
+		c.id = binary.BigEndian.Uint16(pkt[4:])
+	} else {
+		c.src, c.dst = pkt[8:24], pkt[24:40]
+	}
+	return c
+}
+
+// piece writes segments [i, i+segs) into out as one packet: headers copied
+// and rewritten (IP length, ID and checksum; TCP sequence number and flags,
+// or UDP length) and the transport checksum complete, or left partial. It
+// returns the packet's length.
+func (c *cut) piece(out []byte, i, segs int, partial bool) int {
+	chunk := c.payload[min(i*c.mss, len(c.payload)):min((i+segs)*c.mss, len(c.payload))]
+	s := out[:c.hl+len(chunk)]
+	copy(s, c.pkt[:c.hl])
+	copy(s[c.hl:], chunk)
+	if c.v4 {
+		binary.BigEndian.PutUint16(s[2:], uint16(len(s)))
+		binary.BigEndian.PutUint16(s[4:], c.id+uint16(i))
+		s[10], s[11] = 0, 0
+		binary.BigEndian.PutUint16(s[10:], inet.Checksum(s[:c.ip], 0))
+	} else {
+		binary.BigEndian.PutUint16(s[4:], uint16(len(s)-40))
+	}
+	l4 := s[c.ip:]
+	if c.tcp {
+		binary.BigEndian.PutUint32(l4[4:], c.seq+uint32(i*c.mss))
+		if i+segs < c.count {
+			l4[13] &^= tcpFIN | tcpPSH
+		}
+		if i > 0 {
+			l4[13] &^= tcpCWR
+		}
+	} else {
+		binary.BigEndian.PutUint16(l4[4:], uint16(len(l4)))
+	}
+	at := c.ip + int(c.o.CsumOffset)
+	ph := inet.PseudoHeader(c.src, c.dst, c.proto, len(l4))
+	var sum uint16
+	if partial {
+		sum = inet.Fold(ph)
+	} else {
+		s[at], s[at+1] = 0, 0
+		sum = inet.Checksum(l4, ph)
+		if !c.tcp && sum == 0 {
+			sum = 0xffff
+		}
+	}
+	binary.BigEndian.PutUint16(s[at:], sum)
+	return len(s)
 }
 
 // finishCsum completes a partial checksum: the field holds the

@@ -25,6 +25,8 @@ func benchCmd(ctx context.Context, args []string) error {
 	mtu := fs.Int("mtu", 1500, "underlay MTU")
 	delay := fs.Duration("netem-delay", 0, "netem delay on every underlay link (e.g. 2ms)")
 	loss := fs.Float64("netem-loss", 0, "netem loss on every underlay link, in percent")
+	wire := fs.Bool("wire", false, "wire-like underlay: segmentation offloads off on every underlay link, so single packets cross as on a NIC's wire")
+	lossPct := fs.Float64("loss", 0, "random packet loss on every underlay link, in percent (nftables; works without sch_netem)")
 	tulled := fs.String("tulled", "", "tulled binary (default: next to tullectl, else on PATH)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -45,6 +47,8 @@ func benchCmd(ctx context.Context, args []string) error {
 		return fmt.Errorf("bench --mtu %d: want 1280 to 9000", *mtu)
 	case *loss < 0 || *loss > 100:
 		return fmt.Errorf("bench --netem-loss %g: want 0 to 100", *loss)
+	case *lossPct < 0 || *lossPct > 100:
+		return fmt.Errorf("bench --loss %g: want 0 to 100", *lossPct)
 	case *delay < 0:
 		return fmt.Errorf("bench --netem-delay %s: negative", *delay)
 	}
@@ -67,6 +71,7 @@ func benchCmd(ctx context.Context, args []string) error {
 		Env: bench.EnvOptions{
 			Nodes: *nodes, Paths: sel, Tulled: bin, MTU: *mtu,
 			NetemDelayMS: float64(*delay) / float64(time.Millisecond), NetemLossPct: *loss,
+			Wire: *wire, LossPct: *lossPct,
 			Progress: progress,
 		},
 		Rounds: *rounds, Duration: *duration, Streams: *streams, Out: *out,

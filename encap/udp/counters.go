@@ -17,6 +17,8 @@ const (
 	DropUnknownSource                // datagrams from an address and port that are no peer's (before any state is kept)
 	DropTrainEvicted                 // trains abandoned, or not started, because the reassembly buffers were all in use
 	GSOFallbacks                     // times UDP GSO was turned off after EIO
+	Cut                              // super-packets sent cut along their segments (one frame per datagram)
+	Coalesced                        // received frames merged into TSO super-packets before the TUN write
 	numCounters
 )
 
@@ -24,6 +26,7 @@ var counterNames = [numCounters]string{
 	DatagramsOut: "datagrams_out", DatagramsIn: "datagrams_in", DropSend: "drop_send",
 	DropBadVersion: "drop_bad_version", DropBadHeader: "drop_bad_header", DropIncomplete: "drop_incomplete",
 	DropUnknownSource: "drop_unknown_source", DropTrainEvicted: "drop_train_evicted", GSOFallbacks: "gso_fallbacks",
+	Cut: "frames_cut", Coalesced: "frames_coalesced",
 }
 
 // String returns the counter's name as the status API reports it.

@@ -39,6 +39,7 @@ type receiver struct {
 	now       time.Time // taken once per recvmmsg batch
 	nextSweep time.Time
 	trains    reassembly
+	co        tunnel.Coalescer
 }
 
 // reassembly holds the trains being rebuilt datagram by datagram, per peer
@@ -177,7 +178,11 @@ func (r *receiver) datagram(f *tunnel.Frame, buf []byte, base int, dg []byte) (e
 		return true, false
 	}
 	if h.Index == 0 && h.Count == 1 {
-		return r.frame(f, buf[:base+len(dg)], base+h.Len), false
+		if !r.frame(f, buf[:base+len(dg)], base+h.Len) {
+			return false, false
+		}
+		r.coalesce(f, buf)
+		return true, false
 	}
 	if h.Index == 0 {
 		if n, ok := r.inPlace(buf, base, h, dg); ok {
@@ -196,6 +201,46 @@ func (r *receiver) frame(f *tunnel.Frame, buf []byte, start int) bool {
 	}
 	f.Buf, f.Off, f.Offload = buf, start+DescLen, o
 	return true
+}
+
+// coalesce merges into f the single-datagram frames that follow it in
+// the current batch from the same peer and continue its TCP flow (the pieces a sender cut
+// a super-packet into, or plain segments), so that what arrived of a
+// super-packet reaches the TUN in one write. What does not continue the
+// run is handled on its own.
+func (r *receiver) coalesce(f *tunnel.Frame, buf []byte) {
+	co := &r.co
+	if !co.Start(buf, f.Off, len(f.Buf), f.Offload) {
+		return
+	}
+	src, data := r.c.Src, r.c.Data()
+	for {
+		if r.c.Off >= len(data) {
+			// On into the next message of the batch if it comes from the
+			// same peer: without GRO on the underlay every datagram is a
+			// message of its own.
+			r.c.Settle()
+			if r.c.Done() || r.c.Src != src {
+				break
+			}
+			data = r.c.Data()
+		}
+		dg := data[r.c.Off:min(r.c.Off+r.c.Seg, len(data))]
+		h, err := ParseHeader(dg)
+		if err != nil || h.Type != TypeFrame || h.Count != 1 || len(dg) < h.Len+DescLen {
+			break
+		}
+		o, _ := parseDesc(dg[h.Len:])
+		if !co.Add(dg[h.Len+DescLen:], o) {
+			break
+		}
+		r.c.Off += len(dg)
+	}
+	end, o, n := co.Finish()
+	if n > 1 {
+		f.Buf, f.Offload = buf[:end], o
+		r.t.ctr.Add(Coalesced, uint64(n))
+	}
 }
 
 // inPlace rebuilds a train whose datagrams all sit in the current message

@@ -59,7 +59,13 @@ func (s *sender) send(frames []tunnel.Frame) error {
 				return err
 			}
 		default:
-			if err := s.train(sk, addr, f, maxDg); err != nil {
+			cut, err := tunnel.NewCutter(pkt, f.Offload, maxDg-Overhead)
+			if err == nil {
+				err = s.pieces(sk, addr, &cut)
+			} else {
+				err = s.train(sk, addr, f, maxDg)
+			}
+			if err != nil {
 				return err
 			}
 		}
@@ -76,6 +82,40 @@ func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
 		}
 	}
 	s.b.Commit(sk.Socket, addr, copy(s.b.Room(), dg), len(dg))
+	return nil
+}
+
+// pieces lays out a TSO/USO super-packet cut along its segments: every
+// datagram a single-datagram frame holding whole segments, so a lost
+// datagram costs the receiver only its own segments. The pieces but the
+// last are one size, so they join one GSO send.
+func (s *sender) pieces(sk *socket, addr *net.UDPAddr, cut *tunnel.Cutter) error {
+	seg := Overhead + cut.PieceLen()
+	room := s.b.Room()
+	n := 0
+	for {
+		if len(room)-n < seg {
+			if n > 0 {
+				s.b.Commit(sk.Socket, addr, n, seg)
+			}
+			if err := s.flush(); err != nil {
+				return err
+			}
+			room, n = s.b.Room(), 0
+		}
+		l, o, ok := cut.Next(room[n+Overhead:])
+		if !ok {
+			break
+		}
+		s.frameID++
+		Header{Type: TypeFrame, FrameID: s.frameID, Count: 1}.Marshal(room[n:])
+		putDesc(room[n+HeaderLen:], o)
+		n += Overhead + l
+	}
+	if n > 0 {
+		s.b.Commit(sk.Socket, addr, n, seg)
+	}
+	s.t.ctr.Add(Cut, 1)
 	return nil
 }
 

@@ -6,7 +6,6 @@ import (
 	"net/netip"
 
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
-	"github.com/tulle-net/tulle/internal/inet"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -21,6 +20,7 @@ type vreceiver struct {
 	u   *Userspace
 	c   *udpsock.Cursor
 	src netip.AddrPort // the peer endpoint of the current message
+	co  tunnel.Coalescer
 }
 
 func newVReceiver(u *Userspace, read udpsock.ReadFunc) *vreceiver {
@@ -116,134 +116,33 @@ func (r *vreceiver) datagram(f *tunnel.Frame, buf []byte, base int, dg []byte) b
 }
 
 // coalesce does what the kernel's GRO does for a VXLAN device: the TCP
-// segments of one flow that follow f's in the current GRO message, in
-// sequence, with equal headers and valid checksums, are slid together
-// behind f's headers in place, and f becomes one super-packet for a
-// single TUN write (TSO metadata, checksum left to the kernel). A segment
-// that does not fit ends the run and is handled on its own.
+// segments of one flow that follow f's in the current GRO message (in
+// sequence, equal headers, valid checksums) are slid together behind f's
+// headers in place, and f becomes one super-packet for a single TUN write.
+// A segment that does not fit ends the run and is handled on its own.
 func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
-	first := f.Packet()
-	ip, hl, ok := segmentHeaders(first)
-	if !ok || first[ip+13]&tcpPSH != 0 || !tcpChecksumValid(first, ip) {
+	co := &r.co
+	if !co.Start(buf, f.Off, len(f.Buf), tunnel.Offload{}) {
 		return
 	}
-	mss := len(first) - hl
-	seq := binary.BigEndian.Uint32(first[ip+4:]) + uint32(mss)
 	data := r.c.Data()
-	end := f.Off + len(first)
-	n, psh := 1, false
 	for r.c.Off < len(data) {
 		dg := data[r.c.Off:min(r.c.Off+r.c.Seg, len(data))]
 		q, _, ok := r.inner(dg)
-		if !ok || len(q) < hl || len(q)-hl > mss || end-f.Off+len(q)-hl > 65535 || !sameFlow(first, q, hl) ||
-			binary.BigEndian.Uint32(q[ip+4:]) != seq {
-			break
-		}
-		flags := q[ip+13]
-		if flags != tcpACK && flags != tcpACK|tcpPSH {
+		if !ok {
 			break
 		}
 		if tunnel.FinishUnfinished(q) {
 			r.u.ctr.Add(ChecksumsFinished, 1)
 		}
-		if !tcpChecksumValid(q, ip) {
+		if !co.Add(q, tunnel.Offload{}) {
 			break
 		}
-		end += copy(buf[end:], q[hl:])
 		r.c.Off += len(dg)
-		seq += uint32(len(q) - hl)
-		n++
-		psh = flags&tcpPSH != 0
-		if psh || len(q)-hl < mss {
-			break
-		}
 	}
-	if n == 1 {
-		return
+	end, o, n := co.Finish()
+	if n > 1 {
+		f.Buf, f.Offload = buf[:end], o
+		r.u.ctr.Add(Coalesced, uint64(n))
 	}
-	p := buf[f.Off:end]
-	gso := uint8(tunnel.GSOTCPv4)
-	var src, dst []byte
-	if p[0]>>4 == 4 {
-		binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
-		p[10], p[11] = 0, 0
-		binary.BigEndian.PutUint16(p[10:], inet.Checksum(p[:ip], 0))
-		src, dst = p[12:16], p[16:20]
-	} else {
-		gso = tunnel.GSOTCPv6
-		binary.BigEndian.PutUint16(p[4:], uint16(len(p)-40))
-		src, dst = p[8:24], p[24:40]
-	}
-	if psh {
-		p[ip+13] |= tcpPSH
-	}
-	// Partial checksum, as the kernel leaves it for a device: the
-	// pseudo-header sum, folded.
-	binary.BigEndian.PutUint16(p[ip+16:], inet.Fold(inet.PseudoHeader(src, dst, 6, len(p)-ip)))
-	f.Buf = buf[:end]
-	f.Offload = tunnel.Offload{Flags: tunnel.FlagNeedsCsum, GSOType: gso, GSOSize: uint16(mss), CsumStart: uint16(ip), CsumOffset: 16}
-	r.u.ctr.Add(Coalesced, uint64(n))
-}
-
-const (
-	tcpACK = 0x10
-	tcpPSH = 0x08
-)
-
-// segmentHeaders returns the IP header length and the IP + TCP header
-// length of a TCP segment that can head a merge: IPv4 without options or
-// fragmentation, or IPv6 without extension headers; flags ACK or ACK|PSH;
-// some payload.
-func segmentHeaders(p []byte) (ip, hl int, ok bool) {
-	switch {
-	case p[0] == 0x45 && p[9] == 6 && binary.BigEndian.Uint16(p[6:])&0x3fff == 0:
-		ip = 20
-	case p[0]>>4 == 6 && len(p) >= 60 && p[6] == 6:
-		ip = 40
-	default:
-		return 0, 0, false
-	}
-	if len(p) < ip+20 {
-		return 0, 0, false
-	}
-	th := int(p[ip+12]>>4) * 4
-	if th < 20 || len(p) <= ip+th {
-		return 0, 0, false
-	}
-	if f := p[ip+13]; f != tcpACK && f != tcpACK|tcpPSH {
-		return 0, 0, false
-	}
-	return ip, ip + th, true
-}
-
-// sameFlow reports whether q continues p's flow with the same headers:
-// IP fields but length, ID and checksum; TCP fields but sequence number,
-// flags and checksum (options included).
-func sameFlow(p, q []byte, hl int) bool {
-	var ip int
-	if p[0]>>4 == 4 {
-		ip = 20
-		if q[0] != p[0] || q[1] != p[1] || !bytes.Equal(q[6:10], p[6:10]) || !bytes.Equal(q[12:20], p[12:20]) {
-			return false
-		}
-	} else {
-		ip = 40
-		if !bytes.Equal(q[:4], p[:4]) || !bytes.Equal(q[6:40], p[6:40]) {
-			return false
-		}
-	}
-	return bytes.Equal(q[ip:ip+4], p[ip:ip+4]) && bytes.Equal(q[ip+8:ip+13], p[ip+8:ip+13]) &&
-		bytes.Equal(q[ip+14:ip+16], p[ip+14:ip+16]) && bytes.Equal(q[ip+18:hl], p[ip+18:hl])
-}
-
-// tcpChecksumValid checks the checksum of a TCP segment whose IP header
-// is ip bytes long.
-func tcpChecksumValid(p []byte, ip int) bool {
-	var src, dst []byte
-	if ip == 20 {
-		src, dst = p[12:16], p[16:20]
-	} else {
-		src, dst = p[8:24], p[24:40]
-	}
-	return inet.Checksum(p[ip:], inet.PseudoHeader(src, dst, 6, len(p)-ip)) == 0
 }

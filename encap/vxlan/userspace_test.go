@@ -326,13 +326,13 @@ func TestCoalesce(t *testing.T) {
 		}, 3},
 		{"PSH on the first: nothing merges into it", func() [][]byte {
 			d := segs(3000)
-			d[0][EncapLen+20+13] |= tcpPSH
+			d[0][EncapLen+20+13] |= 0x08 // PSH
 			fixTCP(d[0][EncapLen:])
 			return d
 		}, 2},
 		{"PSH ends the run", func() [][]byte {
 			d := segs(10000)
-			d[1][EncapLen+20+13] |= tcpPSH
+			d[1][EncapLen+20+13] |= 0x08 // PSH
 			fixTCP(d[1][EncapLen:])
 			return d
 		}, 2},

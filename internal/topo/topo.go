@@ -56,6 +56,10 @@ type Node struct {
 	IP4  netip.Addr
 	IP6  netip.Addr
 	Link string // underlay interface inside the namespace
+	// Port is the other end of Link, in namespace PortNS (the bridge's,
+	// or the router's for routed nodes).
+	Port   string
+	PortNS string
 }
 
 // Require returns why this host cannot build topologies, or "".
@@ -130,12 +134,14 @@ func (t *Topology) AddNode() (*Node, error) {
 		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
 		IP4:  netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
 		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
-		Link: "eth0",
+		Link:   "eth0",
+		Port:   fmt.Sprintf("p%d", i),
+		PortNS: t.Bridge,
 	}
 	if err := t.addNS(n.NS); err != nil {
 		return nil, err
 	}
-	port := fmt.Sprintf("p%d", i)
+	port := n.Port
 	mtu := fmt.Sprint(t.mtu)
 	for _, c := range [][]string{
 		{"ip", "-n", n.NS, "link", "set", "lo", "up"},
@@ -210,13 +216,15 @@ func (t *Topology) AddRoutedNode() (*Node, error) {
 		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
 		IP4:  netip.AddrFrom4([4]byte{198, 19, byte(k), 2}),
 		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:199:%x::2", k)),
-		Link: routedLinks,
+		Link:   routedLinks,
+		Port:   fmt.Sprintf("r%d", k),
+		PortNS: t.router,
 	}
 	if err := t.addNS(n.NS); err != nil {
 		return nil, err
 	}
 	mtu := fmt.Sprint(t.mtu)
-	rl := fmt.Sprintf("r%d", k)
+	rl := n.Port
 	for _, c := range [][]string{
 		{"ip", "-n", n.NS, "link", "set", "lo", "up"},
 		{"ip", "-n", n.NS, "link", "add", n.Link, "mtu", mtu, "type", "veth", "peer", "name", rl, "mtu", mtu, "netns", t.router},
@@ -335,6 +343,44 @@ func (n *Node) Dial(ctx context.Context, addr string) (net.Conn, error) {
 		return err
 	})
 	return c, err
+}
+
+// WireLike makes every node's underlay link behave like a NIC's wire:
+// segmentation offloads (TSO, GSO, USO) off at both ends, so packets cross
+// one MTU-sized packet at a time, and GRO off at the far end (the bridge or
+// router) so nothing is coalesced on the way. Receive-side GRO on the
+// nodes stays as a NIC's would be.
+func (t *Topology) WireLike() error {
+	segOff := []string{"tso", "off", "gso", "off", "tx-udp-segmentation", "off"}
+	for _, n := range t.Nodes {
+		if err := run("ip", append([]string{"netns", "exec", n.NS, "ethtool", "-K", n.Link}, segOff...)...); err != nil {
+			return fmt.Errorf("wire-like underlay on %s: %w", n.Name, err)
+		}
+		if err := run("ip", append([]string{"netns", "exec", n.PortNS, "ethtool", "-K", n.Port, "gro", "off"}, segOff...)...); err != nil {
+			return fmt.Errorf("wire-like underlay on %s's far end: %w", n.Name, err)
+		}
+	}
+	return nil
+}
+
+// Loss drops pct percent of the packets arriving on every node's underlay
+// link, at random: an nftables rule on the netdev ingress hook (numgen
+// random, in parts per million), which needs no sch_netem. The rules go
+// with the namespaces.
+func (t *Topology) Loss(pct float64) error {
+	if pct <= 0 || pct > 100 {
+		return fmt.Errorf("loss %g%%: want more than 0, at most 100", pct)
+	}
+	ppm := int(pct*10000 + 0.5)
+	for _, n := range t.Nodes {
+		rules := fmt.Sprintf("table netdev tulle_loss {\n\tchain ingress {\n\t\ttype filter hook ingress device %q priority 0;\n\t\tnumgen random mod 1000000 < %d drop\n\t}\n}\n", n.Link, ppm)
+		cmd := n.Command(context.Background(), "nft", "-f", "-")
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("packet loss on %s: nft: %w: %s", n.Name, err, bytes.TrimSpace(out))
+		}
+	}
+	return nil
 }
 
 func run(name string, args ...string) error {

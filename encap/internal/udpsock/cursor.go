@@ -106,9 +106,11 @@ func (c *Cursor) Take() (base int, dg []byte) {
 }
 
 // Settle moves to the next admitted message once the current one is used
-// up. Call it after handling what Take returned (and any look-ahead).
+// up. Call it after handling what Take returned (and any look-ahead); a
+// look-ahead may call it too, to go on into the next message (the buffers
+// of the batch stay valid until Fill).
 func (c *Cursor) Settle() {
-	if c.Off >= c.msgs[c.mi].N {
+	if c.mi < c.n && c.Off >= c.msgs[c.mi].N {
 		c.advance()
 	}
 }
