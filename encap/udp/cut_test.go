@@ -98,8 +98,8 @@ func TestCutSurvivesLoss(t *testing.T) {
 			{"lost first", all[1:], 1},
 			{"lost last", all[:last], 1},
 			{"every other lost", everyOther(len(dgs)), (len(dgs) + 1) / 2},
-			{"swapped", append(append([]int{0, 2, 1}), all[3:]...), 4},
-			{"duplicates", append(append([]int{0, 1, 2}), all...), 2},
+			{"swapped", append([]int{0, 2, 1}, all[3:]...), 4},
+			{"duplicates", append([]int{0, 1, 2}, all...), 2},
 			{"only the tail", []int{last}, 1},
 		}
 		for _, tc := range cases {

@@ -130,10 +130,10 @@ func (t *Topology) AddNode() (*Node, error) {
 		return nil, errors.New("topo: underlay full")
 	}
 	n := &Node{
-		Name: fmt.Sprintf("n%d", i),
-		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
-		IP4:  netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
-		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
+		Name:   fmt.Sprintf("n%d", i),
+		NS:     fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
+		IP4:    netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}),
+		IP6:    netip.MustParseAddr(fmt.Sprintf("fd00:198::%x", i)),
 		Link:   "eth0",
 		Port:   fmt.Sprintf("p%d", i),
 		PortNS: t.Bridge,
@@ -212,10 +212,10 @@ func (t *Topology) AddRoutedNode() (*Node, error) {
 	k := t.routed
 	i := len(t.Nodes) + 1
 	n := &Node{
-		Name: fmt.Sprintf("n%d", i),
-		NS:   fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
-		IP4:  netip.AddrFrom4([4]byte{198, 19, byte(k), 2}),
-		IP6:  netip.MustParseAddr(fmt.Sprintf("fd00:199:%x::2", k)),
+		Name:   fmt.Sprintf("n%d", i),
+		NS:     fmt.Sprintf("%s-%s-n%d", t.prefix, t.Suffix, i),
+		IP4:    netip.AddrFrom4([4]byte{198, 19, byte(k), 2}),
+		IP6:    netip.MustParseAddr(fmt.Sprintf("fd00:199:%x::2", k)),
 		Link:   routedLinks,
 		Port:   fmt.Sprintf("r%d", k),
 		PortNS: t.router,
