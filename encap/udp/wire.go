@@ -4,10 +4,13 @@
 // underlay. The wire format is documented in docs/wire-format.md.
 //
 // A frame that fits in one datagram travels alone. A TSO/USO super-packet
-// (up to 64 KB) travels as a train: equal-size datagrams, each a tulle header
-// plus a slice of the frame, sent in one sendmsg with UDP_SEGMENT and
-// received, typically, as one UDP_GRO read; the receiver rebuilds the frame
-// and the kernel finishes segmentation and checksums on the far side.
+// (up to 64 KB) is cut along its segments into smaller super-packets that
+// each fill one datagram (tunnel.Cutter), sent together in one sendmsg
+// with UDP_SEGMENT; the receiver merges the pieces that arrive, in order,
+// back into super-packets (tunnel.Coalescer) and the kernel finishes
+// segmentation and checksums on the far side. A lost datagram costs only
+// its own segments. A frame that cannot be cut that way travels as a
+// train: equal-size slices of the frame, rebuilt whole or not at all.
 //
 // The package owns its sockets and nothing else. It drops (and counts)
 // datagrams from addresses the Accept function refuses before keeping any
