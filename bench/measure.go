@@ -25,6 +25,8 @@ const (
 	FigUDP1400Los = "udp_1400_loss_pct"
 	FigRTTP50     = "rtt_p50_us"
 	FigRTTP99     = "rtt_p99_us"
+	FigLoadedP50  = "rtt_loaded_p50_us"
+	FigLoadedP99  = "rtt_loaded_p99_us"
 	FigCPUTulled  = "cpu_tulled_s_per_gb"
 	FigCPUMachine = "cpu_machine_s_per_gb"
 	FigRSS        = "tulled_peak_rss_mib"
@@ -50,6 +52,8 @@ func figureInfos(streams int) []FigureInfo {
 		{FigUDP1400Los, "UDP 1400 B loss", "%", false},
 		{FigRTTP50, "RTT p50 (TCP request/response)", "µs", false},
 		{FigRTTP99, "RTT p99 (TCP request/response)", "µs", false},
+		{FigLoadedP50, "RTT p50 under load (beside a bulk TCP stream)", "µs", false},
+		{FigLoadedP99, "RTT p99 under load (beside a bulk TCP stream)", "µs", false},
 		{FigCPUTulled, "tulled CPU per GB (TCP 1 stream)", "CPU s/GB", false},
 		{FigCPUMachine, "machine CPU per GB (TCP 1 stream)", "CPU s/GB", false},
 		{FigRSS, "tulled peak RSS (largest node)", "MiB", false},
@@ -129,7 +133,7 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 		}
 	}
 	rtt := func(p Path, round int) (string, error) {
-		p50, p99, err := measureRTT(ctx, env, p, RTTSamples)
+		p50, p99, err := measureRTT(ctx, env, p, RTTSamples, 0)
 		if err != nil {
 			return "", err
 		}
@@ -140,12 +144,39 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 		}
 		return fmt.Sprintf("p50 %.0f µs, p99 %.0f µs", p50, p99), nil
 	}
+	// Small request/responses beside one bulk TCP stream on the same path:
+	// what queues in the path (TUN queue, socket buffers, trains ahead of
+	// a small packet) costs every other flow.
+	loaded := func(p Path, round int) (string, error) {
+		errc := make(chan error, 1)
+		go func() {
+			_, err := runIperf3(ctx, a, iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, Streams: 1})
+			errc <- err
+		}()
+		// After slow start; stop a second before the stream does.
+		select {
+		case <-time.After(time.Second):
+		case err := <-errc:
+			return "", fmt.Errorf("bulk stream: %w", err)
+		}
+		p50, p99, err := measureRTT(ctx, env, p, RTTSamples, max(opt.Duration-2*time.Second, time.Second))
+		if berr := <-errc; err == nil && berr != nil {
+			err = fmt.Errorf("bulk stream: %w", berr)
+		}
+		if err != nil {
+			return "", err
+		}
+		add(p, FigLoadedP50, round, p50)
+		add(p, FigLoadedP99, round, p99)
+		return fmt.Sprintf("p50 %.0f µs, p99 %.0f µs", p50, p99), nil
+	}
 	steps := []step{
 		{"TCP 1 stream", tcp(FigTCP1, 1)},
 		{fmt.Sprintf("TCP %d streams", opt.Streams), tcp(FigTCPN, opt.Streams)},
 		{"UDP 64 B", udp(64, FigUDP64PPS, FigUDP64Loss)},
 		{"UDP 1400 B", udp(1400, FigUDP1400PPS, FigUDP1400Los)},
 		{fmt.Sprintf("RTT (%d round trips)", RTTSamples), rtt},
+		{"RTT under load", loaded},
 	}
 	for round := range opt.Rounds {
 		for _, s := range steps {
@@ -226,7 +257,9 @@ func peakRSSMiB(pids []int) float64 {
 
 // measureRTT times n one-byte request/response exchanges over one TCP
 // connection (Nagle off) from node 1 to p.Dst and returns p50 and p99 in µs.
-func measureRTT(ctx context.Context, env *Env, p Path, n int) (p50, p99 float64, err error) {
+// With within > 0 it stops early when that time is up (at least 20
+// exchanges count).
+func measureRTT(ctx context.Context, env *Env, p Path, n int, within time.Duration) (p50, p99 float64, err error) {
 	a, b := env.Topo.Nodes[0], env.Topo.Nodes[1]
 	ln, err := b.Listen(net.JoinHostPort(p.Dst.String(), "0"))
 	if err != nil {
@@ -254,7 +287,14 @@ func measureRTT(ctx context.Context, env *Env, p Path, n int) (p50, p99 float64,
 	var buf [1]byte
 	// A few unmeasured exchanges warm the path (ARP, caches).
 	rtts := make([]float64, 0, n)
+	var until time.Time
+	if within > 0 {
+		until = time.Now().Add(within)
+	}
 	for i := range n + 10 {
+		if !until.IsZero() && len(rtts) >= 20 && time.Now().After(until) {
+			break
+		}
 		start := time.Now()
 		if _, err := c.Write(buf[:]); err != nil {
 			return 0, 0, err

@@ -75,7 +75,7 @@ func (r *Results) Markdown() string {
 		}
 		b.WriteString("\n")
 	}
-	ratioFigs := []string{FigTCP1, FigTCPN, FigUDP64PPS, FigUDP1400PPS, FigRTTP50}
+	ratioFigs := []string{FigTCP1, FigTCPN, FigUDP64PPS, FigUDP1400PPS, FigRTTP50, FigLoadedP50}
 	b.WriteString("\nRatios (per round, median and min–max):\n\n| path |")
 	for _, k := range ratioFigs {
 		fmt.Fprintf(&b, " %s × VXLAN | × raw |", r.title(k))

@@ -132,6 +132,7 @@ func (d *Datapath) txLoop() error {
 			continue
 		}
 		ctr.Add(TxFrames, uint64(len(out)))
+		prioritize(out)
 		if err := d.cfg.Transport.Send(out); err != nil {
 			return fmt.Errorf("tx: %w", err)
 		}
