@@ -123,6 +123,25 @@ func waitFor(t *testing.T, cond func() bool, what func() string) {
 	}
 }
 
+// receiveSegments reads packets out of a TUN until they amount to
+// len(want) wire segments, and checks that these are want.
+func receiveSegments(t *testing.T, c chan tuntest.Packet, want [][]byte) {
+	t.Helper()
+	var got [][]byte
+	for len(got) < len(want) {
+		p := recvPacket(t, c)
+		got = append(got, segmentsOf(t, p.Data, p.Offload)...)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d segments came out, want %d", len(got), len(want))
+	}
+	for i := range got {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Fatalf("segment %d of %d changed in transit", i, len(want))
+		}
+	}
+}
+
 func TestDatapathCarriesFramesIntact(t *testing.T) {
 	a, b := pair(t)
 	tests := []struct {
@@ -140,7 +159,14 @@ func TestDatapathCarriesFramesIntact(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a.tun.Inbound <- tuntest.Packet{Data: tt.pkt, Offload: tt.off(tt.pkt)}
+			o := tt.off(tt.pkt)
+			a.tun.Inbound <- tuntest.Packet{Data: tt.pkt, Offload: o}
+			if o.GSOType != tunnel.GSONone {
+				// Cut along its segments and merged again: the far
+				// kernel must end up with the very same segments.
+				receiveSegments(t, b.tun.Outbound, segmentsOf(t, tt.pkt, o))
+				return
+			}
 			got := recvPacket(t, b.tun.Outbound)
 			if !bytes.Equal(got.Data, tt.pkt) {
 				t.Fatalf("packet changed in transit: got %d bytes, want %d", len(got.Data), len(tt.pkt))
@@ -159,12 +185,12 @@ func TestDatapathCarriesFramesIntact(t *testing.T) {
 			a.tun.Inbound <- tuntest.Packet{Data: pkt, Offload: tuntest.TSO(pkt, 1404)}
 		}
 	}()
-	for i := range burst {
-		got := recvPacket(t, b.tun.Outbound)
-		if !bytes.Equal(got.Data, pkt) {
-			t.Fatalf("burst frame %d corrupted", i)
-		}
+	one := segmentsOf(t, pkt, tuntest.TSO(pkt, 1404))
+	var want [][]byte
+	for range burst {
+		want = append(want, one...)
 	}
+	receiveSegments(t, b.tun.Outbound, want)
 	if d := b.uctr.Get(udp.DropIncomplete) + b.uctr.Get(udp.DropBadHeader); d != 0 {
 		t.Errorf("%d frames dropped on loopback", d)
 	}
