@@ -10,23 +10,6 @@ import (
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
 
-// segmentsOf returns the wire packets of pkt with offload o.
-func segmentsOf(t *testing.T, pkt []byte, o tunnel.Offload) [][]byte {
-	t.Helper()
-	out := make([]byte, 2*tunnel.BufSize)
-	n, seg, err := tunnel.Segment(out, pkt, nil, o)
-	if err != nil {
-		t.Fatalf("segment: %v", err)
-	}
-	var segs [][]byte
-	for b := out[:n]; len(b) > 0; {
-		d := b[:min(seg, len(b))]
-		segs = append(segs, append([]byte(nil), d...))
-		b = b[len(d):]
-	}
-	return segs
-}
-
 // cutAndMerge cuts a super-packet into pieces of at most maxLen bytes,
 // delivers the pieces listed in order (losses, reordering, duplicates) one
 // after another in one buffer, merges them as a receiver does, and checks
@@ -66,7 +49,7 @@ func cutAndMerge(t *testing.T, pkt []byte, o tunnel.Offload, maxLen int, order [
 		at = append(at, len(buf))
 		offs = append(offs, pc.o)
 		buf = append(buf, pc.p...)
-		want = append(want, segmentsOf(t, pc.p, pc.o)...)
+		want = append(want, tuntest.Segments(t, pc.p, pc.o)...)
 	}
 	buf = buf[:cap(buf)]
 	at = append(at, len(buf))
@@ -93,7 +76,7 @@ func cutAndMerge(t *testing.T, pkt []byte, o tunnel.Offload, maxLen int, order [
 			}
 			end, o, _ = co.Finish()
 		}
-		got = append(got, segmentsOf(t, buf[start:end], o)...)
+		got = append(got, tuntest.Segments(t, buf[start:end], o)...)
 		merged++
 	}
 	if len(got) != len(want) {

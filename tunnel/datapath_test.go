@@ -130,7 +130,7 @@ func receiveSegments(t *testing.T, c chan tuntest.Packet, want [][]byte) {
 	var got [][]byte
 	for len(got) < len(want) {
 		p := recvPacket(t, c)
-		got = append(got, segmentsOf(t, p.Data, p.Offload)...)
+		got = append(got, tuntest.Segments(t, p.Data, p.Offload)...)
 	}
 	if len(got) != len(want) {
 		t.Fatalf("%d segments came out, want %d", len(got), len(want))
@@ -164,7 +164,7 @@ func TestDatapathCarriesFramesIntact(t *testing.T) {
 			if o.GSOType != tunnel.GSONone {
 				// Cut along its segments and merged again: the far
 				// kernel must end up with the very same segments.
-				receiveSegments(t, b.tun.Outbound, segmentsOf(t, tt.pkt, o))
+				receiveSegments(t, b.tun.Outbound, tuntest.Segments(t, tt.pkt, o))
 				return
 			}
 			got := recvPacket(t, b.tun.Outbound)
@@ -185,7 +185,7 @@ func TestDatapathCarriesFramesIntact(t *testing.T) {
 			a.tun.Inbound <- tuntest.Packet{Data: pkt, Offload: tuntest.TSO(pkt, 1404)}
 		}
 	}()
-	one := segmentsOf(t, pkt, tuntest.TSO(pkt, 1404))
+	one := tuntest.Segments(t, pkt, tuntest.TSO(pkt, 1404))
 	var want [][]byte
 	for range burst {
 		want = append(want, one...)

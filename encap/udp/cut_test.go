@@ -14,24 +14,6 @@ import (
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
 
-// wireSegments returns the packets a kernel would put on the wire for pkt
-// with offload o: what a receiving TCP stack ends up with.
-func wireSegments(t *testing.T, pkt []byte, o tunnel.Offload) [][]byte {
-	t.Helper()
-	out := make([]byte, 2*tunnel.BufSize)
-	n, seg, err := tunnel.Segment(out, pkt, nil, o)
-	if err != nil {
-		t.Fatalf("segment %d-byte packet (%+v): %v", len(pkt), o, err)
-	}
-	var segs [][]byte
-	for b := out[:n]; len(b) > 0; {
-		d := b[:min(seg, len(b))]
-		segs = append(segs, append([]byte(nil), d...))
-		b = b[len(d):]
-	}
-	return segs
-}
-
 func sameSegments(t *testing.T, got, want [][]byte) {
 	t.Helper()
 	if len(got) != len(want) {
@@ -81,7 +63,7 @@ func TestCutSurvivesLoss(t *testing.T) {
 		binary.BigEndian.PutUint32(pkt[ip+4:], 0xffff8000) // sequence numbers wrap
 		o := tuntest.TSO(pkt, fam.mss)
 		dgs := cutLayout(t, pkt, o, fam.maxDg)
-		wire := wireSegments(t, pkt, o)
+		wire := tuntest.Segments(t, pkt, o)
 		per := (len(wire) + len(dgs) - 1) / len(dgs) // segments per datagram
 		all := make([]int, len(dgs))
 		for i := range all {
@@ -128,7 +110,7 @@ func TestCutSurvivesLoss(t *testing.T) {
 							t.Fatalf("frame %d: %v", i, err)
 						}
 						partialSumOK(t, pkts[i])
-						got = append(got, wireSegments(t, pkts[i], f.Offload)...)
+						got = append(got, tuntest.Segments(t, pkts[i], f.Offload)...)
 					}
 					sameSegments(t, got, want)
 					// A run also ends with a recvmmsg batch, or where a

@@ -78,9 +78,9 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	}
 	var segs [][]byte
 	for i := 1; i < len(got); i++ {
-		segs = append(segs, wireSegments(t, got[i], frames[i].Offload)...)
+		segs = append(segs, tuntest.Segments(t, got[i], frames[i].Offload)...)
 	}
-	want := wireSegments(t, big, tuntest.TSO(big, 1400))
+	want := tuntest.Segments(t, big, tuntest.TSO(big, 1400))
 	sameSegments(t, segs, append(want, want...))
 	// Later sends go straight to single datagrams.
 	before := fc.calls

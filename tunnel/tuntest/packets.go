@@ -3,6 +3,7 @@ package tuntest
 import (
 	"encoding/binary"
 	"net/netip"
+	"testing"
 
 	"github.com/tulle-net/tulle/tunnel"
 )
@@ -66,4 +67,23 @@ func TSO(p []byte, mss int) tunnel.Offload {
 		o.GSOType = tunnel.GSOTCPv6
 	}
 	return o
+}
+
+// Segments returns the wire packets a kernel makes of pkt with offload o
+// (tunnel.Segment): what a receiving TCP stack ends up with, whatever
+// super-packets carried them.
+func Segments(tb testing.TB, pkt []byte, o tunnel.Offload) [][]byte {
+	tb.Helper()
+	out := make([]byte, 2*tunnel.BufSize)
+	n, seg, err := tunnel.Segment(out, pkt, nil, o)
+	if err != nil {
+		tb.Fatalf("segment %d-byte packet (%+v): %v", len(pkt), o, err)
+	}
+	var segs [][]byte
+	for b := out[:n]; len(b) > 0; {
+		d := b[:min(seg, len(b))]
+		segs = append(segs, append([]byte(nil), d...))
+		b = b[len(d):]
+	}
+	return segs
 }
