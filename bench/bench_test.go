@@ -219,8 +219,8 @@ func TestValidatePaths(t *testing.T) {
 }
 
 // TestSmoke runs the whole harness briefly (2 nodes, 2 s per run, one
-// round, wire-like underlay with 0.1% loss) and checks the reports, not
-// the speeds.
+// round, wire-like underlay) and checks the reports, not the speeds. Loss
+// is exercised by TestLossyWire (cmd/tulled).
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("smoke run skipped in -short mode")
@@ -235,7 +235,7 @@ func TestSmoke(t *testing.T) {
 	out := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	res, err := Run(ctx, Options{Env: EnvOptions{Nodes: 2, Tulled: bin, Wire: true, LossPct: 0.1, Progress: func(s string) { t.Log(s) }}, Rounds: 1, Duration: 2 * time.Second, Out: out})
+	res, err := Run(ctx, Options{Env: EnvOptions{Nodes: 2, Tulled: bin, Wire: true, Progress: func(s string) { t.Log(s) }}, Rounds: 1, Duration: 2 * time.Second, Out: out})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +247,7 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &got); err != nil {
 		t.Fatalf("results.json: %v", err)
 	}
-	if got.Schema != Schema || !got.Complete || !got.Config.Wire || got.Config.LossPct != 0.1 {
+	if got.Schema != Schema || !got.Complete || !got.Config.Wire {
 		t.Errorf("schema %q complete %v config %+v", got.Schema, got.Complete, got.Config)
 	}
 	var names []string

@@ -123,7 +123,16 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 	}
 	udp := func(size int, pps, loss string) func(Path, int) (string, error) {
 		return func(p Path, round int) (string, error) {
-			r, err := runIperf3(ctx, a, iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, UDPSize: size})
+			run := iperf3Run{Dst: p.Dst, Port: iperfPort, Duration: opt.Duration, UDPSize: size}
+			r, err := runIperf3(ctx, a, run)
+			if err != nil && ctx.Err() == nil {
+				// Under loss iperf3's own control connection sometimes
+				// fails at the end of an unlimited flood ("unable to read
+				// from stream socket"), on every path, raw included: one
+				// more try.
+				progress(fmt.Sprintf("%s: %v; once more", p.Name, err))
+				r, err = runIperf3(ctx, a, run)
+			}
 			if err != nil {
 				return "", err
 			}
