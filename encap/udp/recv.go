@@ -204,18 +204,19 @@ func (r *receiver) frame(f *tunnel.Frame, buf []byte, start int) bool {
 }
 
 // coalesce merges into f the single-datagram frames that follow it in
-// the current batch from the same peer and continue its TCP flow (the pieces a sender cut
-// a super-packet into, or plain segments), so that what arrived of a
-// super-packet reaches the TUN in one write. What does not continue the
-// run is handled on its own.
+// the current batch from the same peer and continue its TCP flow (the
+// pieces a sender cut a super-packet into, or plain segments), so that
+// what arrived of a super-packet reaches the TUN in one write. What does
+// not continue the run is handled on its own.
 func (r *receiver) coalesce(f *tunnel.Frame, buf []byte) {
 	co := &r.co
 	if !co.Start(buf, f.Off, len(f.Buf), f.Offload) {
 		return
 	}
-	src, data := r.c.Src, r.c.Data()
+	src := r.c.Src
 	for {
-		if r.c.Off >= len(data) {
+		dg := r.c.Peek()
+		if dg == nil {
 			// On into the next message of the batch if it comes from the
 			// same peer: without GRO on the underlay every datagram is a
 			// message of its own.
@@ -223,9 +224,8 @@ func (r *receiver) coalesce(f *tunnel.Frame, buf []byte) {
 			if r.c.Done() || r.c.Src != src {
 				break
 			}
-			data = r.c.Data()
+			continue
 		}
-		dg := data[r.c.Off:min(r.c.Off+r.c.Seg, len(data))]
 		h, err := ParseHeader(dg)
 		if err != nil || h.Type != TypeFrame || h.Count != 1 || len(dg) < h.Len+DescLen {
 			break

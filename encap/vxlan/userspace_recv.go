@@ -125,9 +125,7 @@ func (r *vreceiver) coalesce(f *tunnel.Frame, buf []byte) {
 	if !co.Start(buf, f.Off, len(f.Buf), tunnel.Offload{}) {
 		return
 	}
-	data := r.c.Data()
-	for r.c.Off < len(data) {
-		dg := data[r.c.Off:min(r.c.Off+r.c.Seg, len(data))]
+	for dg := r.c.Peek(); dg != nil; dg = r.c.Peek() {
 		q, _, ok := r.inner(dg)
 		if !ok {
 			break

@@ -95,13 +95,22 @@ func (c *Cursor) Buf() []byte { return c.bufs[c.mi] }
 // Data is the current message's datagrams.
 func (c *Cursor) Data() []byte { return c.bufs[c.mi][c.headroom : c.headroom+c.msgs[c.mi].N] }
 
+// Peek returns the current message's next datagram without consuming it
+// (nil when the message is used up): a caller that takes it moves Off on
+// by its length.
+func (c *Cursor) Peek() []byte {
+	data := c.Data()
+	if c.Off >= len(data) {
+		return nil
+	}
+	return data[c.Off:min(c.Off+c.Seg, len(data))]
+}
+
 // Take consumes the current message's next datagram and returns it with
 // its offset in Buf.
 func (c *Cursor) Take() (base int, dg []byte) {
-	data := c.Data()
-	end := min(c.Off+c.Seg, len(data))
-	base, dg = c.headroom+c.Off, data[c.Off:end]
-	c.Off = end
+	base, dg = c.headroom+c.Off, c.Peek()
+	c.Off += len(dg)
 	return base, dg
 }
 
