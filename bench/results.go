@@ -47,6 +47,7 @@ type Config struct {
 	NetemLossPct    float64  `json:"netemLossPct"`
 	Wire            bool     `json:"wire"`
 	LossPct         float64  `json:"lossPct"`
+	TulledArgs      []string `json:"tulledArgs,omitempty"`
 	RTTSamples      int      `json:"rttSamples"`
 }
 

@@ -81,7 +81,7 @@ func Run(ctx context.Context, opt Options) (*Results, error) {
 		Config: Config{
 			Nodes: opt.Env.Nodes, Paths: opt.Env.Paths, Rounds: opt.Rounds, DurationSeconds: opt.Duration.Seconds(),
 			Streams: opt.Streams, MTU: opt.Env.MTU, NetemDelayMS: opt.Env.NetemDelayMS, NetemLossPct: opt.Env.NetemLossPct,
-			Wire: opt.Env.Wire, LossPct: opt.Env.LossPct,
+			Wire: opt.Env.Wire, LossPct: opt.Env.LossPct, TulledArgs: opt.Env.TulledArgs,
 			RTTSamples: RTTSamples,
 		},
 	}

@@ -3,7 +3,9 @@ package encap
 import (
 	"errors"
 	"net/netip"
+	"runtime"
 
+	"github.com/tulle-net/tulle/internal/pool"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -25,24 +27,31 @@ type Userspace interface {
 type Mux struct {
 	def    Userspace
 	others []Userspace
-	parts  [][]tunnel.Frame // per backend, reused: others..., def
+	parts  *pool.Pool[[][]tunnel.Frame] // per backend: others..., def
 }
 
 var _ tunnel.Transport = (*Mux)(nil)
 
 // NewMux returns a Mux over def (udp: it reaches any endpoint) and others.
 func NewMux(def Userspace, others ...Userspace) *Mux {
-	return &Mux{def: def, others: others, parts: make([][]tunnel.Frame, len(others)+1)}
+	n := len(others) + 1
+	return &Mux{def: def, others: others, parts: pool.New(runtime.GOMAXPROCS(0), func() *[][]tunnel.Frame {
+		p := make([][]tunnel.Frame, n)
+		return &p
+	})}
 }
 
-// Send implements tunnel.Transport. Called by the datapath's tx goroutine
-// only.
+// Send implements tunnel.Transport. Safe for concurrent use (one caller
+// per TUN queue), as every backend's Send is.
 func (m *Mux) Send(frames []tunnel.Frame) error {
 	if len(m.others) == 0 {
 		return m.def.Send(frames)
 	}
-	for i := range m.parts {
-		m.parts[i] = m.parts[i][:0]
+	pp := m.parts.Get()
+	defer m.parts.Put(pp)
+	parts := *pp
+	for i := range parts {
+		parts[i] = parts[i][:0]
 	}
 	for i := range frames {
 		k := len(m.others)
@@ -52,10 +61,10 @@ func (m *Mux) Send(frames []tunnel.Frame) error {
 				break
 			}
 		}
-		m.parts[k] = append(m.parts[k], frames[i])
+		parts[k] = append(parts[k], frames[i])
 	}
 	var errs []error
-	for i, p := range m.parts {
+	for i, p := range parts {
 		if len(p) == 0 {
 			continue
 		}
@@ -76,7 +85,7 @@ func (m *Mux) backend(i int) Userspace {
 // Receivers implements tunnel.Transport: every backend's.
 func (m *Mux) Receivers() []tunnel.ReceiveFunc {
 	var fns []tunnel.ReceiveFunc
-	for i := range m.parts {
+	for i := range len(m.others) + 1 {
 		fns = append(fns, m.backend(i).Receivers()...)
 	}
 	return fns
@@ -84,7 +93,7 @@ func (m *Mux) Receivers() []tunnel.ReceiveFunc {
 
 // SetMTU passes an underlay MTU change to every backend.
 func (m *Mux) SetMTU(underlayMTU int) {
-	for i := range m.parts {
+	for i := range len(m.others) + 1 {
 		m.backend(i).SetMTU(underlayMTU)
 	}
 }
@@ -92,7 +101,7 @@ func (m *Mux) SetMTU(underlayMTU int) {
 // Close implements tunnel.Transport: it closes every backend.
 func (m *Mux) Close() error {
 	var errs []error
-	for i := range m.parts {
+	for i := range len(m.others) + 1 {
 		errs = append(errs, m.backend(i).Close())
 	}
 	return errors.Join(errs...)

@@ -33,13 +33,14 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Datapath runs the loops between a Device and a Transport.
+// Datapath runs the loops between a Device and a Transport: one tx loop
+// per device queue, one rx loop per transport receiver.
 type Datapath struct {
-	cfg   Config
-	mtu   atomic.Int64
-	log   *slog.Logger
-	icmp  tokenBucket
-	icmpB []byte
+	cfg    Config
+	mtu    atomic.Int64
+	log    *slog.Logger
+	icmpMu sync.Mutex // the tx loops share the ICMP rate limit
+	icmp   tokenBucket
 }
 
 // NewDatapath returns a datapath; Run starts it.
@@ -51,10 +52,9 @@ func NewDatapath(cfg Config) *Datapath {
 		cfg.Counters = &Counters{}
 	}
 	d := &Datapath{
-		cfg:   cfg,
-		log:   cfg.Logger,
-		icmp:  tokenBucket{rate: 10, burst: 10, tokens: 10, last: time.Now()},
-		icmpB: make([]byte, BufSize),
+		cfg:  cfg,
+		log:  cfg.Logger,
+		icmp: tokenBucket{rate: 10, burst: 10, tokens: 10, last: time.Now()},
 	}
 	d.mtu.Store(int64(cfg.MTU))
 	return d
@@ -69,10 +69,17 @@ func (d *Datapath) SetMTU(mtu int) { d.mtu.Store(int64(mtu)) }
 // leaves the (persistent) interface in place.
 func (d *Datapath) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	queues := []Queue{d.cfg.Device}
+	if mq, ok := d.cfg.Device.(MultiQueue); ok {
+		queues = mq.Queues()
+	}
 	var wg sync.WaitGroup
-	wg.Go(func() { cancel(d.txLoop()) })
+	for _, q := range queues {
+		wg.Go(func() { cancel(d.txLoop(q)) })
+	}
 	for _, recv := range d.cfg.Transport.Receivers() {
-		wg.Go(func() { cancel(d.rxLoop(recv)) })
+		wg.Go(func() { cancel(d.rxLoop(recv, queues)) })
 	}
 	<-ctx.Done()
 	err := context.Cause(ctx)
@@ -94,16 +101,17 @@ func newFrames(n int) []Frame {
 	return fs
 }
 
-// txLoop: TUN → peer lookup → transport.
-func (d *Datapath) txLoop() error {
+// txLoop: TUN queue → peer lookup → transport.
+func (d *Datapath) txLoop(q Queue) error {
 	in := newFrames(BatchSize)
+	var icmpB []byte // made on the first too-big packet
 	out := make([]Frame, 0, BatchSize)
 	ctr := d.cfg.Counters
 	for {
 		for i := range in {
 			in[i].Buf = in[i].Buf[:cap(in[i].Buf)]
 		}
-		n, err := d.cfg.Device.Read(in)
+		n, err := q.Read(in)
 		if err != nil {
 			return fmt.Errorf("tx: %w", err)
 		}
@@ -121,8 +129,13 @@ func (d *Datapath) txLoop() error {
 				ctr.Add(DropNoRoute, 1)
 				continue
 			}
-			if f.Offload.GSOType == GSONone && len(pkt) > int(d.mtu.Load()) && d.sendTooBig(pkt) {
-				continue
+			if f.Offload.GSOType == GSONone && len(pkt) > int(d.mtu.Load()) {
+				if icmpB == nil {
+					icmpB = make([]byte, BufSize)
+				}
+				if d.sendTooBig(q, pkt, icmpB) {
+					continue
+				}
 			}
 			f.Addr = peer.Addr
 			ctr.Add(TxBytes, uint64(len(pkt)))
@@ -141,8 +154,9 @@ func (d *Datapath) txLoop() error {
 
 // sendTooBig answers an oversized packet that may not be fragmented and
 // reports whether it was dropped. IPv4 packets without DF are carried whole
-// (the transport splits them across datagrams).
-func (d *Datapath) sendTooBig(pkt []byte) bool {
+// (the transport splits them across datagrams). The reply is built in buf
+// and written back through q.
+func (d *Datapath) sendTooBig(q Queue, pkt, buf []byte) bool {
 	var from netip.Addr
 	for _, p := range d.cfg.Peers.Local() {
 		if p.Addr().Is4() == (pkt[0]>>4 == 4) {
@@ -150,7 +164,7 @@ func (d *Datapath) sendTooBig(pkt []byte) bool {
 			break
 		}
 	}
-	n := tooBig(d.icmpB[Headroom:], pkt, from, int(d.mtu.Load()))
+	n := tooBig(buf[Headroom:], pkt, from, int(d.mtu.Load()))
 	if n == 0 {
 		if pkt[0]>>4 == 4 && pkt[6]&0x40 == 0 {
 			return false // no DF: carry it
@@ -159,20 +173,28 @@ func (d *Datapath) sendTooBig(pkt []byte) bool {
 		return true
 	}
 	d.cfg.Counters.Add(DropTooBig, 1)
-	if !d.icmp.allow(time.Now()) {
+	d.icmpMu.Lock()
+	ok := d.icmp.allow(time.Now())
+	d.icmpMu.Unlock()
+	if !ok {
 		return true
 	}
-	reply := []Frame{{Buf: d.icmpB[:Headroom+n], Off: Headroom}}
-	if err := d.cfg.Device.Write(reply); err == nil {
+	reply := []Frame{{Buf: buf[:Headroom+n], Off: Headroom}}
+	if err := q.Write(reply); err == nil {
 		d.cfg.Counters.Add(ICMPTooBigSent, 1)
 	}
 	return true
 }
 
-// rxLoop: transport → checks → TUN.
-func (d *Datapath) rxLoop(recv ReceiveFunc) error {
+// rxLoop: transport → checks → TUN. With several queues, each frame is
+// written on the queue of its flow (flowHash), which is the queue the
+// kernel then reads the flow's replies from.
+func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 	in := make([]Frame, RxBatch)
-	out := make([]Frame, 0, RxBatch)
+	outs := make([][]Frame, len(queues))
+	for i := range outs {
+		outs[i] = make([]Frame, 0, RxBatch)
+	}
 	ctr := d.cfg.Counters
 	peers := d.cfg.Peers
 	for {
@@ -180,7 +202,10 @@ func (d *Datapath) rxLoop(recv ReceiveFunc) error {
 		if err != nil {
 			return fmt.Errorf("rx: %w", err)
 		}
-		out = out[:0]
+		for i := range outs {
+			outs[i] = outs[i][:0]
+		}
+		written := 0
 		for i := range in[:n] {
 			f := &in[i]
 			peer := peers.ByAddr(f.Addr)
@@ -202,14 +227,24 @@ func (d *Datapath) rxLoop(recv ReceiveFunc) error {
 				continue
 			}
 			ctr.Add(RxBytes, uint64(len(f.Packet())))
-			out = append(out, *f)
+			q := 0
+			if len(queues) > 1 {
+				q = int(flowHash(f.Packet()) % uint32(len(queues)))
+			}
+			outs[q] = append(outs[q], *f)
+			written++
 		}
-		if len(out) == 0 {
+		if written == 0 {
 			continue
 		}
-		ctr.Add(RxFrames, uint64(len(out)))
-		if err := d.cfg.Device.Write(out); err != nil {
-			return fmt.Errorf("rx: %w", err)
+		ctr.Add(RxFrames, uint64(written))
+		for i, out := range outs {
+			if len(out) == 0 {
+				continue
+			}
+			if err := queues[i].Write(out); err != nil {
+				return fmt.Errorf("rx: %w", err)
+			}
 		}
 	}
 }

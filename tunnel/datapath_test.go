@@ -32,6 +32,7 @@ var (
 // real UDP transport, so GSO, GRO and recvmmsg are the kernel's own.
 type node struct {
 	tun   *tuntest.ChanTUN
+	mq    *tuntest.MultiChanTUN // the device when it has queues; tun is its queue 0
 	tr    *udp.Transport
 	peers *tunnel.PeerTable
 	ctr   *tunnel.Counters
@@ -60,7 +61,11 @@ func newNode(t *testing.T, ip string, local ...netip.Prefix) *node {
 }
 
 func (n *node) run(t *testing.T) {
-	dp := tunnel.NewDatapath(tunnel.Config{Device: n.tun, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet()})
+	var dev tunnel.Device = n.tun
+	if n.mq != nil {
+		dev = n.mq
+	}
+	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet()})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- dp.Run(ctx) }()
@@ -73,9 +78,16 @@ func (n *node) run(t *testing.T) {
 }
 
 // pair returns two running nodes that know each other.
-func pair(t *testing.T) (a, b *node) {
+func pair(t *testing.T) (a, b *node) { return pairQueues(t, 1) }
+
+// pairQueues is pair with devices of nq queues.
+func pairQueues(t *testing.T, nq int) (a, b *node) {
 	a = newNode(t, "127.0.0.1", subnetA, subA6)
 	b = newNode(t, "127.0.0.3", subnetB, subB6)
+	if nq > 1 {
+		a.mq, b.mq = tuntest.NewMultiChanTUN(nq), tuntest.NewMultiChanTUN(nq)
+		a.tun, b.tun = a.mq.ChanTUN, b.mq.ChanTUN
+	}
 	a.peers.Set([]netip.Prefix{subnetA, subA6}, []tunnel.Peer{{Name: "b", Addr: b.addr, Subnets: []netip.Prefix{subnetB, subB6}}})
 	b.peers.Set([]netip.Prefix{subnetB, subB6}, []tunnel.Peer{{Name: "a", Addr: a.addr, Subnets: []netip.Prefix{subnetA, subA6}}})
 	a.run(t)
@@ -316,5 +328,62 @@ func TestDatapathTooBig(t *testing.T) {
 	}
 	if n := a.ctr.Get(tunnel.ICMPTooBigSent); n != 2 {
 		t.Errorf("icmp_too_big_sent = %d, want 2", n)
+	}
+}
+
+// TestDatapathMultiQueue: with four device queues, one tx loop per queue
+// sends at once (the transport's Send is shared), and the receiving side
+// writes each flow through one queue, always the same, in order; the flows
+// spread over the queues. The kernel then reads each flow's replies from
+// that queue, so a flow never moves between tx loops.
+func TestDatapathMultiQueue(t *testing.T) {
+	const nq, flows, perFlow = 4, 16, 200
+	a, b := pairQueues(t, nq)
+	mk := func(flow, seq int) tuntest.Packet {
+		p := tuntest.TCP(podA, podB, 300)
+		binary.BigEndian.PutUint16(p[20:], uint16(40000+flow))
+		binary.BigEndian.PutUint32(p[24:], uint32(seq)) // not contiguous: never merged
+		return tuntest.Packet{Data: p}
+	}
+	for q := range nq {
+		go func() {
+			for seq := range perFlow {
+				for f := q; f < flows; f += nq { // the kernel steers flow f to queue f%nq
+					a.mq.Queue[q].Inbound <- mk(f, seq)
+				}
+			}
+		}()
+	}
+	queueOf := map[int]int{}
+	next := map[int]int{}
+	got := make(chan [3]int, 64) // queue, flow, seq
+	for q := range nq {
+		go func() {
+			for p := range b.mq.Queue[q].Outbound {
+				got <- [3]int{q, int(binary.BigEndian.Uint16(p.Data[20:])) - 40000, int(binary.BigEndian.Uint32(p.Data[24:]))}
+			}
+		}()
+	}
+	used := map[int]bool{}
+	for n := range flows * perFlow {
+		var r [3]int
+		select {
+		case r = <-got:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d packets came out", n, flows*perFlow)
+		}
+		q, f, seq := r[0], r[1], r[2]
+		if prev, ok := queueOf[f]; ok && prev != q {
+			t.Fatalf("flow %d written through queues %d and %d", f, prev, q)
+		}
+		queueOf[f] = q
+		used[q] = true
+		if seq != next[f] {
+			t.Fatalf("flow %d: packet %d came out after %d: reordered or lost", f, seq, next[f]-1)
+		}
+		next[f]++
+	}
+	if len(used) < 2 {
+		t.Errorf("%d flows were all written through one queue", flows)
 	}
 }

@@ -21,7 +21,8 @@ type Device interface {
 // peers and decapsulates what peers send.
 type Transport interface {
 	// Send sends each frame to its Addr. Failures are counted by the
-	// transport; the error is for a dead transport.
+	// transport; the error is for a dead transport. Safe for concurrent
+	// use: each tx loop (one per device queue) calls it.
 	Send(frames []Frame) error
 	// Receivers returns one blocking receive function per socket; each is
 	// run by its own goroutine.
@@ -34,3 +35,17 @@ type Transport interface {
 // = the sending peer) and returns n. The frames stay valid until the next
 // call of the same function.
 type ReceiveFunc func(frames []Frame) (n int, err error)
+
+// Queue is one queue of a device: read by one tx loop, written by receive
+// loops. Device's Read and Write are its first queue's.
+type Queue interface {
+	Read(frames []Frame) (int, error)
+	Write(frames []Frame) error
+}
+
+// MultiQueue is a Device with several queues (a multi-queue TUN): the
+// datapath runs one tx loop per queue. The kernel keeps a flow on one
+// queue, so a flow is never reordered.
+type MultiQueue interface {
+	Queues() []Queue
+}

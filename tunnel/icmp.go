@@ -9,7 +9,7 @@ import (
 )
 
 // tokenBucket limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f). Used by
-// one goroutine only.
+// one goroutine at a time (the datapath holds icmpMu).
 type tokenBucket struct {
 	rate   float64 // tokens per second
 	burst  float64

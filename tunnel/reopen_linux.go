@@ -28,7 +28,10 @@ type ReopeningTUN struct {
 	closeC chan struct{}
 }
 
-var _ Device = (*ReopeningTUN)(nil)
+var (
+	_ Device     = (*ReopeningTUN)(nil)
+	_ MultiQueue = (*ReopeningTUN)(nil)
+)
 
 // OpenReopeningTUN opens the device as OpenTUN does.
 func OpenReopeningTUN(opt TUNOptions) (*ReopeningTUN, error) {
@@ -56,25 +59,49 @@ func (r *ReopeningTUN) Name() string { return r.opt.Name }
 func (r *ReopeningTUN) SetMTU(mtu int) { r.mtu.Store(int64(mtu)) }
 
 // Read implements Device.
-func (r *ReopeningTUN) Read(frames []Frame) (int, error) {
+func (r *ReopeningTUN) Read(frames []Frame) (int, error) { return reopeningQueue{r, 0}.Read(frames) }
+
+// Write implements Device.
+func (r *ReopeningTUN) Write(frames []Frame) error { return reopeningQueue{r, 0}.Write(frames) }
+
+// Queues implements MultiQueue: as many as the device has now, each
+// following the device through recreation.
+func (r *ReopeningTUN) Queues() []Queue {
+	qs := make([]Queue, len(r.cur.Load().queues))
+	for i := range qs {
+		qs[i] = reopeningQueue{r, i}
+	}
+	return qs
+}
+
+// reopeningQueue is queue i of whichever device is current. A recreated
+// device that came back with fewer queues (attached as it was found)
+// shares them out.
+type reopeningQueue struct {
+	r *ReopeningTUN
+	i int
+}
+
+func (q reopeningQueue) queue(t *TUN) *tunQueue { return t.queues[q.i%len(t.queues)] }
+
+func (q reopeningQueue) Read(frames []Frame) (int, error) {
 	for {
-		t := r.cur.Load()
-		n, err := t.Read(frames)
+		t := q.r.cur.Load()
+		n, err := q.queue(t).Read(frames)
 		if !errors.Is(err, ErrDetached) {
 			return n, err
 		}
-		if err := r.reopen(t); err != nil {
+		if err := q.r.reopen(t); err != nil {
 			return 0, err
 		}
 	}
 }
 
-// Write implements Device.
-func (r *ReopeningTUN) Write(frames []Frame) error {
-	err := r.cur.Load().Write(frames)
+func (q reopeningQueue) Write(frames []Frame) error {
+	err := q.queue(q.r.cur.Load()).Write(frames)
 	if errors.Is(err, ErrDetached) {
-		r.opt.Counters.Add(DropTUNWrite, uint64(len(frames)))
-		return nil // the reading loop recreates the device
+		q.r.opt.Counters.Add(DropTUNWrite, uint64(len(frames)))
+		return nil // the reading loops recreate the device
 	}
 	return err
 }

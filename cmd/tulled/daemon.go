@@ -300,7 +300,7 @@ func run(o *options, log *slog.Logger) error {
 	if uvx != nil {
 		tr = encap.NewMux(udpTr, uvx)
 	}
-	dev, err := tunnel.OpenReopeningTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
+	dev, err := tunnel.OpenReopeningTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, Queues: o.tunQueues, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
 	if err != nil {
 		tr.Close()
 		return err

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 
@@ -40,6 +41,7 @@ type options struct {
 	runDir     string
 	tunName    string
 	gro        bool
+	tunQueues  int
 	udpGSO     bool
 	udpGRO     bool
 	// kernelVXLAN allows the kernel's VXLAN where a probe finds it;
@@ -51,6 +53,10 @@ type options struct {
 	pub netip.Addr
 	pb6 netip.Addr
 }
+
+// maxTUNQueues bounds --tun-queues: each queue is a loop with 1 MiB of
+// buffers, and beyond a few the loops contend for the sockets.
+const maxTUNQueues = 64
 
 // configError is bad input: exit 2, one line.
 type configError struct{ msg string }
@@ -78,6 +84,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.runDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
 	fs.StringVar(&o.tunName, "tun", "tulle0", "TUN device name")
 	fs.BoolVar(&o.gro, "tun-gro", true, "coalesce packets on TUN write (GRO) and pass UDP GSO through the TUN")
+	fs.IntVar(&o.tunQueues, "tun-queues", 0, "TUN queues, each read by its own loop (0: one per CPU, at most 8; 1: single-queue)")
 	fs.BoolVar(&o.udpGSO, "udp-gso", true, "send trains with UDP_SEGMENT")
 	fs.BoolVar(&o.udpGRO, "udp-gro", true, "receive with UDP_GRO")
 	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false, or no kernel VXLAN: tulled speaks VXLAN from its datapath)")
@@ -90,6 +97,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, badConfig("unexpected argument %q", fs.Arg(0))
+	}
+	if o.tunQueues < 0 || o.tunQueues > maxTUNQueues {
+		return nil, badConfig("flag --tun-queues: %d out of range 0-%d", o.tunQueues, maxTUNQueues)
+	}
+	if o.tunQueues == 0 {
+		o.tunQueues = min(runtime.NumCPU(), 8)
 	}
 	if o.node == "" {
 		return nil, badConfig("flag --node-name: empty (and no hostname)")

@@ -30,16 +30,15 @@ func sameSegments(t *testing.T, got, want [][]byte) {
 // segments and returns the datagrams it would put on the wire.
 func cutLayout(t *testing.T, pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	t.Helper()
-	tr := testTransport()
-	tr.sender.init(tr)
+	s := newSender(testTransport())
 	cut, err := tunnel.NewCutter(pkt, o, maxDg-Overhead)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := tr.sender.pieces(&socket{Socket: &udpsock.Socket{}}, nil, &cut); err != nil {
+	if err := s.pieces(&socket{Socket: &udpsock.Socket{}}, nil, &cut); err != nil {
 		t.Fatal(err)
 	}
-	return tr.sender.b.Queued()
+	return s.b.Queued()
 }
 
 // TestCutSurvivesLoss delivers the datagrams of a cut super-packet with

@@ -136,7 +136,6 @@ func TestInterleavedTrains(t *testing.T) {
 	p1 := tuntest.TCP(netip.MustParseAddr("100.96.2.1"), netip.MustParseAddr("100.96.1.1"), 9000)
 	p2 := tuntest.TCP(netip.MustParseAddr("100.96.2.2"), netip.MustParseAddr("100.96.1.1"), 9000)
 	tr := testTransport()
-	tr.sender.init(tr)
 	d1, d2 := layoutOn(tr, p1, tuntest.TSO(p1, 1400), 1472), layoutOn(tr, p2, tuntest.TSO(p2, 1400), 1472)
 	fr := &udpsocktest.Reader{}
 	for i := range d1 {

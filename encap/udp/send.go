@@ -10,26 +10,30 @@ import (
 // slabSize is the sender's layout buffer: a batch of frames as datagrams.
 const slabSize = 1 << 20
 
-// sender lays frames out as datagrams and sends them. Send is called by the
-// datapath's tx goroutine only.
+// sender lays frames out as datagrams and sends them: the state of one
+// Send call. Concurrent Sends (one per TUN queue) each take their own.
 type sender struct {
 	t       *Transport
 	b       *udpsock.Batch
 	scratch []byte
 	addrs   udpsock.AddrCache
-	frameID uint16
 }
 
-func (s *sender) init(t *Transport) {
-	s.t = t
-	s.b = udpsock.NewBatch(slabSize)
-	s.scratch = make([]byte, tunnel.BufSize+DescLen)
+func newSender(t *Transport) *sender {
+	return &sender{t: t, b: udpsock.NewBatch(slabSize), scratch: make([]byte, tunnel.BufSize+DescLen)}
 }
 
-// Send implements tunnel.Transport.
+// Send implements tunnel.Transport. Safe for concurrent use: each call
+// lays out and sends its frames with a sender of its own.
 func (t *Transport) Send(frames []tunnel.Frame) error {
-	return t.sender.send(frames)
+	s := t.senders.Get()
+	defer t.senders.Put(s)
+	return s.send(frames)
 }
+
+// nextFrameID numbers frames per transport, not per sender: the receiver
+// tells a peer's trains apart by ID, whichever queue sent them.
+func (t *Transport) nextFrameID() uint16 { return uint16(t.frameID.Add(1)) }
 
 func (s *sender) send(frames []tunnel.Frame) error {
 	ctr := s.t.ctr
@@ -52,8 +56,7 @@ func (s *sender) send(frames []tunnel.Frame) error {
 			}
 		case Overhead+len(pkt) <= maxDg && f.Off >= Overhead:
 			b := f.Buf[f.Off-Overhead:]
-			s.frameID++
-			Header{Type: TypeFrame, FrameID: s.frameID, Count: 1}.Marshal(b)
+			Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1}.Marshal(b)
 			putDesc(b[HeaderLen:], f.Offload)
 			if err := s.single(sk, addr, b); err != nil {
 				return err
@@ -107,8 +110,7 @@ func (s *sender) pieces(sk *socket, addr *net.UDPAddr, cut *tunnel.Cutter) error
 		if !ok {
 			break
 		}
-		s.frameID++
-		Header{Type: TypeFrame, FrameID: s.frameID, Count: 1}.Marshal(room[n:])
+		Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1}.Marshal(room[n:])
 		putDesc(room[n+HeaderLen:], o)
 		n += Overhead + l
 	}
@@ -142,11 +144,11 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int
 			return err
 		}
 	}
-	s.frameID++
+	id := s.t.nextFrameID()
 	room, n := s.b.Room(), 0
 	for i := 0; i < count; i++ {
 		c := frame[i*chunk : min((i+1)*chunk, len(frame))]
-		Header{Type: TypeFrame, FrameID: s.frameID, Index: uint8(i), Count: uint8(count)}.Marshal(room[n:])
+		Header{Type: TypeFrame, FrameID: id, Index: uint8(i), Count: uint8(count)}.Marshal(room[n:])
 		n += HeaderLen + copy(room[n+HeaderLen:], c)
 	}
 	s.b.Commit(sk.Socket, addr, n, HeaderLen+chunk)

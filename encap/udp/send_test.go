@@ -43,7 +43,6 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	fc := &eioConn{}
 	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: fc}}}
 	tr.socks[0].maxDg.Store(1472)
-	tr.sender.init(tr)
 	dst := netip.MustParseAddrPort("198.18.0.2:8285")
 	small := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 100)
 	big := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 30000)
@@ -117,7 +116,6 @@ func TestSingleDatagramsCoalesce(t *testing.T) {
 	rc := &recConn{}
 	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: rc}}}
 	tr.socks[0].maxDg.Store(1472)
-	tr.sender.init(tr)
 	b, c := netip.MustParseAddrPort("198.18.0.2:8285"), netip.MustParseAddrPort("198.18.0.3:8285")
 	pkt := func(n int, to netip.AddrPort) tunnel.Frame {
 		p := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), n)

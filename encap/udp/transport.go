@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime"
 	"sync/atomic"
 
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/internal/pool"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -32,12 +34,13 @@ type Options struct {
 
 // Transport implements tunnel.Transport over UDP sockets.
 type Transport struct {
-	opt    Options
-	ctr    *Counters
-	log    *slog.Logger
-	socks  []*socket // index 0: IPv4 if bound, then IPv6
-	sender sender
-	closed atomic.Bool
+	opt     Options
+	ctr     *Counters
+	log     *slog.Logger
+	socks   []*socket // index 0: IPv4 if bound, then IPv6
+	senders *pool.Pool[sender]
+	frameID atomic.Uint32
+	closed  atomic.Bool
 }
 
 var _ tunnel.Transport = (*Transport)(nil)
@@ -101,7 +104,7 @@ func New(opt Options) (*Transport, error) {
 		}
 		t.socks = append(t.socks, s)
 	}
-	t.sender.init(t)
+	t.senders = pool.New(runtime.GOMAXPROCS(0), func() *sender { return newSender(t) })
 	return t, nil
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
 	"github.com/tulle-net/tulle/encap/internal/udpsock/udpsocktest"
+	"github.com/tulle-net/tulle/internal/pool"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )
@@ -78,23 +79,24 @@ func drain(r *receiver, room int) (pkts [][]byte, frames []tunnel.Frame) {
 }
 
 func testTransport() *Transport {
-	return &Transport{opt: Options{Accept: func(a netip.AddrPort) bool { return a.Addr() != netip.MustParseAddr("198.18.0.66") && a.Port() == 8285 }},
+	t := &Transport{opt: Options{Accept: func(a netip.AddrPort) bool { return a.Addr() != netip.MustParseAddr("198.18.0.66") && a.Port() == 8285 }},
 		ctr: &Counters{}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	t.senders = pool.New(2, func() *sender { return newSender(t) })
+	return t
 }
 
 // layout runs the sender's train layout for one frame and returns the
 // datagrams it would put on the wire.
 func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
-	tr := testTransport()
-	tr.sender.init(tr)
-	return layoutOn(tr, pkt, o, maxDg)
+	return layoutOn(testTransport(), pkt, o, maxDg)
 }
 
 // layoutOn lays out on tr's sender, whose frame ids go on counting.
 func layoutOn(tr *Transport, pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
-	tr.sender.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, maxDg) // lays out only: no socket is touched
-	return tr.sender.b.Queued()
+	s := newSender(tr)
+	s.train(&socket{Socket: &udpsock.Socket{}}, nil, &f, maxDg) // lays out only: no socket is touched
+	return s.b.Queued()
 }
 
 func TestTrainReassembly(t *testing.T) {

@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync/atomic"
 
 	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/internal/pool"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -74,8 +76,8 @@ type Userspace struct {
 	socks []*vsock
 	peers atomic.Pointer[peerSet]
 
-	sender vsender
-	closed atomic.Bool
+	senders *pool.Pool[vsender]
+	closed  atomic.Bool
 }
 
 var _ tunnel.Transport = (*Userspace)(nil)
@@ -136,7 +138,7 @@ func newUserspace(cfg UserspaceConfig) *Userspace {
 	u := &Userspace{cfg: cfg, ctr: cfg.Counters, log: cfg.Logger}
 	u.vni = [3]byte{byte(cfg.VNI >> 16), byte(cfg.VNI >> 8), byte(cfg.VNI)}
 	u.peers.Store(&peerSet{})
-	u.sender.init(u)
+	u.senders = pool.New(runtime.GOMAXPROCS(0), func() *vsender { return newVSender(u) })
 	return u
 }
 
@@ -197,7 +199,12 @@ func (u *Userspace) sockFor(dst netip.AddrPort) *vsock {
 }
 
 // Send implements tunnel.Transport.
-func (u *Userspace) Send(frames []tunnel.Frame) error { return u.sender.send(frames) }
+// Safe for concurrent use: each call sends with a sender of its own.
+func (u *Userspace) Send(frames []tunnel.Frame) error {
+	s := u.senders.Get()
+	defer u.senders.Put(s)
+	return s.send(frames)
+}
 
 // Receivers implements tunnel.Transport.
 func (u *Userspace) Receivers() []tunnel.ReceiveFunc {

@@ -11,17 +11,16 @@ import (
 // their per-segment headers.
 const sendSlab = 2 << 20
 
-// vsender lays frames out as VXLAN datagrams and sends them. Used by the
-// datapath's tx goroutine only.
+// vsender lays frames out as VXLAN datagrams and sends them: the state of
+// one Send call. Concurrent Sends (one per TUN queue) each take their own.
 type vsender struct {
 	u     *Userspace
 	b     *udpsock.Batch
 	addrs udpsock.AddrCache
 }
 
-func (s *vsender) init(u *Userspace) {
-	s.u = u
-	s.b = udpsock.NewBatch(sendSlab)
+func newVSender(u *Userspace) *vsender {
+	return &vsender{u: u, b: udpsock.NewBatch(sendSlab)}
 }
 
 func (s *vsender) send(frames []tunnel.Frame) error {

@@ -26,12 +26,12 @@ type ChanTUN struct {
 	refused  atomic.Int64
 
 	closed chan struct{}
-	once   sync.Once
+	once   *sync.Once // shared by the queues of a MultiChanTUN
 }
 
 // NewChanTUN returns a device with buffered channels.
 func NewChanTUN() *ChanTUN {
-	return &ChanTUN{Inbound: make(chan Packet, 1024), Outbound: make(chan Packet, 1024), closed: make(chan struct{})}
+	return &ChanTUN{Inbound: make(chan Packet, 1024), Outbound: make(chan Packet, 1024), closed: make(chan struct{}), once: new(sync.Once)}
 }
 
 // Refused counts writes a kernel would refuse (bad offload metadata).
@@ -88,4 +88,35 @@ func (c *ChanTUN) Write(frames []tunnel.Frame) error {
 		}
 	}
 	return nil
+}
+
+// MultiChanTUN is a multi-queue tunnel.Device backed by channels: Queue[i]
+// is queue i, with its own Inbound (what the kernel steers to that queue)
+// and Outbound (what the datapath wrote through it). The device's own Read
+// and Write are queue 0's.
+type MultiChanTUN struct {
+	*ChanTUN
+	Queue []*ChanTUN
+}
+
+// NewMultiChanTUN returns a device of n queues.
+func NewMultiChanTUN(n int) *MultiChanTUN {
+	m := &MultiChanTUN{}
+	closed, once := make(chan struct{}), new(sync.Once)
+	for range n {
+		q := NewChanTUN()
+		q.closed, q.once = closed, once
+		m.Queue = append(m.Queue, q)
+	}
+	m.ChanTUN = m.Queue[0]
+	return m
+}
+
+// Queues implements tunnel.MultiQueue.
+func (m *MultiChanTUN) Queues() []tunnel.Queue {
+	qs := make([]tunnel.Queue, len(m.Queue))
+	for i, q := range m.Queue {
+		qs[i] = q
+	}
+	return qs
 }
