@@ -49,8 +49,8 @@ type TUN struct {
 	name   string
 	queues []*tunQueue
 	gro    atomic.Bool
-	ctr *Counters
-	log *slog.Logger
+	ctr    *Counters
+	log    *slog.Logger
 
 	closed atomic.Bool
 }
