@@ -102,7 +102,7 @@ func sampleResults(t *testing.T) *Results {
 	for i, mtu := range []int{1500, 1450, 1456} {
 		pr[i].InnerMTU = mtu
 	}
-	return &Results{Schema: Schema, Host: Host{CPUs: 2, Kernel: "6.18"}, Figures: figureInfos(4), Paths: pr, Complete: true,
+	return &Results{Schema: Schema, Host: Host{CPUs: 2, Kernel: "6.18"}, Figures: figureInfos(4, 0), Paths: pr, Complete: true,
 		Config: Config{Nodes: 2, Paths: paths, Rounds: 3, DurationSeconds: 10, Streams: 4, MTU: 1500}}
 }
 

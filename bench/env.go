@@ -87,6 +87,9 @@ type Path struct {
 	Name string
 	// Dst is the address on node 2 that clients connect to.
 	Dst netip.Addr
+	// Addrs are every node's addresses on the path, by node (the
+	// all-to-all figure).
+	Addrs []netip.Addr
 	// Tulle reports whether tulled carries the traffic (CPU and RSS figures
 	// apply).
 	Tulle bool
@@ -193,23 +196,36 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 	for _, name := range opt.Paths {
 		switch name {
 		case PathRaw:
-			env.Paths = append(env.Paths, Path{Name: name, Dst: b.IP4, MTU: underlay})
+			var addrs []netip.Addr
+			for _, n := range tp.Nodes {
+				addrs = append(addrs, n.IP4)
+			}
+			env.Paths = append(env.Paths, Path{Name: name, Dst: b.IP4, Addrs: addrs, MTU: underlay})
 		case PathKernelVXLAN:
 			progress(fmt.Sprintf("configuring kernel VXLAN as flannel does (VNI 1, port 8472, MTU %d, 100.64.0.0/24)", underlay-vxlanOverhead))
 			if err := kernelVXLAN(tp, underlay-vxlanOverhead); err != nil {
 				return env, err
 			}
-			env.Paths = append(env.Paths, Path{Name: name, Dst: netip.MustParseAddr("100.64.0.2"), MTU: underlay - vxlanOverhead})
+			var addrs []netip.Addr
+			for i := range tp.Nodes {
+				addrs = append(addrs, netip.AddrFrom4([4]byte{100, 64, 0, byte(i + 1)}))
+			}
+			env.Paths = append(env.Paths, Path{Name: name, Dst: addrs[1], Addrs: addrs, MTU: underlay - vxlanOverhead})
 		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN, PathTulleVXLANUser:
 			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
 			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
 			if err != nil {
 				return env, err
 			}
-			dst, err := c.Nodes[1].Addr(ctx, false)
-			if err != nil {
-				return env, err
+			var addrs []netip.Addr
+			for _, n := range c.Nodes {
+				a, err := n.Addr(ctx, false)
+				if err != nil {
+					return env, err
+				}
+				addrs = append(addrs, a)
 			}
+			dst := addrs[1]
 			mtu := underlay // host-gw: plain routes over the underlay
 			switch name {
 			case PathTulleUDP:
@@ -223,7 +239,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 			}
 			// host-gw and kernel vxlan: the kernel carries the traffic;
 			// tulled only programs it.
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Tulle: name == PathTulleUDP || name == PathTulleVXLANUser, MTU: mtu, cluster: c})
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Addrs: addrs, Tulle: name == PathTulleUDP || name == PathTulleVXLANUser, MTU: mtu, cluster: c})
 		}
 	}
 	return env, nil

@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -19,6 +20,7 @@ import (
 const (
 	FigTCP1       = "tcp_1_stream_gbps"
 	FigTCPN       = "tcp_multi_stream_gbps"
+	FigAllToAll   = "tcp_all_to_all_gbps"
 	FigUDP64PPS   = "udp_64_pps"
 	FigUDP64Loss  = "udp_64_loss_pct"
 	FigUDP1400PPS = "udp_1400_pps"
@@ -41,11 +43,16 @@ type FigureInfo struct {
 }
 
 // figureInfos lists every figure in report order; streams names the
-// multi-stream count.
-func figureInfos(streams int) []FigureInfo {
-	return []FigureInfo{
+// multi-stream count, nodes the all-to-all size (0: not measured).
+func figureInfos(streams, nodes int) []FigureInfo {
+	fs := []FigureInfo{
 		{FigTCP1, "TCP, 1 stream", "Gbit/s", true},
 		{FigTCPN, fmt.Sprintf("TCP, %d streams", streams), "Gbit/s", true},
+	}
+	if nodes > 0 {
+		fs = append(fs, FigureInfo{FigAllToAll, fmt.Sprintf("TCP all-to-all, %d nodes (sum of %d streams)", nodes, nodes*(nodes-1)), "Gbit/s", true})
+	}
+	return append(fs, []FigureInfo{
 		{FigUDP64PPS, "UDP 64 B received", "packets/s", true},
 		{FigUDP64Loss, "UDP 64 B loss", "%", false},
 		{FigUDP1400PPS, "UDP 1400 B received", "packets/s", true},
@@ -57,7 +64,7 @@ func figureInfos(streams int) []FigureInfo {
 		{FigCPUTulled, "tulled CPU per GB (TCP 1 stream)", "CPU s/GB", false},
 		{FigCPUMachine, "machine CPU per GB (TCP 1 stream)", "CPU s/GB", false},
 		{FigRSS, "tulled peak RSS (largest node)", "MiB", false},
-	}
+	}...)
 }
 
 // RTTSamples is how many request/response round trips make one RTT figure.
@@ -76,6 +83,9 @@ type RunOptions struct {
 	Rounds   int           // ≥ 1; reports want ≥ 3
 	Duration time.Duration // per iperf3 run
 	Streams  int           // for the multi-stream figure
+	// AllToAll adds the all-to-all figure: every node sends one TCP
+	// stream to every other at once.
+	AllToAll bool
 	Progress func(string)
 }
 
@@ -182,11 +192,24 @@ func Measure(ctx context.Context, env *Env, opt RunOptions) ([]Sample, error) {
 	steps := []step{
 		{"TCP 1 stream", tcp(FigTCP1, 1)},
 		{fmt.Sprintf("TCP %d streams", opt.Streams), tcp(FigTCPN, opt.Streams)},
+	}
+	if opt.AllToAll {
+		n := len(env.Topo.Nodes)
+		steps = append(steps, step{fmt.Sprintf("TCP all-to-all (%d)", n*(n-1)), func(p Path, round int) (string, error) {
+			gbps, err := allToAll(ctx, env, p, opt.Duration)
+			if err != nil {
+				return "", err
+			}
+			add(p, FigAllToAll, round, gbps)
+			return fmt.Sprintf("%.2f Gbit/s in all", gbps), nil
+		}})
+	}
+	steps = append(steps, []step{
 		{"UDP 64 B", udp(64, FigUDP64PPS, FigUDP64Loss)},
 		{"UDP 1400 B", udp(1400, FigUDP1400PPS, FigUDP1400Los)},
 		{fmt.Sprintf("RTT (%d round trips)", RTTSamples), rtt},
 		{"RTT under load", loaded},
-	}
+	}...)
 	for round := range opt.Rounds {
 		for _, s := range steps {
 			for _, p := range env.Paths {
@@ -210,24 +233,10 @@ type cpuTimes struct {
 	machine float64 // by the whole machine (not idle, not iowait)
 }
 
-// clockTicks is USER_HZ, the unit of /proc's CPU times (100 on Linux).
-const clockTicks = 100.0
-
 func readCPU(pids []int) cpuTimes {
 	var t cpuTimes
 	for _, pid := range pids {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			continue
-		}
-		// Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) > 12 {
-			u, _ := strconv.ParseFloat(f[11], 64)
-			k, _ := strconv.ParseFloat(f[12], 64)
-			t.tulled += (u + k) / clockTicks
-		}
+		t.tulled += cluster.ProcCPUSeconds(pid)
 	}
 	if f, err := os.Open("/proc/stat"); err == nil {
 		defer f.Close()
@@ -252,7 +261,7 @@ func machineBusy(line string) float64 {
 			busy += v
 		}
 	}
-	return busy / clockTicks
+	return busy / cluster.ClockTicks
 }
 
 // peakRSSMiB is the largest VmHWM among pids.
@@ -326,4 +335,60 @@ func percentile(sorted []float64, p float64) float64 {
 	}
 	i := int(float64(len(sorted))*p/100+0.999999) - 1
 	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// allToAll runs one TCP stream from every node to every other node at
+// once, on path p, and returns the sum received. iperf3 serves one client
+// at a time, so each receiver runs a server per sender.
+func allToAll(ctx context.Context, env *Env, p Path, d time.Duration) (float64, error) {
+	nodes := env.Topo.Nodes
+	port := func(from int) int { return iperfPort + 100 + from }
+	var servers []*iperf3Server
+	defer func() {
+		for _, s := range servers {
+			s.stop()
+		}
+	}()
+	for j, n := range nodes {
+		for i := range nodes {
+			if i == j {
+				continue
+			}
+			s, err := startIperf3Server(ctx, n, port(i))
+			if err != nil {
+				return 0, err
+			}
+			servers = append(servers, s)
+		}
+	}
+	type result struct {
+		gbps float64
+		err  error
+	}
+	results := make(chan result, len(nodes)*len(nodes))
+	runs := 0
+	for i, from := range nodes {
+		for j := range nodes {
+			if i == j {
+				continue
+			}
+			runs++
+			go func() {
+				r, err := runIperf3(ctx, from, iperf3Run{Dst: p.Addrs[j], Port: port(i), Duration: d, Streams: 1})
+				if err != nil {
+					results <- result{err: fmt.Errorf("node %d → %d: %w", i+1, j+1, err)}
+					return
+				}
+				results <- result{gbps: r.Gbps()}
+			}()
+		}
+	}
+	var sum float64
+	var errs []error
+	for range runs {
+		r := <-results
+		sum += r.gbps
+		errs = append(errs, r.err)
+	}
+	return sum, errors.Join(errs...)
 }

@@ -40,6 +40,9 @@ func (r *Results) Markdown() string {
 	if r.Config.LossPct > 0 {
 		fmt.Fprintf(&b, ", %g%% random loss per link (nftables)", r.Config.LossPct)
 	}
+	if len(r.Config.TulledArgs) > 0 {
+		fmt.Fprintf(&b, ", tulled %s", strings.Join(r.Config.TulledArgs, " "))
+	}
 	fmt.Fprintf(&b, "; %d CPUs, Linux %s, %s.\n\n", r.Host.CPUs, r.Host.Kernel, r.Host.GoVersion)
 	if !r.Complete {
 		b.WriteString("**Incomplete run**: the figures below cover the rounds that finished.\n\n")

@@ -48,6 +48,7 @@ type Config struct {
 	Wire            bool     `json:"wire"`
 	LossPct         float64  `json:"lossPct"`
 	TulledArgs      []string `json:"tulledArgs,omitempty"`
+	AllToAll        bool     `json:"allToAll,omitempty"`
 	RTTSamples      int      `json:"rttSamples"`
 }
 

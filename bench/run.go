@@ -18,9 +18,19 @@ type Options struct {
 	Rounds   int           // default 3
 	Duration time.Duration // per iperf3 run, default 10s
 	Streams  int           // multi-stream TCP figure, default 4
+	// AllToAll adds the all-to-all figure (every node sends to every
+	// other at once); meant for 3 or more nodes.
+	AllToAll bool
 	// Out is the output directory for results.json, results.md and
 	// results.svg; created if missing.
 	Out string
+}
+
+func allToAllNodes(opt Options) int {
+	if !opt.AllToAll {
+		return 0
+	}
+	return opt.Env.Nodes
 }
 
 // Check returns why this machine cannot run the harness, as one line, or
@@ -77,11 +87,11 @@ func Run(ctx context.Context, opt Options) (*Results, error) {
 	opt.Env.Dir = scratch
 
 	res := &Results{
-		Schema: Schema, Started: time.Now().UTC(), Host: hostInfo(), Figures: figureInfos(opt.Streams),
+		Schema: Schema, Started: time.Now().UTC(), Host: hostInfo(), Figures: figureInfos(opt.Streams, allToAllNodes(opt)),
 		Config: Config{
 			Nodes: opt.Env.Nodes, Paths: opt.Env.Paths, Rounds: opt.Rounds, DurationSeconds: opt.Duration.Seconds(),
 			Streams: opt.Streams, MTU: opt.Env.MTU, NetemDelayMS: opt.Env.NetemDelayMS, NetemLossPct: opt.Env.NetemLossPct,
-			Wire: opt.Env.Wire, LossPct: opt.Env.LossPct, TulledArgs: opt.Env.TulledArgs,
+			Wire: opt.Env.Wire, LossPct: opt.Env.LossPct, TulledArgs: opt.Env.TulledArgs, AllToAll: opt.AllToAll,
 			RTTSamples: RTTSamples,
 		},
 	}
@@ -89,7 +99,7 @@ func Run(ctx context.Context, opt Options) (*Results, error) {
 	if err != nil {
 		return nil, err
 	}
-	samples, merr := Measure(ctx, env, RunOptions{Rounds: opt.Rounds, Duration: opt.Duration, Streams: opt.Streams, Progress: opt.Env.Progress})
+	samples, merr := Measure(ctx, env, RunOptions{Rounds: opt.Rounds, Duration: opt.Duration, Streams: opt.Streams, AllToAll: opt.AllToAll, Progress: opt.Env.Progress})
 	if cerr := env.Close(); cerr != nil {
 		merr = errors.Join(merr, fmt.Errorf("cleanup: %w", cerr))
 	}

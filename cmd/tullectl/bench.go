@@ -28,6 +28,7 @@ func benchCmd(ctx context.Context, args []string) error {
 	wire := fs.Bool("wire", false, "wire-like underlay: segmentation offloads off on every underlay link, so single packets cross as on a NIC's wire")
 	lossPct := fs.Float64("loss", 0, "random packet loss on every underlay link, in percent (nftables; works without sch_netem)")
 	tulled := fs.String("tulled", "", "tulled binary (default: next to tullectl, else on PATH)")
+	allToAll := fs.Bool("all-to-all", false, "add a figure: every node sends one TCP stream to every other at once (use with --nodes 4)")
 	tulledArgs := fs.String("tulled-args", "", "extra tulled flags for the tulle paths, space-separated (e.g. \"--tun-queues 1\")")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -75,7 +76,7 @@ func benchCmd(ctx context.Context, args []string) error {
 			Wire: *wire, LossPct: *lossPct, TulledArgs: strings.Fields(*tulledArgs),
 			Progress: progress,
 		},
-		Rounds: *rounds, Duration: *duration, Streams: *streams, Out: *out,
+		Rounds: *rounds, Duration: *duration, Streams: *streams, AllToAll: *allToAll, Out: *out,
 	})
 	if res != nil {
 		fmt.Print(res.Markdown())

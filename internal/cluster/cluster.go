@@ -305,6 +305,27 @@ func ProcStatusKB(pid int, key string) float64 {
 	return 0
 }
 
+// ProcCPUSeconds returns the CPU time, user and system, that process pid
+// has used (0 if it is gone).
+func ProcCPUSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) <= 12 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	k, _ := strconv.ParseFloat(f[12], 64)
+	return (u + k) / ClockTicks
+}
+
+// ClockTicks is USER_HZ, the unit of /proc's CPU times (100 on Linux).
+const ClockTicks = 100.0
+
 // Log returns the tail of the node's log.
 func (n *Node) Log() string {
 	b, _ := os.ReadFile(n.LogPath)
