@@ -88,9 +88,11 @@ func (q reopeningQueue) Read(frames []Frame) (int, error) {
 	for {
 		t := q.r.cur.Load()
 		n, err := q.queue(t).Read(frames)
-		if !errors.Is(err, ErrDetached) {
+		if !q.r.replaced(err) {
 			return n, err
 		}
+		// reopen waits for a reopening another loop started, and returns
+		// at once if the device was replaced already.
 		if err := q.r.reopen(t); err != nil {
 			return 0, err
 		}
@@ -99,11 +101,29 @@ func (q reopeningQueue) Read(frames []Frame) (int, error) {
 
 func (q reopeningQueue) Write(frames []Frame) error {
 	err := q.queue(q.r.cur.Load()).Write(frames)
-	if errors.Is(err, ErrDetached) {
+	if q.r.replaced(err) {
 		q.r.opt.Counters.Add(DropTUNWrite, uint64(len(frames)))
 		return nil // the reading loops recreate the device
 	}
 	return err
+}
+
+// replaced reports whether err means the device under a queue went away
+// (deleted, or closed by a reopening) while the ReopeningTUN itself is
+// open: the queue carries on with the recreated device.
+func (r *ReopeningTUN) replaced(err error) bool {
+	if errors.Is(err, ErrDetached) {
+		return true
+	}
+	if !errors.Is(err, os.ErrClosed) {
+		return false
+	}
+	select {
+	case <-r.closeC:
+		return false // closed by its owner: stop
+	default:
+		return true
+	}
 }
 
 // Close implements Device.
