@@ -39,14 +39,14 @@ func (s *sender) send(frames []tunnel.Frame) error {
 	ctr := s.t.ctr
 	for i := range frames {
 		f := &frames[i]
-		sk := s.t.sockFor(f.Addr)
+		sk := s.t.socks.For(f.Addr)
 		if sk == nil {
 			ctr.Add(DropSend, 1)
 			continue
 		}
 		addr := s.addrs.Get(f.Addr)
 		pkt := f.Packet()
-		maxDg := int(sk.maxDg.Load())
+		maxDg := sk.MaxPayload()
 		switch {
 		case f.Offload.None() && HeaderLen+len(pkt) <= maxDg && f.Off >= HeaderLen:
 			b := f.Buf[f.Off-HeaderLen:]
@@ -78,13 +78,13 @@ func (s *sender) send(frames []tunnel.Frame) error {
 
 // single queues one datagram; the batch joins it to the previous one when
 // they share a peer and a size.
-func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
+func (s *sender) single(sk *udpsock.Socket, addr *net.UDPAddr, dg []byte) error {
 	if len(s.b.Room()) < len(dg) {
 		if err := s.flush(); err != nil {
 			return err
 		}
 	}
-	s.b.Commit(sk.Socket, addr, copy(s.b.Room(), dg), len(dg))
+	s.b.Commit(sk, addr, copy(s.b.Room(), dg), len(dg))
 	return nil
 }
 
@@ -92,14 +92,14 @@ func (s *sender) single(sk *socket, addr *net.UDPAddr, dg []byte) error {
 // datagram a single-datagram frame holding whole segments, so a lost
 // datagram costs the receiver only its own segments. The pieces but the
 // last are one size, so they join one GSO send.
-func (s *sender) pieces(sk *socket, addr *net.UDPAddr, cut *tunnel.Cutter) error {
+func (s *sender) pieces(sk *udpsock.Socket, addr *net.UDPAddr, cut *tunnel.Cutter) error {
 	seg := Overhead + cut.PieceLen()
 	room := s.b.Room()
 	n := 0
 	for {
 		if len(room)-n < seg {
 			if n > 0 {
-				s.b.Commit(sk.Socket, addr, n, seg)
+				s.b.Commit(sk, addr, n, seg)
 			}
 			if err := s.flush(); err != nil {
 				return err
@@ -115,14 +115,14 @@ func (s *sender) pieces(sk *socket, addr *net.UDPAddr, cut *tunnel.Cutter) error
 		n += Overhead + l
 	}
 	if n > 0 {
-		s.b.Commit(sk.Socket, addr, n, seg)
+		s.b.Commit(sk, addr, n, seg)
 	}
 	s.t.ctr.Add(Cut, 1)
 	return nil
 }
 
 // train lays out a frame too large for one datagram as a train in the slab.
-func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int) error {
+func (s *sender) train(sk *udpsock.Socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int) error {
 	pkt := f.Packet()
 	var frame []byte
 	if f.Off >= DescLen {
@@ -151,7 +151,7 @@ func (s *sender) train(sk *socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int
 		Header{Type: TypeFrame, FrameID: id, Index: uint8(i), Count: uint8(count)}.Marshal(room[n:])
 		n += HeaderLen + copy(room[n+HeaderLen:], c)
 	}
-	s.b.Commit(sk.Socket, addr, n, HeaderLen+chunk)
+	s.b.Commit(sk, addr, n, HeaderLen+chunk)
 	return nil
 }
 

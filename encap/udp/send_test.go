@@ -41,8 +41,8 @@ func (c *eioConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestGSOFallbackOnEIO(t *testing.T) {
 	tr := testTransport()
 	fc := &eioConn{}
-	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: fc}}}
-	tr.socks[0].maxDg.Store(1472)
+	tr.socks = udpsock.Sockets{{BC: fc}}
+	tr.socks[0].SetMTU(1500)
 	dst := netip.MustParseAddrPort("198.18.0.2:8285")
 	small := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 100)
 	big := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 30000)
@@ -114,8 +114,8 @@ func (c *recConn) WriteBatch(ms []ipv4.Message, flags int) (int, error) {
 func TestSingleDatagramsCoalesce(t *testing.T) {
 	tr := testTransport()
 	rc := &recConn{}
-	tr.socks = []*socket{{Socket: &udpsock.Socket{BC: rc}}}
-	tr.socks[0].maxDg.Store(1472)
+	tr.socks = udpsock.Sockets{{BC: rc}}
+	tr.socks[0].SetMTU(1500)
 	b, c := netip.MustParseAddrPort("198.18.0.2:8285"), netip.MustParseAddrPort("198.18.0.3:8285")
 	pkt := func(n int, to netip.AddrPort) tunnel.Frame {
 		p := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), n)

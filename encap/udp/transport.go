@@ -37,18 +37,13 @@ type Transport struct {
 	opt     Options
 	ctr     *Counters
 	log     *slog.Logger
-	socks   []*socket // index 0: IPv4 if bound, then IPv6
+	socks   udpsock.Sockets // IPv4 if bound, then IPv6
 	senders *pool.Pool[sender]
 	frameID atomic.Uint32
 	closed  atomic.Bool
 }
 
 var _ tunnel.Transport = (*Transport)(nil)
-
-type socket struct {
-	*udpsock.Socket
-	maxDg atomic.Int32 // largest UDP payload that fits the underlay MTU
-}
 
 // MaxPayload returns the largest UDP payload per datagram for an underlay
 // of the given MTU and family.
@@ -69,11 +64,7 @@ func MaxFrame(mtu int, v6 bool) int {
 // SetMTU follows an underlay MTU change: datagrams are cut to fit it from
 // the next frame on (frames are carried whole, so a super-packet in flight
 // just becomes a longer train).
-func (t *Transport) SetMTU(mtu int) {
-	for _, s := range t.socks {
-		s.maxDg.Store(int32(MaxPayload(mtu, s.V6)))
-	}
-}
+func (t *Transport) SetMTU(mtu int) { t.socks.SetMTU(mtu) }
 
 // New binds the sockets.
 func New(opt Options) (*Transport, error) {
@@ -108,14 +99,13 @@ func New(opt Options) (*Transport, error) {
 	return t, nil
 }
 
-func (t *Transport) listen(la netip.AddrPort) (*socket, error) {
-	us, err := udpsock.Listen(la, t.opt.DisableGSO, t.opt.DisableGRO)
+func (t *Transport) listen(la netip.AddrPort) (*udpsock.Socket, error) {
+	s, err := udpsock.Listen(la, t.opt.DisableGSO, t.opt.DisableGRO)
 	if err != nil {
 		return nil, fmt.Errorf("udp transport: %w", err)
 	}
-	s := &socket{Socket: us}
-	s.maxDg.Store(int32(MaxPayload(t.opt.MTU, s.V6)))
-	t.log.Info("udp transport listening", "addr", s.Name, "gso", s.GSO(), "gro", s.GRO, "max_datagram", s.maxDg.Load())
+	s.SetMTU(t.opt.MTU)
+	t.log.Info("udp transport listening", "addr", s.Name, "gso", s.GSO(), "gro", s.GRO, "max_datagram", s.MaxPayload())
 	return s, nil
 }
 
@@ -133,22 +123,7 @@ func (t *Transport) Close() error {
 	if t.closed.Swap(true) {
 		return nil
 	}
-	var errs []error
-	for _, s := range t.socks {
-		errs = append(errs, s.Conn.Close())
-	}
-	return errors.Join(errs...)
-}
-
-// sockFor returns the socket of dst's family.
-func (t *Transport) sockFor(dst netip.AddrPort) *socket {
-	v6 := udpsock.Is6(dst.Addr())
-	for _, s := range t.socks {
-		if s.V6 == v6 {
-			return s
-		}
-	}
-	return nil
+	return t.socks.Close()
 }
 
 // Receivers implements tunnel.Transport.
@@ -163,4 +138,4 @@ func (t *Transport) Receivers() []tunnel.ReceiveFunc {
 
 // Serves reports whether the transport can reach a: any endpoint of a
 // family it has a socket for.
-func (t *Transport) Serves(a netip.AddrPort) bool { return t.sockFor(a) != nil }
+func (t *Transport) Serves(a netip.AddrPort) bool { return t.socks.For(a) != nil }

@@ -73,7 +73,7 @@ type Userspace struct {
 	ctr   *Counters
 	log   *slog.Logger
 	vni   [3]byte
-	socks []*vsock
+	socks udpsock.Sockets
 	peers atomic.Pointer[peerSet]
 
 	senders *pool.Pool[vsender]
@@ -81,11 +81,6 @@ type Userspace struct {
 }
 
 var _ tunnel.Transport = (*Userspace)(nil)
-
-type vsock struct {
-	*udpsock.Socket
-	maxDg atomic.Int32 // largest UDP payload that fits the underlay MTU
-}
 
 // peerSet is an immutable snapshot of the peers.
 type peerSet struct {
@@ -125,9 +120,8 @@ func NewUserspace(cfg UserspaceConfig) (*Userspace, error) {
 			u.Close()
 			return nil, fmt.Errorf("userspace vxlan: %w", err)
 		}
-		vs := &vsock{Socket: s}
-		vs.maxDg.Store(int32(udpsock.Payload(cfg.MTU, s.V6)))
-		u.socks = append(u.socks, vs)
+		s.SetMTU(cfg.MTU)
+		u.socks = append(u.socks, s)
 		u.log.Info("userspace vxlan listening", "addr", s.Name, "vni", cfg.VNI, "mac", cfg.MAC, "gso", s.GSO(), "gro", s.GRO)
 	}
 	return u, nil
@@ -170,32 +164,14 @@ func (u *Userspace) SetPeers(eps []Endpoint) {
 func (u *Userspace) Serves(a netip.AddrPort) bool { return u.peers.Load().byAddr[a] != nil }
 
 // SetMTU follows an underlay MTU change.
-func (u *Userspace) SetMTU(mtu int) {
-	for _, s := range u.socks {
-		s.maxDg.Store(int32(udpsock.Payload(mtu, s.V6)))
-	}
-}
+func (u *Userspace) SetMTU(mtu int) { u.socks.SetMTU(mtu) }
 
 // Close implements tunnel.Transport.
 func (u *Userspace) Close() error {
 	if u.closed.Swap(true) {
 		return nil
 	}
-	var errs []error
-	for _, s := range u.socks {
-		errs = append(errs, s.Conn.Close())
-	}
-	return errors.Join(errs...)
-}
-
-func (u *Userspace) sockFor(dst netip.AddrPort) *vsock {
-	v6 := udpsock.Is6(dst.Addr())
-	for _, s := range u.socks {
-		if s.V6 == v6 {
-			return s
-		}
-	}
-	return nil
+	return u.socks.Close()
 }
 
 // Send implements tunnel.Transport.

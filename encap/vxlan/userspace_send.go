@@ -29,7 +29,7 @@ func (s *vsender) send(frames []tunnel.Frame) error {
 	for i := range frames {
 		f := &frames[i]
 		h := peers.byAddr[f.Addr]
-		sk := s.u.sockFor(f.Addr)
+		sk := s.u.socks.For(f.Addr)
 		if h == nil || sk == nil {
 			ctr.Add(DropNoPeer, 1)
 			continue
@@ -53,7 +53,7 @@ func (s *vsender) send(frames []tunnel.Frame) error {
 		case err != nil:
 			ctr.Add(DropTooBig, 1)
 			continue
-		case seg > int(sk.maxDg.Load()):
+		case seg > sk.MaxPayload():
 			// Segments the underlay cannot carry: the TUN MTU is sized for
 			// VXLAN, so only a shrinking underlay gets here.
 			ctr.Add(DropTooBig, 1)
@@ -62,7 +62,7 @@ func (s *vsender) send(frames []tunnel.Frame) error {
 		if n > seg {
 			ctr.Add(Segmented, 1)
 		}
-		s.b.Commit(sk.Socket, s.addrs.Get(f.Addr), n, seg)
+		s.b.Commit(sk, s.addrs.Get(f.Addr), n, seg)
 	}
 	return s.flush()
 }

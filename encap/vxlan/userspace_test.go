@@ -27,9 +27,9 @@ var (
 func testNode(mac net.HardwareAddr, peers ...Endpoint) (*Userspace, *udpsocktest.Conn) {
 	u := newUserspace(UserspaceConfig{VNI: 1, Port: 8472, MAC: mac, MTU: 1500, Counters: &Counters{}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	c := &udpsocktest.Conn{}
-	vs := &vsock{Socket: &udpsock.Socket{BC: c}}
-	vs.maxDg.Store(1472)
-	u.socks = []*vsock{vs}
+	vs := &udpsock.Socket{BC: c}
+	vs.SetMTU(1500)
+	u.socks = udpsock.Sockets{vs}
 	u.SetPeers(peers)
 	return u, c
 }

@@ -8,6 +8,7 @@ package udpsock
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -47,7 +48,15 @@ type Socket struct {
 	// several datagrams of the size GROSize reads.
 	GRO    bool
 	gsoOff atomic.Bool
+	maxDg  atomic.Int32
 }
+
+// MaxPayload returns the largest UDP payload one datagram carries on
+// the underlay (SetMTU).
+func (s *Socket) MaxPayload() int { return int(s.maxDg.Load()) }
+
+// SetMTU sets the underlay MTU datagrams must fit from now on.
+func (s *Socket) SetMTU(mtu int) { s.maxDg.Store(int32(Payload(mtu, s.V6))) }
 
 // Is6 reports whether a is an IPv6 address (not an IPv4-mapped one).
 func Is6(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }
@@ -172,4 +181,34 @@ func putSegmentCmsg(b []byte, seg uint16) []byte {
 	h.SetLen(unix.CmsgLen(2))
 	binary.NativeEndian.PutUint16(b[unix.CmsgLen(0):], seg)
 	return b[:unix.CmsgSpace(2)]
+}
+
+// Sockets are a backend's bound sockets, at most one per underlay family.
+type Sockets []*Socket
+
+// For returns the socket of dst's family, or nil.
+func (ss Sockets) For(dst netip.AddrPort) *Socket {
+	v6 := Is6(dst.Addr())
+	for _, s := range ss {
+		if s.V6 == v6 {
+			return s
+		}
+	}
+	return nil
+}
+
+// SetMTU follows an underlay MTU change on every socket.
+func (ss Sockets) SetMTU(mtu int) {
+	for _, s := range ss {
+		s.SetMTU(mtu)
+	}
+}
+
+// Close closes every socket.
+func (ss Sockets) Close() error {
+	var errs []error
+	for _, s := range ss {
+		errs = append(errs, s.Conn.Close())
+	}
+	return errors.Join(errs...)
 }
