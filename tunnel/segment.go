@@ -248,3 +248,58 @@ func FinishUnfinished(pkt []byte) bool {
 	finishCsum(pkt, ip, off)
 	return true
 }
+
+// Segments walks a packet as the wire packets it stands for: a TSO/USO
+// super-packet segment by segment, each with complete headers and
+// checksums (as Segment writes them), or a plain packet as itself with a
+// partial checksum finished. Transports that carry one packet per
+// datagram (WireGuard) write each straight into their send buffer.
+type Segments struct {
+	c    cut
+	pkt  []byte
+	o    Offload
+	next int
+	one  bool // a plain packet
+}
+
+// NewSegments validates o against pkt and prepares the walk.
+func NewSegments(pkt []byte, o Offload) (Segments, error) {
+	hdrLen, err := ValidateOffload(pkt, o)
+	if err != nil {
+		return Segments{}, err
+	}
+	if o.GSOType == GSONone {
+		return Segments{pkt: pkt, o: o, one: true}, nil
+	}
+	return Segments{c: newCut(pkt, o, int(hdrLen))}, nil
+}
+
+// MaxLen is the length of the longest segment (every one but the last).
+func (s *Segments) MaxLen() int {
+	if s.one {
+		return len(s.pkt)
+	}
+	return s.c.hl + min(s.c.mss, len(s.c.payload))
+}
+
+// Next writes the next segment into out (which must hold MaxLen bytes)
+// and returns its length; ok is false when every segment was written.
+func (s *Segments) Next(out []byte) (n int, ok bool) {
+	if s.one {
+		if s.next > 0 {
+			return 0, false
+		}
+		s.next = 1
+		n = copy(out, s.pkt)
+		if s.o.Flags&FlagNeedsCsum != 0 {
+			finishCsum(out[:n], int(s.o.CsumStart), int(s.o.CsumOffset))
+		}
+		return n, true
+	}
+	if s.next >= s.c.count {
+		return 0, false
+	}
+	n = s.c.piece(out, s.next, 1, false)
+	s.next++
+	return n, true
+}

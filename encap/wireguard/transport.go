@@ -1,0 +1,336 @@
+// Package wireguard is tulle's WireGuard backend: the WireGuard protocol
+// (Noise IKpsk2 handshakes, cookies under load, transport messages with a
+// replay window, the paper's rekey and expiry timers) spoken from tulled's
+// datapath as a tunnel.Transport, interoperable with every WireGuard
+// implementation; and the kernel's WireGuard device programmed over
+// netlink where the module exists (Device).
+//
+// The userspace path is built for TSO super-packets: a frame read from the
+// TUN is cut along its segments straight into the send buffer, each
+// segment sealed in place and the lot sent as one UDP GSO train; a UDP
+// GRO message is opened whole in place and its segments merged back into
+// one super-packet for the TUN. No goroutine hand-off and no allocation
+// per packet: the tx loop that read a frame seals it, the rx loop that
+// received a message opens it. Handshakes run on a goroutine of their own
+// behind a bounded queue.
+//
+// It owns its sockets, keys and sessions; it never touches the TUN, routes
+// or leases: cmd/tulled feeds it peers (public key and endpoint) chosen by
+// encap.
+package wireguard
+
+import (
+	"crypto/cipher"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tulle-net/tulle/encap/internal/udpsock"
+	"github.com/tulle-net/tulle/internal/pool"
+	"github.com/tulle-net/tulle/tunnel"
+)
+
+// Timers are the protocol's timing constants (the paper's §6.1). Tests
+// shorten them; production uses DefaultTimers.
+type Timers struct {
+	RekeyAfterTime     time.Duration // an initiator renews a session this old
+	RejectAfterTime    time.Duration // no session is used past this age
+	RekeyAttemptTime   time.Duration // a handshake is retried this long
+	RekeyTimeout       time.Duration // between retries of an initiation
+	KeepaliveTimeout   time.Duration // a passive keepalive after this much one-way traffic
+	RekeyAfterMessages uint64        // an initiator renews a session after this many messages
+}
+
+// DefaultTimers are the protocol's values.
+var DefaultTimers = Timers{
+	RekeyAfterTime:     120 * time.Second,
+	RejectAfterTime:    180 * time.Second,
+	RekeyAttemptTime:   90 * time.Second,
+	RekeyTimeout:       5 * time.Second,
+	KeepaliveTimeout:   10 * time.Second,
+	RekeyAfterMessages: 1 << 60,
+}
+
+const (
+	rejectAfterMessages = 1<<64 - 1<<13 - 1
+	// initiationMinInterval bounds initiations consumed per peer (the
+	// paper's flood protection: 50 per second).
+	initiationMinInterval = 20 * time.Millisecond
+	// maxStaged is how many frames one peer may hold while its session is
+	// set up.
+	maxStaged = 16
+	// handshakeQueue bounds handshake messages waiting for the handshake
+	// goroutine; past an eighth of it the node is under load and asks
+	// for cookies.
+	handshakeQueue = 1024
+	// tick is how often the timers are looked at.
+	tick = 100 * time.Millisecond
+)
+
+// OverheadFor returns the bytes WireGuard adds to an inner packet on an
+// underlay of the given family: IP and UDP headers, message header and
+// tag. The inner MTU is the underlay MTU minus this (1440 over IPv4,
+// 1420 over IPv6 at 1500; wg-quick's 1420 assumes IPv6).
+func OverheadFor(v6 bool) int {
+	if v6 {
+		return 40 + 8 + Overhead
+	}
+	return 20 + 8 + Overhead
+}
+
+// InnerMTU is the largest inner packet for an underlay MTU.
+func InnerMTU(underlayMTU int, v6 bool) int { return underlayMTU - OverheadFor(v6) }
+
+// Config configures a Transport.
+type Config struct {
+	PrivateKey Key
+	// PresharedKey, if not zero, is mixed into every handshake (all
+	// peers alike): a second secret besides the keys.
+	PresharedKey Key
+	// Local addresses to bind, one per underlay family; port 0 picks one.
+	Local4, Local6 netip.AddrPort
+	// MTU is the underlay link MTU.
+	MTU int
+	// PersistentKeepalive, if set, sends a keepalive to every peer that
+	// has heard nothing from this node for that long (NAT bindings).
+	PersistentKeepalive time.Duration
+	// Timers default to DefaultTimers.
+	Timers                 Timers
+	DisableGSO, DisableGRO bool
+	Counters               *Counters
+	Logger                 *slog.Logger
+}
+
+// PeerConfig is one peer as the lease store tells of it.
+type PeerConfig struct {
+	Name string
+	Key  Key // its public key
+	// Endpoint is where its handshakes and data go, and the Addr its
+	// frames carry in the datapath (whatever address it roams to).
+	Endpoint netip.AddrPort
+}
+
+// Transport speaks WireGuard to its peers. It implements
+// tunnel.Transport and encap.Userspace.
+type Transport struct {
+	cfg    Config
+	timers Timers
+	ctr    *Counters
+	log    *slog.Logger
+	socks  udpsock.Sockets
+
+	keys atomic.Pointer[keyMaterial]
+
+	mu    sync.Mutex                   // SetPeers, SetPrivateKey
+	peers atomic.Pointer[peerSnapshot] // immutable, swapped whole
+	index sync.Map                     // uint32 → *keypair or *peer (a handshake in flight)
+
+	senders *pool.Pool[sender]
+	hsq     chan hsMessage
+	kicks   chan *peer
+	cookies cookieJar
+	limiter rateLimiter
+	done    chan struct{}
+	wg      sync.WaitGroup
+	closed  atomic.Bool
+}
+
+type peerSnapshot struct {
+	byKey      map[Key]*peer
+	byEndpoint map[netip.AddrPort]*peer
+	list       []*peer
+}
+
+var _ tunnel.Transport = (*Transport)(nil)
+
+// epoch anchors the monotonic nanosecond clock the hot path stores in
+// atomics.
+var epoch = time.Now()
+
+func mono() int64 { return int64(time.Since(epoch)) }
+
+// New binds the sockets and starts the handshake goroutine.
+func New(cfg Config) (*Transport, error) {
+	if cfg.Counters == nil {
+		cfg.Counters = &Counters{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Timers == (Timers{}) {
+		cfg.Timers = DefaultTimers
+	}
+	if cfg.PrivateKey.IsZero() {
+		return nil, errors.New("wireguard: no private key")
+	}
+	if !cfg.Local4.IsValid() && !cfg.Local6.IsValid() {
+		return nil, errors.New("wireguard: no local address to bind")
+	}
+	if InnerMTU(cfg.MTU, !cfg.Local4.IsValid()) < 576 {
+		return nil, fmt.Errorf("wireguard: underlay MTU %d too small", cfg.MTU)
+	}
+	t := &Transport{cfg: cfg, timers: cfg.Timers, ctr: cfg.Counters, log: cfg.Logger,
+		hsq: make(chan hsMessage, handshakeQueue), kicks: make(chan *peer, 256), done: make(chan struct{})}
+	t.keys.Store(newKeyMaterial(cfg.PrivateKey))
+	t.peers.Store(&peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}})
+	for _, la := range []netip.AddrPort{cfg.Local4, cfg.Local6} {
+		if !la.IsValid() {
+			continue
+		}
+		s, err := udpsock.Listen(la, cfg.DisableGSO, cfg.DisableGRO)
+		if err != nil {
+			t.socks.Close()
+			return nil, fmt.Errorf("wireguard: %w", err)
+		}
+		s.SetMTU(cfg.MTU)
+		t.socks = append(t.socks, s)
+		t.log.Info("wireguard listening", "addr", s.Name, "gso", s.GSO(), "gro", s.GRO, "public_key", t.keys.Load().pub)
+	}
+	t.senders = pool.New(runtime.GOMAXPROCS(0), func() *sender { return newSender(t) })
+	t.wg.Go(t.handshakes)
+	return t, nil
+}
+
+// PublicKey returns this node's public key.
+func (t *Transport) PublicKey() Key { return t.keys.Load().pub }
+
+// LocalAddrs returns the bound addresses (with the chosen ports).
+func (t *Transport) LocalAddrs() []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, s := range t.socks {
+		out = append(out, s.LocalAddr())
+	}
+	return out
+}
+
+// SetPrivateKey rotates this node's static key. Sessions keep carrying
+// traffic; handshakes from now on use the new key, so peers must learn
+// the new public key (the lease) before their next handshake.
+func (t *Transport) SetPrivateKey(k Key) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	km := newKeyMaterial(k)
+	t.keys.Store(km)
+	for _, p := range t.peers.Load().list {
+		p.setStatic(km)
+	}
+}
+
+// SetPeers replaces the peer set. Peers keep their sessions across calls
+// (by public key); a peer whose key changed is a new peer; departed peers'
+// sessions are wiped.
+func (t *Transport) SetPeers(cfgs []PeerConfig) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.peers.Load()
+	km := t.keys.Load()
+	next := &peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}}
+	for _, c := range cfgs {
+		if c.Key.IsZero() || !c.Endpoint.IsValid() || next.byKey[c.Key] != nil {
+			continue
+		}
+		p := old.byKey[c.Key]
+		if p == nil || p.cfgEndpoint != c.Endpoint {
+			np := newPeer(t, c, km)
+			if p != nil {
+				np.takeOver(p)
+			}
+			p = np
+		}
+		p.name = c.Name
+		next.byKey[c.Key] = p
+		next.byEndpoint[c.Endpoint] = p
+		next.list = append(next.list, p)
+	}
+	t.peers.Store(next)
+	for k, p := range old.byKey {
+		if q := next.byKey[k]; q != p {
+			p.remove(q != nil)
+		}
+	}
+}
+
+// Serves reports whether a is one of the peers' endpoints.
+func (t *Transport) Serves(a netip.AddrPort) bool { return t.peers.Load().byEndpoint[a] != nil }
+
+// SetMTU follows an underlay MTU change.
+func (t *Transport) SetMTU(mtu int) { t.socks.SetMTU(mtu) }
+
+// Receivers implements tunnel.Transport.
+func (t *Transport) Receivers() []tunnel.ReceiveFunc {
+	var fns []tunnel.ReceiveFunc
+	for _, s := range t.socks {
+		fns = append(fns, newReceiver(t, s).receive)
+	}
+	return fns
+}
+
+// Close implements tunnel.Transport.
+func (t *Transport) Close() error {
+	if t.closed.Swap(true) {
+		return nil
+	}
+	close(t.done)
+	err := t.socks.Close()
+	t.wg.Wait()
+	return err
+}
+
+// PeerStatus is what tullectl shows of a peer's WireGuard state.
+type PeerStatus struct {
+	Name          string
+	Key           Key
+	Endpoint      netip.AddrPort // where it is reached now (it may roam)
+	LastHandshake time.Time      // zero: never
+	RxBytes       uint64
+	TxBytes       uint64
+}
+
+// Status returns every peer's state.
+func (t *Transport) Status() []PeerStatus {
+	var out []PeerStatus
+	for _, p := range t.peers.Load().list {
+		st := PeerStatus{Name: p.name, Key: p.pub, Endpoint: *p.endpoint.Load(), RxBytes: p.rxBytes.Load(), TxBytes: p.txBytes.Load()}
+		if hs := p.lastHandshake.Load(); hs != 0 {
+			st.LastHandshake = epoch.Add(time.Duration(hs))
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
+// keypair is one session's keys and state.
+type keypair struct {
+	peer          *peer
+	send, recv    cipher.AEAD
+	nonce         atomic.Uint64
+	created       int64 // mono
+	initiator     bool
+	// confirmed: the peer has used the session (an initiator's always
+	// is); a responder's is promoted to current on its first message.
+	confirmed     atomic.Bool
+	local, remote uint32
+	mu            sync.Mutex // replay
+	replay        replayFilter
+}
+
+// usable reports whether the session may still carry messages.
+func (kp *keypair) usable(now int64, t *Timers) bool {
+	return kp != nil && now-kp.created < int64(t.RejectAfterTime)
+}
+
+// newIndex registers v (a keypair or a peer's handshake) under a fresh
+// random index.
+func (t *Transport) newIndex(v any) uint32 {
+	for {
+		i := randUint32()
+		if _, taken := t.index.LoadOrStore(i, v); !taken {
+			return i
+		}
+	}
+}
