@@ -9,31 +9,31 @@ type Counter int
 // on the per-packet path logs, and nothing dropped is answered (but
 // cookie replies under load).
 const (
-	DatagramsOut         Counter = iota // datagrams sent (transport and handshake)
-	DatagramsIn                         // datagrams received
-	DropSend                            // datagrams or frames the socket refused, or that could not be cut
-	DropNoPeer                          // frames to an endpoint that is no WireGuard peer's
-	Staged                              // frames held while a session is set up
-	DropStaged                          // frames dropped: the staging queue was full, or the handshake gave up
-	DropMalformed                       // datagrams of an unknown type or the wrong size
-	DropUnknownIndex                    // transport messages or responses for no session or handshake of ours
-	DropAuth                            // messages whose AEAD tag did not verify (forged, corrupted, wrong key)
-	DropReplay                          // transport messages already received or behind the replay window
-	DropExpired                         // transport messages on a session past its lifetime
-	DropNotIP                           // decrypted packets that are not IPv4/IPv6 or are shorter than their header says
-	DropMAC1                            // handshake messages whose mac1 is not for this node's key
-	DropUnknownKey                      // initiations from a static key that is no peer's
-	DropStaleHandshake                  // initiations replayed (old timestamp) or too frequent (flood)
-	DropHandshakeQueue                  // handshake messages dropped: the handshake queue was full
-	DropRateLimited                     // handshake messages over a source's rate while under load
-	CookiesSent                         // cookie replies sent while under load
-	CookiesReceived                     // cookie replies accepted
-	HandshakesSent                      // initiations sent (first tries and retries)
-	HandshakesCompleted                 // sessions established (as initiator or responder)
-	HandshakesAbandoned                 // handshake attempts given up after RekeyAttemptTime
-	KeepalivesSent                      // keepalives sent
-	KeepalivesReceived                  // keepalives received
-	Coalesced                           // received packets merged into TSO super-packets before the TUN write
+	DatagramsOut        Counter = iota // datagrams sent (transport and handshake)
+	DatagramsIn                        // datagrams received
+	DropSend                           // datagrams or frames the socket refused, or that could not be cut
+	DropNoPeer                         // frames to an endpoint that is no WireGuard peer's
+	Staged                             // frames held while a session is set up
+	DropStaged                         // frames dropped: the staging queue was full, or the handshake gave up
+	DropMalformed                      // datagrams of an unknown type or the wrong size
+	DropUnknownIndex                   // transport messages or responses for no session or handshake of ours
+	DropAuth                           // messages whose AEAD tag did not verify (forged, corrupted, wrong key)
+	DropReplay                         // transport messages already received or behind the replay window
+	DropExpired                        // transport messages on a session past its lifetime
+	DropNotIP                          // decrypted packets that are not IPv4/IPv6 or are shorter than their header says
+	DropMAC1                           // handshake messages whose mac1 is not for this node's key
+	DropUnknownKey                     // initiations from a static key that is no peer's
+	DropStaleHandshake                 // initiations replayed (old timestamp) or too frequent (flood)
+	DropHandshakeQueue                 // handshake messages dropped: the handshake queue was full
+	DropRateLimited                    // handshake messages over a source's rate while under load
+	CookiesSent                        // cookie replies sent while under load
+	CookiesReceived                    // cookie replies accepted
+	HandshakesSent                     // initiations sent (first tries and retries)
+	HandshakesCompleted                // sessions established (as initiator or responder)
+	HandshakesAbandoned                // handshake attempts given up after RekeyAttemptTime
+	KeepalivesSent                     // keepalives sent
+	KeepalivesReceived                 // keepalives received
+	Coalesced                          // received packets merged into TSO super-packets before the TUN write
 	numCounters
 )
 

@@ -306,11 +306,11 @@ func (t *Transport) Status() []PeerStatus {
 
 // keypair is one session's keys and state.
 type keypair struct {
-	peer          *peer
-	send, recv    cipher.AEAD
-	nonce         atomic.Uint64
-	created       int64 // mono
-	initiator     bool
+	peer       *peer
+	send, recv cipher.AEAD
+	nonce      atomic.Uint64
+	created    int64 // mono
+	initiator  bool
 	// confirmed: the peer has used the session (an initiator's always
 	// is); a responder's is promoted to current on its first message.
 	confirmed     atomic.Bool
