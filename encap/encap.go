@@ -21,6 +21,7 @@ import (
 	"strings"
 
 	"github.com/tulle-net/tulle/encap/vxlan"
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
@@ -30,13 +31,14 @@ import (
 const (
 	UDP    = netconf.BackendUDP
 	HostGW = netconf.BackendHostGW
-	VXLAN  = netconf.BackendVXLAN
-	Auto   = netconf.BackendAuto
+	VXLAN     = netconf.BackendVXLAN
+	WireGuard = netconf.BackendWireGuard
+	Auto      = netconf.BackendAuto
 )
 
 // preference orders the backends, fastest first: plain routes, the
 // kernel's VXLAN, then the userspace datapath.
-var preference = []string{HostGW, VXLAN, UDP}
+var preference = []string{HostGW, VXLAN, UDP, WireGuard}
 
 // candidate is one step of auto mode's order.
 type candidate struct {
@@ -53,9 +55,18 @@ var autoOrder = []candidate{{HostGW, false}, {VXLAN, true}, {UDP, false}, {VXLAN
 // Caps are the backends a node speaks. A nil entry is a backend it does not
 // speak (or that did not parse).
 type Caps struct {
-	UDP    *UDPCaps
-	HostGW *HostGWCaps
-	VXLAN  *VXLANCaps
+	UDP       *UDPCaps
+	HostGW    *HostGWCaps
+	VXLAN     *VXLANCaps
+	WireGuard *WireGuardCaps
+}
+
+// WireGuardCaps is what a peer needs for WireGuard: the node's port and
+// public key (base64, as wg(8) shows it). A node configured for WireGuard
+// publishes nothing else, so no peer ever reaches it in plaintext.
+type WireGuardCaps struct {
+	Port      uint16 `json:"port"`
+	PublicKey string `json:"publicKey"`
 }
 
 // VXLANCaps is what a peer needs for VXLAN: the network identifier and
@@ -91,6 +102,9 @@ func (c Caps) Publish() map[string]json.RawMessage {
 	if c.VXLAN != nil {
 		m[VXLAN], _ = json.Marshal(c.VXLAN)
 	}
+	if c.WireGuard != nil {
+		m[WireGuard], _ = json.Marshal(c.WireGuard)
+	}
 	return m
 }
 
@@ -113,6 +127,8 @@ func (c Caps) has(b string) bool {
 		return c.HostGW != nil
 	case VXLAN:
 		return c.VXLAN != nil
+	case WireGuard:
+		return c.WireGuard != nil
 	}
 	return false
 }
@@ -167,6 +183,23 @@ func ParseCaps(a lease.Attrs) (c Caps, problems []string) {
 			if err == nil {
 				c.VXLAN = &v
 			}
+		case WireGuard:
+			var w WireGuardCaps
+			if err = json.Unmarshal(raw, &w); err == nil {
+				var k wireguard.Key
+				k, err = wireguard.ParseKey(w.PublicKey)
+				switch {
+				case err != nil:
+					err = fmt.Errorf("public key %q: %v", w.PublicKey, err)
+				case k.IsZero():
+					err = fmt.Errorf("public key is all zeros")
+				case w.Port == 0:
+					err = fmt.Errorf("no port")
+				}
+			}
+			if err == nil {
+				c.WireGuard = &w
+			}
 		default:
 			continue // a backend of a newer tulle
 		}
@@ -214,6 +247,9 @@ type Choice struct {
 	// datapath; Endpoint is then the peer's VXLAN endpoint. Otherwise the
 	// kernel's VXLAN device serves it, whichever way the peer speaks.
 	Userspace bool
+	// Key is the peer's WireGuard public key when WireGuard serves it;
+	// Endpoint is then its WireGuard endpoint.
+	Key wireguard.Key
 }
 
 // Select chooses the backend for peer p. Both ends of a pair see the same
@@ -239,6 +275,15 @@ func Select(l Local, p lease.Peer) Choice {
 		}
 		ch.MAC, _ = net.ParseMAC(pc.VXLAN.MAC)
 	}
+	if l.Caps.WireGuard != nil && pc.WireGuard != nil {
+		switch {
+		case l.IP4.IsValid() && p.Attrs.PublicIP.IsValid():
+			ch.Endpoint = netip.AddrPortFrom(p.Attrs.PublicIP, pc.WireGuard.Port)
+		case l.IP6.IsValid() && p.Attrs.PublicIPv6.IsValid():
+			ch.Endpoint = netip.AddrPortFrom(p.Attrs.PublicIPv6, pc.WireGuard.Port)
+		}
+		ch.Key, _ = wireguard.ParseKey(pc.WireGuard.PublicKey)
+	}
 	gw4, seg4 := l.sameSegment(l.IP4, p.Attrs.PublicIP)
 	gw6, seg6 := l.sameSegment(l.IP6, p.Attrs.PublicIPv6)
 	why := map[string]string{}
@@ -251,7 +296,7 @@ func Select(l Local, p lease.Peer) Choice {
 			why[b] = "the peer does not advertise " + b
 		case b == HostGW && !gw4.IsValid() && !gw6.IsValid():
 			why[b] = "the peer is not on this node's L2 segment"
-		case b == UDP && !ch.Endpoint.IsValid():
+		case (b == UDP || b == WireGuard) && !ch.Endpoint.IsValid():
 			why[b] = "no underlay address in a family this node has"
 		case b == VXLAN && (l.Caps.VXLAN.VNI != pc.VXLAN.VNI || l.Caps.VXLAN.Port != pc.VXLAN.Port):
 			why[b] = fmt.Sprintf("VNI/port differ (here %d/%d, peer %d/%d)", l.Caps.VXLAN.VNI, l.Caps.VXLAN.Port, pc.VXLAN.VNI, pc.VXLAN.Port)
@@ -302,6 +347,9 @@ func Select(l Local, p lease.Peer) Choice {
 		if b != VXLAN {
 			ch.VTEP, ch.MAC = netip.Addr{}, nil
 		}
+		if b != WireGuard {
+			ch.Key = wireguard.Key{}
+		}
 		if b == VXLAN && l.Caps.VXLAN.Userspace {
 			ch.Userspace = true
 			ch.Endpoint = netip.AddrPortFrom(ch.VTEP, uint16(pc.VXLAN.Port))
@@ -319,6 +367,10 @@ func Select(l Local, p lease.Peer) Choice {
 		break
 	}
 	if ch.Backend == "" {
+		if l.Caps.UDP == nil {
+			// Never a plaintext endpoint for a peer WireGuard cannot reach.
+			ch.Endpoint, ch.Key = netip.AddrPort{}, wireguard.Key{}
+		}
 		var r []string
 		for _, c := range tried {
 			if e := c.backend + ": " + why[c.backend]; !slices.Contains(r, e) {
@@ -377,6 +429,9 @@ type Programme struct {
 	// UserVXLAN are the peers userspace VXLAN serves (also in Userspace,
 	// by the same endpoint).
 	UserVXLAN []vxlan.Endpoint
+	// WireGuard are the peers WireGuard serves (also in Userspace, by the
+	// same endpoint).
+	WireGuard []wireguard.PeerConfig
 }
 
 // Translate turns assignments into a Programme. A peer's subnet that
@@ -389,6 +444,8 @@ func Translate(local []netip.Prefix, as []Assignment) Programme {
 			pr.Userspace = append(pr.Userspace, tunnel.Peer{Name: a.Peer.Node, Addr: a.Endpoint, Subnets: subnets})
 		}
 		switch {
+		case a.Backend == WireGuard:
+			pr.WireGuard = append(pr.WireGuard, wireguard.PeerConfig{Name: a.Peer.Node, Key: a.Key, Endpoint: a.Endpoint})
 		case a.Backend == VXLAN && a.Userspace:
 			pr.UserVXLAN = append(pr.UserVXLAN, vxlan.Endpoint{Addr: a.Endpoint, MAC: a.MAC})
 		case a.Backend == VXLAN && len(subnets) > 0:

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/lease"
 )
 
@@ -220,5 +221,48 @@ func TestTranslate(t *testing.T) {
 	// A family without a next hop on the segment stays on udp.
 	if got := strings.Join(routes, " "); got != "100.96.2.0/24>198.18.0.2 fd00:96:0:2::/64>fd00:198::2 fd00:96:0:4::/64>fd00:198::4 100.96.6.0/24>198.18.0.6" {
 		t.Errorf("routes: %s", got)
+	}
+}
+
+// TestSelectWireGuard: with WireGuard configured every peer is reached
+// over it or not at all — never over a plaintext backend, never at an
+// endpoint without a key — and a malformed key is skipped and named.
+func TestSelectWireGuard(t *testing.T) {
+	k, _ := wireguard.NewPrivateKey()
+	pub := k.Public().String()
+	local := Local{Mode: WireGuard, Caps: Caps{WireGuard: &WireGuardCaps{Port: 51820, PublicKey: pub}},
+		IP4: netip.MustParseAddr("198.18.0.1"), OnLink: []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24")}}
+	tests := []struct {
+		name     string
+		peer     lease.Peer
+		backend  string
+		endpoint string
+		reason   string
+	}{
+		{"wireguard peer", peer("198.18.0.2", "", map[string]string{"wireguard": `{"port":51821,"publicKey":"` + pub + `"}`}), WireGuard, "198.18.0.2:51821", "forces wireguard"},
+		{"plaintext peer on the segment", peer("198.18.0.2", "", map[string]string{"udp": `{"port":8285}`, "host-gw": `{}`}), "", "", "does not advertise wireguard"},
+		{"legacy udp peer", peer("198.18.0.2", "", nil), "", "", "does not advertise wireguard"},
+		{"malformed key", peer("198.18.0.2", "", map[string]string{"wireguard": `{"port":51820,"publicKey":"nope"}`}), "", "", "capability wireguard: public key"},
+		{"zero key", peer("198.18.0.2", "", map[string]string{"wireguard": `{"port":51820,"publicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}`}), "", "", "all zeros"},
+		{"no family in common", peer("", "fd00:198::2", map[string]string{"wireguard": `{"port":51820,"publicKey":"` + pub + `"}`}), "", "", "no underlay address"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ch := Select(local, tt.peer)
+			var none netip.AddrPort
+			if ch.Backend != tt.backend || (tt.endpoint == "" && ch.Endpoint != none) || (tt.endpoint != "" && ch.Endpoint.String() != tt.endpoint) {
+				t.Fatalf("got backend %q endpoint %s, want %q %q (reason %q)", ch.Backend, ch.Endpoint, tt.backend, tt.endpoint, ch.Reason)
+			}
+			if !strings.Contains(ch.Reason, tt.reason) {
+				t.Errorf("reason %q does not say %q", ch.Reason, tt.reason)
+			}
+			pr := Translate(nil, []Assignment{{Peer: tt.peer, Choice: ch}})
+			if tt.backend == "" && (len(pr.Userspace) > 0 || len(pr.WireGuard) > 0 || len(pr.Routes) > 0) {
+				t.Errorf("an unreachable peer was programmed: %+v", pr)
+			}
+			if tt.backend == WireGuard && (len(pr.WireGuard) != 1 || pr.WireGuard[0].Key.String() != pub || len(pr.Userspace) != 1) {
+				t.Errorf("programme %+v", pr)
+			}
+		})
 	}
 }

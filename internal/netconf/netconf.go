@@ -16,6 +16,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Defaults: the udp backend's port (flannel's udp port), and flannel's
@@ -33,14 +34,30 @@ const (
 	BackendUDP    = "udp"
 	BackendHostGW = "host-gw"
 	BackendVXLAN  = "vxlan"
+	// BackendWireGuard encrypts: every peer is reached over WireGuard,
+	// none over a plaintext backend.
+	BackendWireGuard = "wireguard"
 )
+
+// WireGuard modes (Backend.Mode): the kernel's WireGuard where the module
+// is there, else tulled's own (auto); one or the other only.
+const (
+	WireGuardAuto      = "auto"
+	WireGuardUserspace = "userspace"
+	WireGuardKernel    = "kernel"
+)
+
+// DefaultWireGuardPort is Backend.Port's default with Type wireguard.
+const DefaultWireGuardPort = 51820
 
 // Backends returns the backend types a node may publish as its one legacy
 // backend (lease.Attrs.Backend): every tulle node publishes udp there.
 func Backends() []string { return []string{BackendUDP} }
 
 // Types returns the values Backend.Type accepts.
-func Types() []string { return []string{BackendAuto, BackendUDP, BackendHostGW, BackendVXLAN} }
+func Types() []string {
+	return []string{BackendAuto, BackendUDP, BackendHostGW, BackendVXLAN, BackendWireGuard}
+}
 
 // Config is a parsed, validated net-conf.json.
 type Config struct {
@@ -65,6 +82,10 @@ type Backend struct {
 	// VNI and VXLANPort configure VXLAN (flannel's defaults: 1, 8472).
 	VNI       int
 	VXLANPort uint16
+	// Mode and PersistentKeepalive configure WireGuard (Port is its
+	// UDP port then: default 51820).
+	Mode                string
+	PersistentKeepalive time.Duration
 }
 
 // CheckSubnet reports why p cannot be a node subnet of this network: its
@@ -132,10 +153,12 @@ type raw struct {
 	IPv6SubnetMin string
 	IPv6SubnetMax string
 	Backend       *struct {
-		Type      string
-		Port      *int
-		VNI       *int
-		VXLANPort *int
+		Type                string
+		Port                *int
+		VNI                 *int
+		VXLANPort           *int
+		Mode                string
+		PersistentKeepalive string
 	}
 }
 
@@ -203,6 +226,24 @@ func (r *raw) validate() (*Config, error) {
 	if r.Backend != nil {
 		if r.Backend.Type != "" {
 			c.Backend.Type = r.Backend.Type
+		}
+		if c.Backend.Type == BackendWireGuard {
+			c.Backend.Port, c.Backend.Mode = DefaultWireGuardPort, WireGuardAuto
+			if r.Backend.Mode != "" {
+				c.Backend.Mode = r.Backend.Mode
+			}
+			if !slices.Contains([]string{WireGuardAuto, WireGuardUserspace, WireGuardKernel}, c.Backend.Mode) {
+				return nil, &FieldError{Field: "Backend.Mode", Err: fmt.Errorf("unknown WireGuard mode %q (supported: auto, userspace, kernel)", c.Backend.Mode)}
+			}
+			if ka := r.Backend.PersistentKeepalive; ka != "" {
+				d, err := time.ParseDuration(ka)
+				if err != nil || d < 0 || d > 65535*time.Second || d%time.Second != 0 {
+					return nil, &FieldError{Field: "Backend.PersistentKeepalive", Err: fmt.Errorf("%q is not a whole number of seconds up to 65535s (e.g. \"25s\"; \"0s\" is off)", ka)}
+				}
+				c.Backend.PersistentKeepalive = d
+			}
+		} else if r.Backend.Mode != "" || r.Backend.PersistentKeepalive != "" {
+			return nil, &FieldError{Field: "Backend.Mode", Err: fmt.Errorf("Mode and PersistentKeepalive are WireGuard's; Backend.Type is %q", c.Backend.Type)}
 		}
 		if r.Backend.Port != nil {
 			p := *r.Backend.Port

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseValid(t *testing.T) {
@@ -31,6 +32,13 @@ func TestParseValid(t *testing.T) {
 	if d.SubnetLen != 24 || d.Backend.Port != DefaultPort || d.Backend.Type != BackendAuto {
 		t.Errorf("defaults not applied: %+v", d)
 	}
+	w, err := Parse([]byte(`{"Network":"100.96.0.0/16","Backend":{"Type":"wireguard","PersistentKeepalive":"25s"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Backend.Port != DefaultWireGuardPort || w.Backend.Mode != WireGuardAuto || w.Backend.PersistentKeepalive != 25*time.Second {
+		t.Errorf("wireguard defaults not applied: %+v", w.Backend)
+	}
 }
 
 func TestParseErrorsNameTheField(t *testing.T) {
@@ -56,6 +64,10 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"vni", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VNI":16777216}}`, "Backend.VNI"},
 		{"vxlan port", `{"Network":"100.96.0.0/12","Backend":{"Type":"vxlan","VXLANPort":0}}`, "Backend.VXLANPort"},
 		{"vxlan port is udp's", `{"Network":"100.96.0.0/12","Backend":{"Port":8472}}`, "Backend.VXLANPort"},
+		{"wireguard mode", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","Mode":"fast"}}`, "Backend.Mode"},
+		{"keepalive", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","PersistentKeepalive":"soon"}}`, "Backend.PersistentKeepalive"},
+		{"keepalive fraction", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","PersistentKeepalive":"2.5s"}}`, "Backend.PersistentKeepalive"},
+		{"mode without wireguard", `{"Network":"100.96.0.0/12","Backend":{"Type":"udp","Mode":"kernel"}}`, "Backend.Mode"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
