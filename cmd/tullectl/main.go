@@ -87,9 +87,19 @@ func status(ctx context.Context, args []string) error {
 	fmt.Fprintf(w, "ready\t%s\n", ready)
 	fmt.Fprintf(w, "subnets\t%v\n", s.Lease.Subnets())
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
+	if wg := s.WireGuard; wg != nil {
+		fmt.Fprintf(w, "wireguard\t%s, port %d, key %s\n", wg.Mode, wg.Port, wg.PublicKey)
+	}
 	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))
 	for _, p := range s.Peers {
 		fmt.Fprintf(w, "  %s\t%s\t%s\t%v\t%s\n", p.Name, backendOf(p), p.Endpoint, p.Subnets, p.Reason)
+		if wg := p.WireGuard; wg != nil {
+			hs := "never"
+			if !wg.LastHandshake.IsZero() {
+				hs = time.Since(wg.LastHandshake).Round(time.Second).String() + " ago"
+			}
+			fmt.Fprintf(w, "  \tkey %s…\tat %s\thandshake %s\trx %d B, tx %d B\n", wg.Fingerprint, wg.Endpoint, hs, wg.RxBytes, wg.TxBytes)
+		}
 	}
 	names := make([]string, 0, len(s.Counters))
 	for k := range s.Counters {

@@ -22,6 +22,7 @@ import (
 	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/encap/vxlan"
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
@@ -42,6 +43,8 @@ type underlay struct {
 	// vxlan: the node speaks VXLAN (kernel or userspace), whose inner MTU
 	// is the smallest.
 	vxlan bool
+	// wireguard: the node speaks WireGuard only.
+	wireguard bool
 }
 
 // findUnderlay resolves --iface/--public-ip/--public-ipv6 against the
@@ -200,42 +203,54 @@ func run(o *options, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	// Every node speaks the userspace udp backend and host-gw (plain
-	// routes need nothing but the kernel), and VXLAN: through the kernel
-	// where a probe shows the kernel has it (and --kernel-vxlan allows),
-	// else from the datapath. It publishes them all, and udp alone for
-	// tulleds from before capabilities.
-	caps := encap.Caps{UDP: &encap.UDPCaps{Port: o.net.Backend.Port}, HostGW: &encap.HostGWCaps{}}
+	wgMode := o.net.Backend.Type == netconf.BackendWireGuard
+	var caps encap.Caps
+	var uvx *vxlan.Userspace
+	vxCtr, wgCtr := &vxlan.Counters{}, &wireguard.Counters{}
+	var wgTr *wireguard.Transport
 	vtep := u.ip4
 	if !vtep.IsValid() {
 		vtep = u.ip6
 	}
-	var uvx *vxlan.Userspace
-	vxCtr := &vxlan.Counters{}
-	if t := o.net.Backend.Type; t == netconf.BackendAuto || t == netconf.BackendVXLAN {
-		caps.VXLAN = &encap.VXLANCaps{VNI: o.net.Backend.VNI, Port: int(o.net.Backend.VXLANPort), MAC: vxlan.MACFor(o.node).String()}
-		perr := errors.New("turned off by --kernel-vxlan=false")
-		if o.kernelVXLAN {
-			perr = vxlan.Probe()
+	if wgMode {
+		var err error
+		if wgTr, err = startWireGuard(o, u, wgCtr, log); err != nil {
+			return err
 		}
-		if perr != nil {
-			caps.VXLAN.Userspace = true
-			if gone, err := vxlan.RemoveFormer(vxlan.DeviceName, caps.VXLAN.Port); err != nil {
-				log.Warn("remove the kernel VXLAN device of an earlier run", "device", vxlan.DeviceName, "err", err)
-			} else if gone {
-				log.Info("removed the kernel VXLAN device of an earlier run: VXLAN is in userspace now", "device", vxlan.DeviceName)
+		defer wgTr.Close() // the datapath closes it too; this covers the failures before
+		caps.WireGuard = &encap.WireGuardCaps{Port: o.net.Backend.Port, PublicKey: wgTr.PublicKey().String()}
+	} else {
+		// Every node speaks the userspace udp backend and host-gw (plain
+		// routes need nothing but the kernel), and VXLAN: through the kernel
+		// where a probe shows the kernel has it (and --kernel-vxlan allows),
+		// else from the datapath. It publishes them all, and udp alone for
+		// tulleds from before capabilities.
+		caps = encap.Caps{UDP: &encap.UDPCaps{Port: o.net.Backend.Port}, HostGW: &encap.HostGWCaps{}}
+		if t := o.net.Backend.Type; t == netconf.BackendAuto || t == netconf.BackendVXLAN {
+			caps.VXLAN = &encap.VXLANCaps{VNI: o.net.Backend.VNI, Port: int(o.net.Backend.VXLANPort), MAC: vxlan.MACFor(o.node).String()}
+			perr := errors.New("turned off by --kernel-vxlan=false")
+			if o.kernelVXLAN {
+				perr = vxlan.Probe()
 			}
-			uvx, err = vxlan.NewUserspace(vxlan.UserspaceConfig{VNI: caps.VXLAN.VNI, Port: caps.VXLAN.Port, MAC: vxlan.MACFor(o.node), Local4: u.ip4, Local6: u.ip6,
-				MTU: u.mtu, DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: vxCtr, Logger: log})
-			switch {
-			case err != nil && t == netconf.BackendVXLAN:
-				return badConfig("net-conf field Backend.Type: vxlan: no kernel VXLAN (%v), and VXLAN in userspace cannot start: %v", perr, err)
-			case err != nil:
-				log.Warn("no VXLAN: no kernel VXLAN, and VXLAN in userspace cannot start; peers are reached over host-gw or udp", "kernel", perr, "err", err)
-				caps.VXLAN = nil
-			default:
-				defer uvx.Close() // the datapath closes it too; this covers the failures before
-				log.Info("VXLAN in userspace", "why", perr)
+			if perr != nil {
+				caps.VXLAN.Userspace = true
+				if gone, err := vxlan.RemoveFormer(vxlan.DeviceName, caps.VXLAN.Port); err != nil {
+					log.Warn("remove the kernel VXLAN device of an earlier run", "device", vxlan.DeviceName, "err", err)
+				} else if gone {
+					log.Info("removed the kernel VXLAN device of an earlier run: VXLAN is in userspace now", "device", vxlan.DeviceName)
+				}
+				uvx, err = vxlan.NewUserspace(vxlan.UserspaceConfig{VNI: caps.VXLAN.VNI, Port: caps.VXLAN.Port, MAC: vxlan.MACFor(o.node), Local4: u.ip4, Local6: u.ip6,
+					MTU: u.mtu, DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: vxCtr, Logger: log})
+				switch {
+				case err != nil && t == netconf.BackendVXLAN:
+					return badConfig("net-conf field Backend.Type: vxlan: no kernel VXLAN (%v), and VXLAN in userspace cannot start: %v", perr, err)
+				case err != nil:
+					log.Warn("no VXLAN: no kernel VXLAN, and VXLAN in userspace cannot start; peers are reached over host-gw or udp", "kernel", perr, "err", err)
+					caps.VXLAN = nil
+				default:
+					defer uvx.Close() // the datapath closes it too; this covers the failures before
+					log.Info("VXLAN in userspace", "why", perr)
+				}
 			}
 		}
 	}
@@ -244,7 +259,11 @@ func run(o *options, log *slog.Logger) error {
 		return err
 	}
 	local := encap.Local{Mode: o.net.Backend.Type, Caps: caps, IP4: u.ip4, IP6: u.ip6, OnLink: u.onLink}
-	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: netconf.BackendUDP, Port: o.net.Backend.Port}, Backends: caps.Publish()}
+	legacy := netconf.BackendUDP
+	if wgMode {
+		legacy = netconf.BackendWireGuard
+	}
+	attrs := lease.Attrs{PublicIP: u.ip4, PublicIPv6: u.ip6, Backend: lease.Backend{Type: legacy, Port: o.net.Backend.Port}, Backends: caps.Publish()}
 	l, err := store.Claim(ctx, o.node, attrs)
 	if errors.Is(err, lease.ErrInUse) {
 		return badConfig("flag --node-name: %v", err)
@@ -254,8 +273,8 @@ func run(o *options, log *slog.Logger) error {
 	}
 	// The TUN and pods get the smallest inner MTU of the paths this node
 	// may use, so their packets fit whichever backend serves a peer.
-	u.vxlan = caps.VXLAN != nil
-	mtu, _ := u.sizes(u.mtu)
+	u.vxlan, u.wireguard = caps.VXLAN != nil, wgMode
+	mtu, gsoMax := u.sizes(u.mtu)
 	podMTU := func(underlayMTU int) int { m, _ := u.sizes(underlayMTU); return m }
 	log.Info("lease held", "subnet", l.Subnet, "ipv6Subnet", l.IPv6Subnet, "underlay", u.iface, "public_ip", u.ip4, "public_ipv6", u.ip6, "mtu", mtu)
 
@@ -282,23 +301,28 @@ func run(o *options, log *slog.Logger) error {
 		}
 	}
 	peers := tunnel.NewPeerTable(l.Subnets())
-	uopt := udp.Options{
-		MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
-		DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: udpCtr, Logger: log,
-	}
-	if u.ip4.IsValid() {
-		uopt.Local4 = netip.AddrPortFrom(u.ip4, o.net.Backend.Port)
-	}
-	if u.ip6.IsValid() {
-		uopt.Local6 = netip.AddrPortFrom(u.ip6, o.net.Backend.Port)
-	}
-	udpTr, err := udp.New(uopt)
-	if err != nil {
-		return err
-	}
-	tr := encap.NewMux(udpTr)
-	if uvx != nil {
-		tr = encap.NewMux(udpTr, uvx)
+	var tr *encap.Mux
+	if wgMode {
+		tr = encap.NewMux(wgTr)
+	} else {
+		uopt := udp.Options{
+			MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
+			DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: udpCtr, Logger: log,
+		}
+		if u.ip4.IsValid() {
+			uopt.Local4 = netip.AddrPortFrom(u.ip4, o.net.Backend.Port)
+		}
+		if u.ip6.IsValid() {
+			uopt.Local6 = netip.AddrPortFrom(u.ip6, o.net.Backend.Port)
+		}
+		udpTr, err := udp.New(uopt)
+		if err != nil {
+			return err
+		}
+		tr = encap.NewMux(udpTr)
+		if uvx != nil {
+			tr = encap.NewMux(udpTr, uvx)
+		}
 	}
 	dev, err := tunnel.OpenReopeningTUN(tunnel.TUNOptions{Name: o.tunName, MTU: mtu, Queues: o.tunQueues, GRO: o.gro, Counters: ctr, Logger: log, OnEvent: kickRouter})
 	if err != nil {
@@ -331,7 +355,7 @@ func run(o *options, log *slog.Logger) error {
 	}
 	router := tunnel.NewRouter(tunnel.RouterConfig{
 		Link: o.tunName, Underlay: u.iface, Public: u.public(), Size: u.sizes, OnResize: resize,
-		MTU: mtu, GSOMaxSize: udp.MaxFrame(u.mtu, u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net), Kernel: kernel, Logger: log,
+		MTU: mtu, GSOMaxSize: gsoMax, Local: l.Subnets(), Networks: networks(o.net), Kernel: kernel, Logger: log,
 	})
 	if repaired, err := router.Reconcile(); err != nil {
 		dev.Close()
@@ -341,7 +365,7 @@ func run(o *options, log *slog.Logger) error {
 		log.Info("configured device", "link", o.tunName, "changes", repaired)
 	}
 
-	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, vxCtr: vxCtr, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
+	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, vxCtr: vxCtr, wgCtr: wgCtr, wg: wgTr, wgPort: o.net.Backend.Port, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}
@@ -358,7 +382,7 @@ func run(o *options, log *slog.Logger) error {
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
 	wg.Go(func() {
-		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, vx, uvx, kickRouter, st, log))
+		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, programmed{vx, uvx, wgTr}, kickRouter, st, log))
 	})
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
@@ -393,6 +417,10 @@ func (u *underlay) public() []netip.Addr {
 // sizes returns the TUN MTU and GSO cap for an underlay MTU: the smallest
 // inner MTU of the paths this node speaks.
 func (u *underlay) sizes(underlayMTU int) (mtu, gsoMax int) {
+	if u.wireguard {
+		// Super-packets are cut into messages whatever their size.
+		return wireguard.InnerMTU(underlayMTU, u.primaryIs6), tunnel.MaxPacket
+	}
 	mtu = udp.InnerMTU(underlayMTU, u.primaryIs6)
 	if u.vxlan {
 		mtu = min(mtu, underlayMTU-vxlan.Overhead(u.primaryIs6))
@@ -434,7 +462,15 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 // watchPeers chooses a backend for every peer of every snapshot and
 // applies the result: udp endpoints to the peer table, kernel-path routes
 // to the router, the choices to the status.
-func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, vx *vxlan.Kernel, uvx *vxlan.Userspace, kick func(), st *status, log *slog.Logger) error {
+// programmed are the backends that learn their peers from the plan; any
+// may be nil.
+type programmed struct {
+	vx  *vxlan.Kernel
+	uvx *vxlan.Userspace
+	wg  *wireguard.Transport
+}
+
+func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, be programmed, kick func(), st *status, log *slog.Logger) error {
 	ch, err := store.WatchPeers(ctx, self)
 	if err != nil {
 		return fmt.Errorf("watch peers: %w", err)
@@ -473,13 +509,16 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 		pr := encap.Translate(l.Subnets(), plan)
 		// The transport learns its peers before the table sends it their
 		// frames.
-		if uvx != nil {
-			uvx.SetPeers(pr.UserVXLAN)
+		if be.uvx != nil {
+			be.uvx.SetPeers(pr.UserVXLAN)
+		}
+		if be.wg != nil {
+			be.wg.SetPeers(pr.WireGuard)
 		}
 		peers.Set(l.Subnets(), pr.Userspace)
 		router.SetPeerRoutes(pr.Routes)
-		if vx != nil {
-			vx.SetPeers(pr.VXLAN)
+		if be.vx != nil {
+			be.vx.SetPeers(pr.VXLAN)
 		}
 		kick()
 		st.setPeers(view)

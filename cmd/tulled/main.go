@@ -21,6 +21,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease/local"
 )
@@ -48,6 +49,9 @@ type options struct {
 	// VXLAN is otherwise spoken in userspace.
 	kernelVXLAN bool
 	logLevel    string
+	// wgKey is the WireGuard private key file (created when missing);
+	// wgPSK an optional pre-shared key file.
+	wgKey, wgPSK string
 
 	net *netconf.Config
 	pub netip.Addr
@@ -89,6 +93,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.udpGRO, "udp-gro", true, "receive with UDP_GRO")
 	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false, or no kernel VXLAN: tulled speaks VXLAN from its datapath)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.wgKey, "wireguard-key", "/var/lib/tulle/wireguard.key", "WireGuard private key file (Backend.Type wireguard; created, mode 0600, when missing)")
+	fs.StringVar(&o.wgPSK, "wireguard-psk", "", "WireGuard pre-shared key file (base64, as wg genpsk writes it), mixed into every handshake; all nodes alike")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -151,6 +157,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, badConfig("%v", err)
 	}
 	o.net = c
+	if c.Backend.Type == netconf.BackendWireGuard {
+		if _, err := wireguard.ReadKeyFile(o.wgKey); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, badConfig("flag --wireguard-key: %v", err)
+		}
+		if o.wgPSK != "" {
+			if _, err := wireguard.ReadPSKFile(o.wgPSK); err != nil {
+				return nil, badConfig("flag --wireguard-psk: %v", err)
+			}
+		}
+	}
 	return o, nil
 }
 

@@ -9,11 +9,13 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/encap/vxlan"
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
@@ -25,6 +27,9 @@ type status struct {
 	ctr     *tunnel.Counters
 	udpCtr  *udp.Counters
 	vxCtr   *vxlan.Counters
+	wgCtr   *wireguard.Counters
+	wg      *wireguard.Transport // nil unless WireGuard is configured
+	wgPort  uint16
 	peers   *tunnel.PeerTable
 	mtu     func() int
 	started time.Time
@@ -72,8 +77,33 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Counters: s.ctr.Snapshot(), Peers: view}
 	s.udpCtr.SnapshotInto(doc.Counters)
 	s.vxCtr.SnapshotInto(doc.Counters)
+	if s.wg != nil {
+		s.wgCtr.SnapshotInto(doc.Counters)
+		s.wireGuardStatus(&doc)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
+}
+
+// wireGuardStatus adds this node's WireGuard identity and each peer's
+// session state to doc.
+func (s *status) wireGuardStatus(doc *api.Status) {
+	pub := s.wg.PublicKey()
+	doc.WireGuard = &api.WireGuardNode{PublicKey: pub.String(), Fingerprint: pub.Fingerprint(), Port: s.wgPort, Mode: "userspace"}
+	byName := map[string]wireguard.PeerStatus{}
+	for _, p := range s.wg.Status() {
+		byName[p.Name] = p
+	}
+	peers := slices.Clone(doc.Peers)
+	for i := range peers {
+		p, ok := byName[peers[i].Name]
+		if !ok {
+			continue
+		}
+		peers[i].WireGuard = &api.WireGuardPeer{PublicKey: p.Key.String(), Fingerprint: p.Key.Fingerprint(), Endpoint: p.Endpoint,
+			LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+	}
+	doc.Peers = peers
 }
 
 // serveStatus listens on a unix socket at path, replacing a stale one.

@@ -33,6 +33,18 @@ type Status struct {
 	Uptime   string            `json:"uptime"`
 	Peers    []Peer            `json:"peers"`
 	Counters map[string]uint64 `json:"counters"`
+	// WireGuard is this node's WireGuard identity, when it speaks it.
+	WireGuard *WireGuardNode `json:"wireguard,omitempty"`
+}
+
+// WireGuardNode is this node's WireGuard identity and where it runs.
+type WireGuardNode struct {
+	PublicKey   string `json:"publicKey"`
+	Fingerprint string `json:"fingerprint"`
+	Port        uint16 `json:"port"`
+	// Mode is "userspace" (tulled's datapath) or "kernel" (a WireGuard
+	// device tulled programs).
+	Mode string `json:"mode"`
 }
 
 // Lease is the node's lease as the status reports it.
@@ -73,6 +85,20 @@ type Peer struct {
 	// without the kernel's device).
 	Userspace bool   `json:"userspace,omitempty"`
 	Reason    string `json:"reason"`
+	// WireGuard is the peer's WireGuard state when WireGuard serves it.
+	WireGuard *WireGuardPeer `json:"wireguard,omitempty"`
+}
+
+// WireGuardPeer is what the status tells of a WireGuard peer.
+type WireGuardPeer struct {
+	PublicKey   string `json:"publicKey"`
+	Fingerprint string `json:"fingerprint"`
+	// Endpoint is where the peer is reached now (it may have roamed from
+	// the published one).
+	Endpoint      netip.AddrPort `json:"endpoint,omitzero"`
+	LastHandshake time.Time      `json:"lastHandshake,omitzero"`
+	RxBytes       uint64         `json:"rxBytes"`
+	TxBytes       uint64         `json:"txBytes"`
 }
 
 // Get fetches the status from the socket at path.

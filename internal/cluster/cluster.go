@@ -121,6 +121,7 @@ func (n *Node) Args() []string {
 		"--lease-ttl", o.LeaseTTL.String(),
 		"--run-dir", n.RunDir,
 		"--iface", n.Link,
+		"--wireguard-key", n.WireGuardKey(),
 	}
 	switch {
 	case o.DualStackUnderlay:
@@ -133,6 +134,10 @@ func (n *Node) Args() []string {
 	a = append(a, o.Args...)
 	return append(a, n.Extra...)
 }
+
+// WireGuardKey is the node's WireGuard key file (made by tulled on its
+// first start with Backend.Type wireguard, kept across restarts).
+func (n *Node) WireGuardKey() string { return filepath.Join(n.c.opt.Dir, n.Name, "wireguard.key") }
 
 // Start launches tulled on every node and waits until each has a lease
 // and sees all the others as peers.

@@ -51,8 +51,9 @@ const (
 const DefaultWireGuardPort = 51820
 
 // Backends returns the backend types a node may publish as its one legacy
-// backend (lease.Attrs.Backend): every tulle node publishes udp there.
-func Backends() []string { return []string{BackendUDP} }
+// backend (lease.Attrs.Backend): udp, or wireguard for a node that
+// speaks nothing else.
+func Backends() []string { return []string{BackendUDP, BackendWireGuard} }
 
 // Types returns the values Backend.Type accepts.
 func Types() []string {
