@@ -29,8 +29,8 @@ import (
 
 // Backend names, as they appear in net-conf.json, capabilities and status.
 const (
-	UDP    = netconf.BackendUDP
-	HostGW = netconf.BackendHostGW
+	UDP       = netconf.BackendUDP
+	HostGW    = netconf.BackendHostGW
 	VXLAN     = netconf.BackendVXLAN
 	WireGuard = netconf.BackendWireGuard
 	Auto      = netconf.BackendAuto
