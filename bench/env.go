@@ -25,6 +25,10 @@ const (
 	PathTulleHostGW    = "tulle-hostgw"
 	PathTulleVXLAN     = "tulle-vxlan"
 	PathTulleVXLANUser = "tulle-vxlan-userspace"
+	PathTulleWireGuard = "tulle-wireguard"
+	// PathWireGuardGo is the stock wireguard-go (the version tulle
+	// depends on), configured with wg: the reference for tulle-wireguard.
+	PathWireGuardGo = "wireguard-go"
 )
 
 // pathDef is a path the harness knows how to set up.
@@ -55,6 +59,9 @@ var knownPaths = []pathDef{
 	// the kernel module would), on port 8474.
 	{name: PathTulleVXLANUser, backend: netconf.BackendVXLAN, tun: "tulleuv0", args: []string{"--kernel-vxlan=false"},
 		netConf: `{"Network":"100.72.0.0/13","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:99::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","Port":8288,"VXLANPort":8474}}`},
+	{name: PathTulleWireGuard, backend: netconf.BackendWireGuard, tun: "tullewg0",
+		netConf: `{"Network":"100.68.0.0/14","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:9a::/56","IPv6SubnetLen":64,"Backend":{"Type":"wireguard","Port":51820}}`},
+	{name: PathWireGuardGo},
 }
 
 // SupportedPaths returns the paths this build can measure, in report order.
@@ -129,6 +136,7 @@ type Env struct {
 	Topo     *topo.Topology
 	Paths    []Path
 	clusters []*cluster.Cluster
+	wgGo     *wireguardGo
 }
 
 // Setup builds the environment. On error everything built is removed.
@@ -211,7 +219,20 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 				addrs = append(addrs, netip.AddrFrom4([4]byte{100, 64, 0, byte(i + 1)}))
 			}
 			env.Paths = append(env.Paths, Path{Name: name, Dst: addrs[1], Addrs: addrs, MTU: underlay - vxlanOverhead})
-		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN, PathTulleVXLANUser:
+		case PathWireGuardGo:
+			mtu := underlay - 60
+			progress(fmt.Sprintf("building the stock wireguard-go and configuring it with wg on every node (port %d, MTU %d, 100.67.0.0/24)", wgGoPort, mtu))
+			bin, err := buildWireguardGo(ctx, opt.Dir)
+			if err != nil {
+				return env, err
+			}
+			w, addrs, err := startWireguardGo(ctx, tp, bin, mtu)
+			env.wgGo = w
+			if err != nil {
+				return env, err
+			}
+			env.Paths = append(env.Paths, Path{Name: name, Dst: addrs[1], Addrs: addrs, Tulle: true, MTU: mtu})
+		case PathTulleUDP, PathTulleHostGW, PathTulleVXLAN, PathTulleVXLANUser, PathTulleWireGuard:
 			i := slices.IndexFunc(knownPaths, func(d pathDef) bool { return d.name == name })
 			c, err := env.startTulle(ctx, opt, knownPaths[i], progress)
 			if err != nil {
@@ -228,7 +249,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 			dst := addrs[1]
 			mtu := underlay // host-gw: plain routes over the underlay
 			switch name {
-			case PathTulleUDP:
+			case PathTulleUDP, PathTulleWireGuard:
 				st, err := c.Nodes[0].Status(ctx)
 				if err != nil {
 					return env, err
@@ -239,7 +260,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 			}
 			// host-gw and kernel vxlan: the kernel carries the traffic;
 			// tulled only programs it.
-			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Addrs: addrs, Tulle: name == PathTulleUDP || name == PathTulleVXLANUser, MTU: mtu, cluster: c})
+			env.Paths = append(env.Paths, Path{Name: name, Dst: dst, Addrs: addrs, Tulle: name == PathTulleUDP || name == PathTulleVXLANUser || name == PathTulleWireGuard, MTU: mtu, cluster: c})
 		}
 	}
 	return env, nil
@@ -294,6 +315,9 @@ func (e *Env) startTulle(ctx context.Context, opt EnvOptions, d pathDef, progres
 
 // TulledPIDs returns the PIDs of the tulled processes of path p.
 func (e *Env) TulledPIDs(p Path) []int {
+	if p.Name == PathWireGuardGo && e.wgGo != nil {
+		return e.wgGo.pids()
+	}
 	if p.cluster == nil {
 		return nil
 	}
@@ -311,6 +335,9 @@ func (e *Env) Close() error {
 	var errs []error
 	for _, c := range e.clusters {
 		errs = append(errs, c.Stop())
+	}
+	if e.wgGo != nil {
+		errs = append(errs, e.wgGo.stop())
 	}
 	errs = append(errs, e.Topo.Close())
 	return errors.Join(errs...)

@@ -101,6 +101,25 @@ func (r *Results) Markdown() string {
 		}
 		b.WriteString("\n")
 	}
+	wgFigs := []string{FigTCP1, FigTCPN, FigUDP1400PPS, FigRTTP50, FigLoadedP50, FigCPUTulled, FigRSS}
+	for _, p := range r.Paths {
+		if p.Name != PathTulleWireGuard || len(p.VsWireGuardGo) == 0 {
+			continue
+		}
+		b.WriteString("\nRatios to the stock wireguard-go (per round, median and min–max; CPU and RSS: the daemons'):\n\n| path |")
+		for _, k := range wgFigs {
+			fmt.Fprintf(&b, " %s |", r.title(k))
+		}
+		b.WriteString("\n|---|" + strings.Repeat("---|", len(wgFigs)) + "\n| " + p.Name + " |")
+		for _, k := range wgFigs {
+			if s, ok := p.VsWireGuardGo[k]; ok {
+				fmt.Fprintf(&b, " %.2f (%.2f–%.2f) |", s.Median, s.Min, s.Max)
+			} else {
+				b.WriteString(" – |")
+			}
+		}
+		b.WriteString("\n")
+	}
 	return b.String()
 }
 

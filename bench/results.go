@@ -63,6 +63,8 @@ type PathResult struct {
 	// computed per round and then summarised.
 	VsKernelVXLAN map[string]Stat `json:"vsKernelVxlan,omitempty"`
 	VsRaw         map[string]Stat `json:"vsRaw,omitempty"`
+	// VsWireGuardGo: ratios to the stock wireguard-go, when it ran.
+	VsWireGuardGo map[string]Stat `json:"vsWireguardGo,omitempty"`
 }
 
 // Stat summarises one figure's samples (one per round).
@@ -131,7 +133,7 @@ func Summarize(samples []Sample, paths []string) ([]PathResult, error) {
 			for _, ref := range []struct {
 				name string
 				dst  *map[string]Stat
-			}{{PathKernelVXLAN, &pr.VsKernelVXLAN}, {PathRaw, &pr.VsRaw}} {
+			}{{PathKernelVXLAN, &pr.VsKernelVXLAN}, {PathRaw, &pr.VsRaw}, {PathWireGuardGo, &pr.VsWireGuardGo}} {
 				if st, ok := ratios(p, k.fig, ref.name); ok {
 					if *ref.dst == nil {
 						*ref.dst = map[string]Stat{}

@@ -26,7 +26,7 @@ type node struct {
 	out chan tunnel.Frame
 }
 
-func newNode(t *testing.T, local netip.AddrPort, cfg Config) *node {
+func newNode(t testing.TB, local netip.AddrPort, cfg Config) *node {
 	t.Helper()
 	if cfg.PrivateKey.IsZero() {
 		cfg.PrivateKey, _ = NewPrivateKey()
@@ -70,7 +70,7 @@ func (n *node) peer(o *node) PeerConfig {
 }
 
 // segments collects what n receives until it adds up to want's segments.
-func (n *node) segments(t *testing.T, want int) [][]byte {
+func (n *node) segments(t testing.TB, want int) [][]byte {
 	t.Helper()
 	var got [][]byte
 	deadline := time.After(10 * time.Second)
@@ -85,7 +85,7 @@ func (n *node) segments(t *testing.T, want int) [][]byte {
 	return got
 }
 
-func sameSegments(t *testing.T, got, want [][]byte) {
+func sameSegments(t testing.TB, got, want [][]byte) {
 	t.Helper()
 	if len(got) != len(want) {
 		t.Fatalf("%d segments, want %d", len(got), len(want))

@@ -1,0 +1,233 @@
+package wireguard
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tulle-net/tulle/tunnel"
+	tt "github.com/tulle-net/tulle/tunnel/tuntest"
+)
+
+// session sets up a and b with each other as peers and waits until both
+// hold a confirmed session.
+func session(t testing.TB, a, b *node) {
+	t.Helper()
+	a.tr.SetPeers([]PeerConfig{a.peer(b)})
+	b.tr.SetPeers([]PeerConfig{b.peer(a)})
+	pkt := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 100)
+	if err := a.tr.Send([]tunnel.Frame{frame(pkt, tt.PartialCsum(pkt), b.endpoint())}); err != nil {
+		t.Fatal(err)
+	}
+	b.segments(t, 1)
+}
+
+// forged returns a valid transport message from a to b carrying pkt.
+func forged(a *node, pkt []byte) []byte {
+	kp := a.tr.peers.Load().list[0].cur.Load()
+	m := make([]byte, HeaderLen+padded(len(pkt))+TagLen)
+	copy(m[HeaderLen:], pkt)
+	n := newSender(a.tr).message(m, kp, padded(len(pkt)))
+	return m[:n]
+}
+
+// TestBadInput: what is not a well-formed, authenticated message from a
+// peer is dropped, counted by reason, and never answered.
+func TestBadInput(t *testing.T) {
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	a, b := newNode(t, lo, Config{}), newNode(t, lo, Config{})
+	session(t, a, b)
+	stranger := newKeyMaterial(mustKey(t))
+	bkm := b.tr.keys.Load()
+
+	attacker, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(lo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer attacker.Close()
+	inner := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 60)
+	valid := forged(a, inner)
+	corrupt := append([]byte(nil), forged(a, inner)...)
+	corrupt[len(corrupt)-1] ^= 1
+
+	// An initiation from a key b does not know, with a good mac1.
+	var unknownInit [initiationSize]byte
+	var hs handshake
+	ss, _ := dh(stranger.priv, bkm.pub)
+	if err := createInitiation(unknownInit[:], &hs, stranger, bkm.pub, ss, 7, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	putMACs(unknownInit[:], bkm.mac1Key, nil)
+	badMAC := unknownInit
+	badMAC[120] ^= 1
+	notIP := forged(a, make([]byte, 32)) // authenticated, but no IP packet
+
+	unknownIndex := append([]byte(nil), valid...)
+	binary.LittleEndian.PutUint32(unknownIndex[4:], binary.LittleEndian.Uint32(valid[4:])+1)
+
+	tests := []struct {
+		name string
+		msg  []byte
+		ctr  Counter
+	}{
+		{"empty type", []byte{0, 0, 0, 0, 1, 2, 3}, DropMalformed},
+		{"unknown type", []byte{9, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31}, DropMalformed},
+		{"reserved bytes set", append([]byte{4, 1, 0, 0}, valid[4:]...), DropMalformed},
+		{"short transport", valid[:20], DropMalformed},
+		{"short initiation", unknownInit[:100], DropMalformed},
+		{"unknown index", unknownIndex, DropUnknownIndex},
+		{"bad tag", corrupt, DropAuth},
+		{"bad mac1", badMAC[:], DropMAC1},
+		{"unknown key", unknownInit[:], DropUnknownKey},
+		{"not IP inside", notIP, DropNotIP},
+		{"valid", valid, -1},
+		{"replayed", valid, DropReplay},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var before uint64
+			if tc.ctr >= 0 {
+				before = b.ctr.Get(tc.ctr)
+			}
+			if _, err := attacker.WriteToUDPAddrPort(tc.msg, b.endpoint()); err != nil {
+				t.Fatal(err)
+			}
+			if tc.ctr < 0 {
+				b.segments(t, 1)
+				return
+			}
+			for deadline := time.Now().Add(5 * time.Second); b.ctr.Get(tc.ctr) == before; time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s not counted", tc.ctr)
+				}
+			}
+			select {
+			case f := <-b.out:
+				t.Fatalf("a frame came through: %x", f.Packet())
+			default:
+			}
+		})
+	}
+	attacker.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := attacker.ReadFromUDPAddrPort(make([]byte, 2000)); err == nil {
+		t.Errorf("b answered the attacker with %d bytes", n)
+	}
+}
+
+func mustKey(t *testing.T) Key {
+	k, err := NewPrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestRekey: with short timers, sessions are renewed again and again
+// under traffic both ways and no packet is lost to a rekey.
+func TestRekey(t *testing.T) {
+	timers := Timers{RekeyAfterTime: 300 * time.Millisecond, RejectAfterTime: 2 * time.Second, RekeyAttemptTime: 2 * time.Second,
+		RekeyTimeout: 150 * time.Millisecond, KeepaliveTimeout: 400 * time.Millisecond, RekeyAfterMessages: 1 << 60}
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	a, b := newNode(t, lo, Config{Timers: timers}), newNode(t, lo, Config{Timers: timers})
+	session(t, a, b)
+	src, dst := netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1")
+	const n = 100
+	for range n {
+		pkt := tt.TCP(src, dst, 200)
+		if err := a.tr.Send([]tunnel.Frame{frame(pkt, tt.PartialCsum(pkt), b.endpoint())}); err != nil {
+			t.Fatal(err)
+		}
+		back := tt.TCP(dst, src, 200)
+		if err := b.tr.Send([]tunnel.Frame{frame(back, tt.PartialCsum(back), a.endpoint())}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	b.segments(t, n)
+	a.segments(t, n)
+	if got := a.ctr.Get(HandshakesCompleted) + b.ctr.Get(HandshakesCompleted); got < 6 {
+		t.Errorf("%d handshakes in 2 s with a 300 ms rekey", got)
+	}
+	for _, x := range []*node{a, b} {
+		for _, c := range []Counter{DropAuth, DropReplay, DropExpired, DropUnknownIndex, DropStaged} {
+			if v := x.ctr.Get(c); v != 0 {
+				t.Errorf("%s = %d", c, v)
+			}
+		}
+	}
+}
+
+func TestReplayFilter(t *testing.T) {
+	var f replayFilter
+	for _, tc := range []struct {
+		c    uint64
+		want bool
+	}{{0, true}, {0, false}, {1, true}, {5, true}, {3, true}, {3, false}, {windowSize + 10, true}, {9, false}, {11, true}, {10, true},
+		{1 << 20, true}, {1<<20 - windowSize - 1, false}, {1<<20 - windowSize + 1, true}, {rejectAfterMessages, false}} {
+		if got := f.accept(tc.c); got != tc.want {
+			t.Errorf("accept(%d) = %v, want %v", tc.c, got, tc.want)
+		}
+	}
+}
+
+func TestKeyFiles(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "sub", "wg.key")
+	k, created, err := LoadOrCreateKey(p)
+	if err != nil || !created {
+		t.Fatalf("create: %v %v", created, err)
+	}
+	if fi, _ := os.Stat(p); fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v", fi.Mode())
+	}
+	k2, created, err := LoadOrCreateKey(p)
+	if err != nil || created || k2 != k {
+		t.Fatalf("reload: created %v, same %v, %v", created, k2 == k, err)
+	}
+	os.Chmod(p, 0o644)
+	if _, _, err := LoadOrCreateKey(p); err == nil || !strings.Contains(err.Error(), "0644") {
+		t.Errorf("a world-readable key was accepted: %v", err)
+	}
+	bad := filepath.Join(dir, "bad.key")
+	os.WriteFile(bad, []byte("not a key\n"), 0o600)
+	if _, _, err := LoadOrCreateKey(bad); err == nil || !strings.Contains(err.Error(), "base64") {
+		t.Errorf("malformed key: %v", err)
+	}
+	short := filepath.Join(dir, "short.key")
+	os.WriteFile(short, []byte("AAAA\n"), 0o600)
+	if _, err := ReadKeyFile(short); err == nil || !strings.Contains(err.Error(), "3 bytes") {
+		t.Errorf("short key: %v", err)
+	}
+	psk := filepath.Join(dir, "psk")
+	os.WriteFile(psk, []byte(k.String()+"\n"), 0o644)
+	if got, err := ReadPSKFile(psk); err != nil || got != k {
+		t.Errorf("psk: %v", err)
+	}
+}
+
+// TestPresharedKey: peers with the same PSK talk; a peer with another
+// PSK never completes a handshake.
+func TestPresharedKey(t *testing.T) {
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	psk := mustKey(t)
+	a, b := newNode(t, lo, Config{PresharedKey: psk}), newNode(t, lo, Config{PresharedKey: psk})
+	session(t, a, b)
+	c := newNode(t, lo, Config{PresharedKey: mustKey(t)})
+	a.tr.SetPeers([]PeerConfig{a.peer(b), a.peer(c)})
+	c.tr.SetPeers([]PeerConfig{c.peer(a)})
+	pkt := tt.TCP(netip.MustParseAddr("100.96.3.1"), netip.MustParseAddr("100.96.1.1"), 100)
+	c.tr.Send([]tunnel.Frame{frame(pkt, tt.PartialCsum(pkt), a.endpoint())})
+	for deadline := time.Now().Add(5 * time.Second); c.ctr.Get(DropAuth) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("c's handshake with another PSK was not refused")
+		}
+	}
+	if c.ctr.Get(HandshakesCompleted) != 0 {
+		t.Error("a handshake completed across different PSKs")
+	}
+}
