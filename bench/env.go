@@ -222,7 +222,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 		case PathWireGuardGo:
 			mtu := underlay - 60
 			progress(fmt.Sprintf("building the stock wireguard-go and configuring it with wg on every node (port %d, MTU %d, 100.67.0.0/24)", wgGoPort, mtu))
-			bin, err := buildWireguardGo(ctx, opt.Dir)
+			bin, err := buildWireguardGo(ctx, opt.Dir, opt.Tulled)
 			if err != nil {
 				return env, err
 			}

@@ -2,13 +2,13 @@ package bench
 
 import (
 	"context"
+	"debug/buildinfo"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -32,10 +32,11 @@ type wireguardGo struct {
 }
 
 // buildWireguardGo installs the stock binary into dir (the module proxy,
-// or the module cache when it already holds that version).
-func buildWireguardGo(ctx context.Context, dir string) (string, error) {
+// or the module cache when it already holds that version), at the version
+// the tulled binary was built with.
+func buildWireguardGo(ctx context.Context, dir, tulled string) (string, error) {
 	version := ""
-	if bi, ok := debug.ReadBuildInfo(); ok {
+	if bi, err := buildinfo.ReadFile(tulled); err == nil {
 		for _, d := range bi.Deps {
 			if d.Path == wireguardGoModule {
 				version = d.Version
@@ -46,7 +47,7 @@ func buildWireguardGo(ctx context.Context, dir string) (string, error) {
 		}
 	}
 	if version == "" {
-		return "", errors.New("wireguard-go path: this binary was built without " + wireguardGoModule + " in its build info")
+		return "", fmt.Errorf("wireguard-go path: %s has no %s in its build info", tulled, wireguardGoModule)
 	}
 	cmd := exec.CommandContext(ctx, "go", "install", wireguardGoModule+"@"+version)
 	cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
