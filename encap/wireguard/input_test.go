@@ -231,3 +231,31 @@ func TestPresharedKey(t *testing.T) {
 		t.Error("a handshake completed across different PSKs")
 	}
 }
+
+// TestAllocs: sealing a super-packet into a GSO train and opening a
+// message allocate nothing.
+func TestAllocs(t *testing.T) {
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	a, b := newNode(t, lo, Config{}), newNode(t, lo, Config{})
+	session(t, a, b)
+	pkt := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 60000)
+	fs := []tunnel.Frame{frame(pkt, tt.TSO(pkt, 1400), b.endpoint())}
+	if n := testing.AllocsPerRun(50, func() { a.tr.Send(fs) }); n != 0 {
+		t.Errorf("Send: %.1f allocations per super-packet", n)
+	}
+	r := newReceiver(b.tr, b.tr.socks[0])
+	inner := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 1000)
+	msgs := make([][]byte, 60)
+	for i := range msgs {
+		msgs[i] = append(make([]byte, 32), forged(a, inner)...)
+	}
+	src := a.endpoint()
+	i := 0
+	if n := testing.AllocsPerRun(50, func() {
+		r.buf, r.pend, r.pi = msgs[i], r.pend[:0], 0
+		r.datagram(32, msgs[i][32:], src, mono())
+		i++
+	}); n != 0 {
+		t.Errorf("receive: %.1f allocations per message", n)
+	}
+}

@@ -134,8 +134,9 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 	p := kp.peer
 	p.lastRecv.Store(now)
 	p.waitingSince.Store(0)
-	if ep := p.endpoint.Load(); *ep != src {
-		p.endpoint.Store(&src) // roamed
+	if *p.endpoint.Load() != src {
+		roamed := src // only here does the address move to the heap
+		p.endpoint.Store(&roamed)
 	}
 	if !kp.confirmed.Load() {
 		kp.confirmed.Store(true)
