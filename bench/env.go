@@ -14,6 +14,7 @@ import (
 	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/wggo"
 )
 
 // Path names, as reports use them. Later backends add theirs here
@@ -222,7 +223,7 @@ func Setup(ctx context.Context, opt EnvOptions) (env *Env, err error) {
 		case PathWireGuardGo:
 			mtu := underlay - 60
 			progress(fmt.Sprintf("building the stock wireguard-go and configuring it with wg on every node (port %d, MTU %d, 100.67.0.0/24)", wgGoPort, mtu))
-			bin, err := buildWireguardGo(ctx, opt.Dir, opt.Tulled)
+			bin, err := wggo.Build(ctx, opt.Dir, opt.Tulled)
 			if err != nil {
 				return env, err
 			}

@@ -445,7 +445,7 @@ func Translate(local []netip.Prefix, as []Assignment) Programme {
 		}
 		switch {
 		case a.Backend == WireGuard:
-			pr.WireGuard = append(pr.WireGuard, wireguard.PeerConfig{Name: a.Peer.Node, Key: a.Key, Endpoint: a.Endpoint})
+			pr.WireGuard = append(pr.WireGuard, wireguard.PeerConfig{Name: a.Peer.Node, Key: a.Key, Endpoint: a.Endpoint, Subnets: subnets})
 		case a.Backend == VXLAN && a.Userspace:
 			pr.UserVXLAN = append(pr.UserVXLAN, vxlan.Endpoint{Addr: a.Endpoint, MAC: a.MAC})
 		case a.Backend == VXLAN && len(subnets) > 0:

@@ -207,18 +207,18 @@ func run(o *options, log *slog.Logger) error {
 	var caps encap.Caps
 	var uvx *vxlan.Userspace
 	vxCtr, wgCtr := &vxlan.Counters{}, &wireguard.Counters{}
-	var wgTr *wireguard.Transport
+	var wgNode *wg
 	vtep := u.ip4
 	if !vtep.IsValid() {
 		vtep = u.ip6
 	}
 	if wgMode {
 		var err error
-		if wgTr, err = startWireGuard(o, u, wgCtr, log); err != nil {
+		if wgNode, err = startWireGuard(o, u, wgCtr, log); err != nil {
 			return err
 		}
-		defer wgTr.Close() // the datapath closes it too; this covers the failures before
-		caps.WireGuard = &encap.WireGuardCaps{Port: o.net.Backend.Port, PublicKey: wgTr.PublicKey().String()}
+		defer wgNode.Close() // the datapath closes a transport too; this covers the failures before
+		caps.WireGuard = &encap.WireGuardCaps{Port: o.net.Backend.Port, PublicKey: wgNode.PublicKey().String()}
 	} else {
 		// Every node speaks the userspace udp backend and host-gw (plain
 		// routes need nothing but the kernel), and VXLAN: through the kernel
@@ -302,9 +302,12 @@ func run(o *options, log *slog.Logger) error {
 	}
 	peers := tunnel.NewPeerTable(l.Subnets())
 	var tr *encap.Mux
-	if wgMode {
-		tr = encap.NewMux(wgTr)
-	} else {
+	switch {
+	case wgMode && wgNode.dev != nil:
+		tr = encap.NewMux(noTransport{})
+	case wgMode:
+		tr = encap.NewMux(wgNode.transport)
+	default:
 		uopt := udp.Options{
 			MTU: u.mtu, Accept: func(a netip.AddrPort) bool { return peers.ByAddr(a) != nil },
 			DisableGSO: !o.udpGSO, DisableGRO: !o.udpGRO, Counters: udpCtr, Logger: log,
@@ -340,12 +343,19 @@ func run(o *options, log *slog.Logger) error {
 			MTU: u.mtu - vxlan.Overhead(u.primaryIs6), Local: l.Subnets(), Networks: networks(o.net)})
 		kernel = append(kernel, vx)
 	}
+	if wgMode && wgNode.dev != nil {
+		wgNode.dev.SetLocal(l.Subnets())
+		kernel = append(kernel, wgNode.dev)
+	}
 	resize := func(underlayMTU, mtu, _ int) {
 		tr.SetMTU(underlayMTU)
 		dp.SetMTU(mtu)
 		dev.SetMTU(mtu)
 		if vx != nil {
 			vx.SetMTU(underlayMTU - vxlan.Overhead(u.primaryIs6))
+		}
+		if wgMode && wgNode.dev != nil {
+			wgNode.dev.SetMTU(mtu)
 		}
 		sf.MTU = podMTU(underlayMTU)
 		if err := api.WriteSubnetFile(o.runDir, &sf); err != nil {
@@ -365,7 +375,7 @@ func run(o *options, log *slog.Logger) error {
 		log.Info("configured device", "link", o.tunName, "changes", repaired)
 	}
 
-	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, vxCtr: vxCtr, wgCtr: wgCtr, wg: wgTr, wgPort: o.net.Backend.Port, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
+	st := &status{node: o.node, lease: l, ctr: ctr, udpCtr: udpCtr, vxCtr: vxCtr, wgCtr: wgCtr, wg: wgNode, wgPort: o.net.Backend.Port, peers: peers, mtu: router.MTU, started: time.Now(), checks: []func() error{router.Check}}
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}
@@ -382,7 +392,7 @@ func run(o *options, log *slog.Logger) error {
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
 	wg.Go(func() {
-		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, programmed{vx, uvx, wgTr}, kickRouter, st, log))
+		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, programmed{vx, uvx, wgNode}, kickRouter, st, log))
 	})
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
 	wg.Go(func() {
@@ -467,7 +477,7 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 type programmed struct {
 	vx  *vxlan.Kernel
 	uvx *vxlan.Userspace
-	wg  *wireguard.Transport
+	wg  *wg
 }
 
 func watchPeers(ctx context.Context, store lease.Store, self string, local encap.Local, l lease.Lease, peers *tunnel.PeerTable, router *tunnel.Router, be programmed, kick func(), st *status, log *slog.Logger) error {
@@ -514,6 +524,9 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 		}
 		if be.wg != nil {
 			be.wg.SetPeers(pr.WireGuard)
+			if be.wg.dev != nil {
+				pr.Userspace = nil // the device carries them all
+			}
 		}
 		peers.Set(l.Subnets(), pr.Userspace)
 		router.SetPeerRoutes(pr.Routes)
@@ -533,6 +546,9 @@ func cleanup(o *options, log *slog.Logger) error {
 		errs = append(errs, err)
 	}
 	if err := vxlan.Cleanup(vxlan.DeviceName); err != nil {
+		errs = append(errs, err)
+	}
+	if err := wireguard.CleanupDevice(o.wgDevice); err != nil {
 		errs = append(errs, err)
 	}
 	store, err := openStore(o, log)

@@ -74,6 +74,13 @@ func startCluster(t *testing.T, n int, opt cluster.Options) *cluster.Cluster {
 // startTopology is startCluster on any topology.
 func startTopology(t *testing.T, to topo.Options, opt cluster.Options) *cluster.Cluster {
 	t.Helper()
+	return startTopologyWith(t, to, opt, nil)
+}
+
+// startTopologyWith runs before (if set) on the built cluster, then
+// starts it.
+func startTopologyWith(t *testing.T, to topo.Options, opt cluster.Options, before func(*cluster.Cluster)) *cluster.Cluster {
+	t.Helper()
 	requireNetns(t)
 	opt.Tulled = tulled(t)
 	opt.Dir = t.TempDir()
@@ -82,6 +89,9 @@ func startTopology(t *testing.T, to topo.Options, opt cluster.Options) *cluster.
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.CloseFor(t) })
+	if before != nil {
+		before(c)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := c.Start(ctx); err != nil {

@@ -52,6 +52,11 @@ type options struct {
 	// wgKey is the WireGuard private key file (created when missing);
 	// wgPSK an optional pre-shared key file.
 	wgKey, wgPSK string
+	// wgDevice is the WireGuard device used in kernel mode (created when
+	// missing; an existing one of any implementation is configured as it is).
+	wgDevice string
+	// wgRekey is WireGuard's RekeyAfterTime (tests shorten it).
+	wgRekey time.Duration
 
 	net *netconf.Config
 	pub netip.Addr
@@ -94,6 +99,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false, or no kernel VXLAN: tulled speaks VXLAN from its datapath)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.wgKey, "wireguard-key", "/var/lib/tulle/wireguard.key", "WireGuard private key file (Backend.Type wireguard; created, mode 0600, when missing)")
+	fs.StringVar(&o.wgDevice, "wireguard-device", wireguard.DeviceName, "WireGuard device for Backend.Mode kernel/auto (created where the kernel has WireGuard; an existing device of this name, of any implementation, is configured as it is)")
+	fs.DurationVar(&o.wgRekey, "wireguard-rekey-after", wireguard.DefaultTimers.RekeyAfterTime, "renew WireGuard sessions this node initiated after this long (the protocol's 2m; shorter to exercise rekeying)")
 	fs.StringVar(&o.wgPSK, "wireguard-psk", "", "WireGuard pre-shared key file (base64, as wg genpsk writes it), mixed into every handshake; all nodes alike")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -115,6 +122,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	if strings.ContainsAny(o.node, "/\x00") {
 		return nil, badConfig("flag --node-name: %q contains '/'", o.node)
+	}
+	if len(o.wgDevice) == 0 || len(o.wgDevice) > 15 || strings.ContainsAny(o.wgDevice, "/ \x00") {
+		return nil, badConfig("flag --wireguard-device: %q is not a valid interface name", o.wgDevice)
+	}
+	if o.wgRekey < time.Second || o.wgRekey > wireguard.DefaultTimers.RekeyAfterTime {
+		return nil, badConfig("flag --wireguard-rekey-after: %s out of range 1s-%s", o.wgRekey, wireguard.DefaultTimers.RekeyAfterTime)
 	}
 	if len(o.tunName) == 0 || len(o.tunName) > 15 || strings.ContainsAny(o.tunName, "/ \x00") {
 		return nil, badConfig("flag --tun: %q is not a valid interface name (1-15 characters, no '/' or spaces)", o.tunName)

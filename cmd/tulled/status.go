@@ -28,7 +28,7 @@ type status struct {
 	udpCtr  *udp.Counters
 	vxCtr   *vxlan.Counters
 	wgCtr   *wireguard.Counters
-	wg      *wireguard.Transport // nil unless WireGuard is configured
+	wg      *wg // nil unless WireGuard is configured
 	wgPort  uint16
 	peers   *tunnel.PeerTable
 	mtu     func() int
@@ -89,7 +89,7 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // session state to doc.
 func (s *status) wireGuardStatus(doc *api.Status) {
 	pub := s.wg.PublicKey()
-	doc.WireGuard = &api.WireGuardNode{PublicKey: pub.String(), Fingerprint: pub.Fingerprint(), Port: s.wgPort, Mode: "userspace"}
+	doc.WireGuard = &api.WireGuardNode{PublicKey: pub.String(), Fingerprint: pub.Fingerprint(), Port: s.wgPort, Mode: s.wg.mode()}
 	byName := map[string]wireguard.PeerStatus{}
 	for _, p := range s.wg.Status() {
 		byName[p.Name] = p

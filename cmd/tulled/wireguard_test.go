@@ -6,13 +6,23 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tulle-net/tulle/encap"
+	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/wggo"
+	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/lease/local"
 )
 
 // wgNetConf is the test network with WireGuard on its default port.
@@ -178,4 +188,260 @@ func TestWireGuard(t *testing.T) {
 			ping(t, b, addr(t, a, true))
 		})
 	}
+}
+
+// wgGo is a stock wireguard-go device on a test node, configured with wg.
+type wgGo struct {
+	node *topo.Node
+	proc *wggo.Proc
+	priv string // key file
+	pub  string
+}
+
+func startWGGo(t *testing.T, n *topo.Node, name string) *wgGo {
+	t.Helper()
+	testenv.RequireTools(t, "wg", "go")
+	bin, err := wggo.Build(context.Background(), wgGoDir(t), tulled(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := wggo.Start(n.Command, bin, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Stop() })
+	w := &wgGo{node: n, proc: p, priv: filepath.Join(t.TempDir(), name+".key")}
+	priv, err := n.Run("wg", "genkey")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(w.priv, []byte(priv), 0o600)
+	k, err := wireguard.ParseKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.pub = k.Public().String()
+	return w
+}
+
+var (
+	wgGoOnce sync.Once
+	wgGoD    string
+)
+
+// wgGoDir is where wireguard-go is built, once per test binary.
+func wgGoDir(t *testing.T) string {
+	wgGoOnce.Do(func() { wgGoD, _ = os.MkdirTemp("", "wggo-") })
+	return wgGoD
+}
+
+// run runs wg or ip commands in the device's namespace.
+func (w *wgGo) run(t *testing.T, cmds ...[]string) {
+	t.Helper()
+	for _, c := range cmds {
+		if out, err := w.node.Run(c[0], c[1:]...); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+}
+
+// TestInteropWireGuardGo: a node run by the stock wireguard-go, configured
+// with wg and published as a lease, and two tulled nodes exchange pings
+// and checksummed TCP both ways and both inner families; tulled rekeys
+// every second under traffic; either side restarted, traffic resumes.
+func TestInteropWireGuardGo(t *testing.T) {
+	c := startCluster(t, 2, cluster.Options{NetConf: wgNetConf, Args: []string{"--wireguard-rekey-after", "1s"}})
+	a, b := c.Nodes[0], c.Nodes[1]
+	tn, err := c.Topo.AddNode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := startWGGo(t, tn, "twgi"+c.Topo.Suffix)
+	// The wireguard-go node's lease, as a tulled would publish it.
+	nc, err := netconf.Parse([]byte(wgNetConf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := local.New(local.Options{Dir: c.LeaseDir(), Net: nc, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	caps := encap.Caps{WireGuard: &encap.WireGuardCaps{Port: 51820, PublicKey: w.pub}}
+	l, err := st.Claim(ctx, "wggo", lease.Attrs{PublicIP: tn.IP4, Backend: lease.Backend{Type: netconf.BackendWireGuard, Port: 51820}, Backends: caps.Publish()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitPeers(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	own4, own6 := l.Subnet.Addr(), l.IPv6Subnet.Addr()
+	configure := func() {
+		args := []string{"wg", "set", w.proc.Name, "private-key", w.priv, "listen-port", "51820"}
+		for _, n := range c.Nodes {
+			s := wgStatus(t, n)
+			subnets, _ := n.Subnets(ctx)
+			var allowed []string
+			for _, p := range subnets {
+				allowed = append(allowed, p.String())
+			}
+			args = append(args, "peer", s.WireGuard.PublicKey, "endpoint", fmt.Sprintf("%s:51820", n.IP4), "allowed-ips", strings.Join(allowed, ","))
+		}
+		w.run(t, args,
+			[]string{"ip", "addr", "add", own4.String() + "/32", "dev", w.proc.Name},
+			[]string{"ip", "-6", "addr", "add", own6.String() + "/128", "dev", w.proc.Name, "nodad"},
+			[]string{"ip", "link", "set", w.proc.Name, "mtu", "1440", "up"},
+			[]string{"ip", "route", "add", nc.Network.String(), "dev", w.proc.Name, "src", own4.String()},
+			[]string{"ip", "-6", "route", "add", nc.IPv6Network.String(), "dev", w.proc.Name, "src", own6.String()})
+	}
+	configure()
+	wn := &cluster.Node{Node: tn}
+	talk := func(when string) {
+		t.Helper()
+		for _, v6 := range []bool{false, true} {
+			own := own4
+			if v6 {
+				own = own6
+			}
+			ping(t, a, own)
+			ping(t, b, own)
+			dst := addr(t, a, v6)
+			if out, err := tn.Run("ping", "-n", "-c", "2", "-i", "0.2", "-W", "3", dst.String()); err != nil {
+				t.Fatalf("%s: ping %s from wireguard-go: %v\n%s", when, dst, err, out)
+			}
+		}
+	}
+	talk("first contact")
+	before := counter(t, a, "wg_handshakes_completed")
+	for _, pair := range [][2]*cluster.Node{{a, wn}, {wn, a}} {
+		for _, v6 := range []bool{false, true} {
+			dst := own4
+			if v6 {
+				dst = own6
+			}
+			if pair[1] == a {
+				dst = addr(t, a, v6)
+			}
+			r, err := cluster.Transfer(ctx, pair[0], pair[1], dst, 40<<20, 3*time.Second)
+			if err != nil || !r.Intact() {
+				t.Fatalf("transfer to %s: %v (intact %v)", dst, err, r.Intact())
+			}
+		}
+	}
+	// Rekeyed after 1 s, at most once per RekeyTimeout (5 s).
+	if got := counter(t, a, "wg_handshakes_completed") - before; got < 2 {
+		t.Errorf("%d handshakes during 12 s of traffic with a 1 s rekey", got)
+	}
+	if v := counter(t, a, "wg_drop_auth"); v != 0 {
+		t.Errorf("wg_drop_auth = %d", v)
+	}
+	// tulled restarts (its sessions are gone): the first packet either
+	// way sets up a new one.
+	if err := a.Stop(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WaitPeers(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	// wireguard-go speaks first: its old session is unknown to the new
+	// process, which offered a new one at start.
+	if out, err := tn.Run("ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", addr(t, a, false).String()); err != nil {
+		t.Fatalf("after tulled restarted: ping from wireguard-go: %v\n%s", err, out)
+	}
+	talk("after tulled restarted")
+	// wireguard-go restarts: a new device, configured again.
+	w.proc.Stop()
+	p, err := wggo.Start(tn.Command, filepath.Join(wgGoDir(t), "wireguard"), w.proc.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.proc = p
+	t.Cleanup(func() { p.Stop() })
+	configure()
+	// As WireGuard recovers: the restarted side, without a session,
+	// initiates on its first packet.
+	for _, n := range c.Nodes {
+		if out, err := tn.Run("ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", addr(t, n, false).String()); err != nil {
+			t.Fatalf("after wireguard-go restarted: ping %s from it: %v\n%s", n.Name, err, out)
+		}
+	}
+	talk("after wireguard-go restarted")
+}
+
+// TestWireGuardDevice: a node whose WireGuard is a device tulled
+// programs through wgctrl (here the stock wireguard-go standing in for
+// the kernel's, which this machine lacks: the same calls, over its UAPI
+// socket) and two nodes with tulled's own WireGuard form one cluster.
+func TestWireGuardDevice(t *testing.T) {
+	var w *wgGo
+	c := startTopologyWith(t, topo.Options{Nodes: 3}, cluster.Options{NetConf: wgNetConf}, func(c *cluster.Cluster) {
+		w = startWGGo(t, c.Nodes[0].Node, "twgd"+c.Topo.Suffix)
+		c.Nodes[0].Extra = []string{"--wireguard-device", w.proc.Name}
+	})
+	a, b := c.Nodes[0], c.Nodes[1]
+	if m := wgStatus(t, a).WireGuard.Mode; m != "kernel" {
+		t.Fatalf("%s: WireGuard mode %q, want the device (kernel)", a.Name, m)
+	}
+	if m := wgStatus(t, b).WireGuard.Mode; m != "userspace" {
+		t.Fatalf("%s: WireGuard mode %q, want userspace", b.Name, m)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		s := wgStatus(t, a)
+		if s.NotReady == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not ready: %s", a.Name, s.NotReady)
+		}
+	}
+	pingAll(t, c.Nodes)
+	for _, pair := range [][2]*cluster.Node{{a, b}, {b, a}} {
+		r, err := cluster.Transfer(ctx, pair[0], pair[1], addr(t, pair[1], false), 30<<20, 0)
+		if err != nil || !r.Intact() {
+			t.Fatalf("transfer %s → %s: %v", pair[0].Name, pair[1].Name, err)
+		}
+	}
+	out, err := a.Run("wg", "show", w.proc.Name, "peers")
+	if err != nil || strings.Count(strings.TrimSpace(out), "\n") != 1 {
+		t.Errorf("device peers: %v %q, want two", err, out)
+	}
+	s := wgStatus(t, a)
+	for _, p := range s.Peers {
+		if p.WireGuard == nil || p.WireGuard.LastHandshake.IsZero() || p.WireGuard.RxBytes == 0 {
+			t.Errorf("%s: peer %s state %+v", a.Name, p.Name, p.WireGuard)
+		}
+	}
+	// The device's routes are tulle's; a restart keeps them and the
+	// sessions (nothing is replaced).
+	routes, _ := a.Run("ip", "route", "show", "dev", w.proc.Name, "proto", "116")
+	if strings.Count(routes, "\n") != 2 {
+		t.Errorf("routes on the device: %q, want one per peer's IPv4 subnet", routes)
+	}
+	hs := map[string]time.Time{}
+	for _, p := range s.Peers {
+		hs[p.Name] = p.WireGuard.LastHandshake
+	}
+	aAddr := addr(t, a, false)
+	if err := a.Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	ping(t, b, aAddr) // the device carries on without tulled
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WaitPeers(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range wgStatus(t, a).Peers {
+		if !p.WireGuard.LastHandshake.Equal(hs[p.Name]) && p.WireGuard.LastHandshake.Before(hs[p.Name]) {
+			t.Errorf("peer %s: handshake went back in time", p.Name)
+		}
+	}
+	pingAll(t, c.Nodes)
 }

@@ -109,6 +109,12 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 		v, _ := t.index.Load(idx)
 		if kp, _ = v.(*keypair); kp == nil {
 			ctr.Add(DropUnknownIndex, 1)
+			// A peer still sending on a session this node no longer has
+			// (it restarted): offer a new one (at most one initiation per
+			// RekeyTimeout) rather than wait for the peer's timers.
+			if p := t.peers.Load().byEndpoint[src]; p != nil {
+				p.kick()
+			}
 			return
 		}
 		r.lastIdx, r.lastKP = idx, kp

@@ -70,6 +70,8 @@ const (
 	handshakeQueue = 1024
 	// tick is how often the timers are looked at.
 	tick = 100 * time.Millisecond
+	// eagerJitter spreads the handshakes a start offers its peers.
+	eagerJitter = 50 * time.Millisecond
 )
 
 // OverheadFor returns the bytes WireGuard adds to an inner packet on an
@@ -113,6 +115,9 @@ type PeerConfig struct {
 	// Endpoint is where its handshakes and data go, and the Addr its
 	// frames carry in the datapath (whatever address it roams to).
 	Endpoint netip.AddrPort
+	// Subnets are its allowed IPs: the kernel device routes and admits
+	// them; the userspace transport leaves that check to the datapath.
+	Subnets []netip.Prefix
 }
 
 // Transport speaks WireGuard to its peers. It implements
@@ -127,6 +132,7 @@ type Transport struct {
 	keys atomic.Pointer[keyMaterial]
 
 	mu    sync.Mutex                   // SetPeers, SetPrivateKey
+	eager bool                         // the first peers got their handshakes
 	peers atomic.Pointer[peerSnapshot] // immutable, swapped whole
 	index sync.Map                     // uint32 → *keypair or *peer (a handshake in flight)
 
@@ -248,6 +254,16 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		next.list = append(next.list, p)
 	}
 	t.peers.Store(next)
+	if !t.eager {
+		// The first peers after start: sessions of an earlier run of
+		// this node are gone, and peers may still send on them. Offer
+		// new ones now, each after a random delay so two nodes starting
+		// together rarely cross their initiations.
+		t.eager = true
+		for _, p := range next.list {
+			time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.kick)
+		}
+	}
 	for k, p := range old.byKey {
 		if q := next.byKey[k]; q != p {
 			p.remove(q != nil)

@@ -135,6 +135,9 @@ func (n *Node) Args() []string {
 	return append(a, n.Extra...)
 }
 
+// LeaseDir is the local lease store the nodes share.
+func (c *Cluster) LeaseDir() string { return filepath.Join(c.opt.Dir, "leases") }
+
 // WireGuardKey is the node's WireGuard key file (made by tulled on its
 // first start with Backend.Type wireguard, kept across restarts).
 func (n *Node) WireGuardKey() string { return filepath.Join(n.c.opt.Dir, n.Name, "wireguard.key") }
