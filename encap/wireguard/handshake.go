@@ -15,6 +15,7 @@ type hsMessage struct {
 	n    int
 	src  netip.AddrPort
 	sock *udpsock.Socket
+	km   *keyMaterial // the identity its mac1 is for
 }
 
 func messageSize(typ byte) int {
@@ -59,7 +60,7 @@ func (t *Transport) handle(m *hsMessage) {
 	if msg[0] != typeCookie && len(t.hsq) >= handshakeQueue/8 {
 		if !validMAC2(msg, t.cookies.cookie(m.src, now)) {
 			var reply [cookieSize]byte
-			t.cookies.createCookieReply(reply[:], msg, t.keys.Load(), m.src, now)
+			t.cookies.createCookieReply(reply[:], msg, m.km, m.src, now)
 			t.write(m.sock, m.src, reply[:])
 			t.ctr.Add(CookiesSent, 1)
 			return
@@ -80,7 +81,7 @@ func (t *Transport) handle(m *hsMessage) {
 }
 
 func (t *Transport) consumeInitiation(m *hsMessage, now time.Time) {
-	km := t.keys.Load()
+	km := m.km
 	snap := t.peers.Load()
 	var p *peer
 	in, err := consumeInitiation(m.buf[:m.n], km, func(pub Key) ([32]byte, bool) {
@@ -88,8 +89,11 @@ func (t *Transport) consumeInitiation(m *hsMessage, now time.Time) {
 		if p == nil {
 			return [32]byte{}, false
 		}
-		st := p.static.Load()
-		return st.ss, st.ok && st.km == km
+		if st := p.static.Load(); st.km == km {
+			return st.ss, st.ok
+		}
+		ss, err := dh(km.priv, pub) // to the previous key: rare, not cached
+		return ss, err == nil
 	})
 	switch err {
 	case nil:
@@ -147,7 +151,7 @@ func (t *Transport) consumeResponse(m *hsMessage) {
 		t.ctr.Add(DropUnknownIndex, 1)
 		return
 	}
-	send, recv, remote, err := consumeResponse(msg, &p.hs, t.keys.Load(), t.cfg.PresharedKey)
+	send, recv, remote, err := consumeResponse(msg, &p.hs, p.hs.km, t.cfg.PresharedKey)
 	if err != nil {
 		p.mu.Unlock()
 		t.ctr.Add(DropAuth, 1)

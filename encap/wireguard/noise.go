@@ -149,6 +149,7 @@ func newKeyMaterial(priv Key) *keyMaterial {
 // handshake is one peer's handshake in progress.
 type handshake struct {
 	state       int
+	km          *keyMaterial // our identity the initiation was made with
 	chainKey    [32]byte
 	hash        [32]byte
 	ephemeral   Key // our ephemeral private key
@@ -189,7 +190,7 @@ func createInitiation(msg []byte, hs *handshake, us *keyMaterial, peerPub Key, s
 	ts := tai64n(now)
 	aeadSeal(msg[88:88], k, ts[:], h[:])
 	h = mixHash(h, msg[88:116])
-	*hs = handshake{state: hsInitiationSent, chainKey: ck, hash: h, ephemeral: eph, localIndex: index}
+	*hs = handshake{state: hsInitiationSent, km: us, chainKey: ck, hash: h, ephemeral: eph, localIndex: index}
 	return nil
 }
 

@@ -99,15 +99,12 @@ func (p *peer) takeOver(old *peer) {
 	}
 }
 
-// remove wipes a departed peer's sessions and handshake. moved: its key
-// lives on in another peer (takeOver took its sessions).
-func (p *peer) remove(moved bool) {
+// remove wipes a departed peer's sessions and handshake.
+func (p *peer) remove() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.removed = true
-	if !moved {
-		p.wipeLocked()
-	}
+	p.wipeLocked()
 	p.staged = nil
 }
 
@@ -172,18 +169,28 @@ func (p *peer) flushStaged() {
 	}
 }
 
-// install makes kp a session of p: an initiator's is used at once, a
-// responder's once confirmed.
+// installLocked makes kp a session of p: an initiator's is used at once,
+// a responder's once confirmed. A responder session still waiting for
+// confirmation when our own initiation completes (the two crossed) stays
+// receivable as the previous one: the peer may be sending on it.
 func (p *peer) installLocked(kp *keypair) {
+	idx := &p.t.index
 	if kp.initiator {
-		if p.next != nil {
-			p.t.index.CompareAndDelete(p.next.local, p.next)
-			p.next = nil
+		if p.prev != nil {
+			idx.CompareAndDelete(p.prev.local, p.prev)
 		}
-		p.rotateLocked(kp)
+		if p.next != nil {
+			if cur := p.cur.Load(); cur != nil {
+				idx.CompareAndDelete(cur.local, cur)
+			}
+			p.prev, p.next = p.next, nil
+		} else {
+			p.prev = p.cur.Load()
+		}
+		p.cur.Store(kp)
 	} else {
 		if p.next != nil {
-			p.t.index.CompareAndDelete(p.next.local, p.next)
+			idx.CompareAndDelete(p.next.local, p.next)
 		}
 		p.next = kp
 	}

@@ -224,11 +224,15 @@ func (r *receiver) handshake(dg []byte, src netip.AddrPort) {
 		ctr.Add(DropMalformed, 1)
 		return
 	}
-	if dg[0] != typeCookie && !validMAC1(dg, r.t.keys.Load()) {
-		ctr.Add(DropMAC1, 1)
-		return
+	km := r.t.keys.Load()
+	if dg[0] != typeCookie && !validMAC1(dg, km) {
+		// A peer that has not learned this node's new key yet.
+		if km = r.t.previousKeys(); km == nil || !validMAC1(dg, km) {
+			ctr.Add(DropMAC1, 1)
+			return
+		}
 	}
-	m := hsMessage{n: len(dg), src: src, sock: r.s}
+	m := hsMessage{n: len(dg), src: src, sock: r.s, km: km}
 	copy(m.buf[:], dg)
 	select {
 	case r.t.hsq <- m:

@@ -130,6 +130,11 @@ type Transport struct {
 	socks  udpsock.Sockets
 
 	keys atomic.Pointer[keyMaterial]
+	// prevKeys is the identity before the last rotation: initiations
+	// made with it (from peers that have not learned the new key yet)
+	// are still answered until prevUntil (mono).
+	prevKeys  atomic.Pointer[keyMaterial]
+	prevUntil atomic.Int64
 
 	mu    sync.Mutex                   // SetPeers, SetPrivateKey
 	eager bool                         // the first peers got their handshakes
@@ -214,27 +219,47 @@ func (t *Transport) LocalAddrs() []netip.AddrPort {
 	return out
 }
 
+// keyGrace is how long initiations to the previous key are answered
+// after a rotation: time for the new public key to reach every peer.
+const keyGrace = 2 * time.Minute
+
 // SetPrivateKey rotates this node's static key. Sessions keep carrying
-// traffic; handshakes from now on use the new key, so peers must learn
-// the new public key (the lease) before their next handshake.
+// traffic; initiations from now on use the new key, and peers that still
+// know only the old one are answered for keyGrace, so a rotation breaks
+// no session and delays no handshake.
 func (t *Transport) SetPrivateKey(k Key) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	km := newKeyMaterial(k)
+	t.prevKeys.Store(t.keys.Load())
+	t.prevUntil.Store(mono() + int64(keyGrace))
 	t.keys.Store(km)
 	for _, p := range t.peers.Load().list {
 		p.setStatic(km)
 	}
 }
 
+// previousKeys returns the identity before the last rotation while its
+// grace lasts.
+func (t *Transport) previousKeys() *keyMaterial {
+	if mono() > t.prevUntil.Load() {
+		return nil
+	}
+	return t.prevKeys.Load()
+}
+
 // SetPeers replaces the peer set. Peers keep their sessions across calls
-// (by public key); a peer whose key changed is a new peer; departed peers'
-// sessions are wiped.
+// (by public key, or by name when a peer rotated its key); departed
+// peers' sessions are wiped.
 func (t *Transport) SetPeers(cfgs []PeerConfig) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	old := t.peers.Load()
 	km := t.keys.Load()
+	byName := map[string]*peer{}
+	for _, p := range old.list {
+		byName[p.name] = p
+	}
 	next := &peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}}
 	for _, c := range cfgs {
 		if c.Key.IsZero() || !c.Endpoint.IsValid() || next.byKey[c.Key] != nil {
@@ -243,8 +268,13 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		p := old.byKey[c.Key]
 		if p == nil || p.cfgEndpoint != c.Endpoint {
 			np := newPeer(t, c, km)
-			if p != nil {
+			switch {
+			case p != nil: // moved
 				np.takeOver(p)
+			case byName[c.Name] != nil && next.byKey[byName[c.Name].pub] == nil:
+				// The node rotated its key: its sessions stay valid
+				// (they depend on no static key) until it rekeys.
+				np.takeOver(byName[c.Name])
 			}
 			p = np
 		}
@@ -265,8 +295,8 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		}
 	}
 	for k, p := range old.byKey {
-		if q := next.byKey[k]; q != p {
-			p.remove(q != nil)
+		if next.byKey[k] != p {
+			p.remove() // a peer taken over has nothing left to wipe
 		}
 	}
 }

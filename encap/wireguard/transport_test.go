@@ -79,7 +79,14 @@ func (n *node) segments(t testing.TB, want int) [][]byte {
 		case f := <-n.out:
 			got = append(got, tt.Segments(t, f.Packet(), f.Offload)...)
 		case <-deadline:
-			t.Fatalf("received %d of %d segments", len(got), want)
+			m := map[string]uint64{}
+			n.ctr.SnapshotInto(m)
+			for k, v := range m {
+				if v == 0 {
+					delete(m, k)
+				}
+			}
+			t.Fatalf("%s received %d of %d segments; its counters: %v", n.endpoint(), len(got), want, m)
 		}
 	}
 	return got
@@ -152,8 +159,9 @@ func TestTransport(t *testing.T) {
 					}
 				}
 			}
-			if a.ctr.Get(HandshakesCompleted) != 1 || b.ctr.Get(HandshakesCompleted) != 1 {
-				t.Errorf("handshakes completed %d/%d, want 1 each", a.ctr.Get(HandshakesCompleted), b.ctr.Get(HandshakesCompleted))
+			// One handshake, or two where both ends' start-up offers crossed.
+			if ha, hb := a.ctr.Get(HandshakesCompleted), b.ctr.Get(HandshakesCompleted); ha < 1 || ha > 2 || hb < 1 || hb > 2 {
+				t.Errorf("handshakes completed %d/%d, want 1 or 2 each", ha, hb)
 			}
 		})
 	}
