@@ -1,6 +1,7 @@
 // Command tullectl inspects and exercises tulle.
 //
 //	tullectl status [--run-dir DIR]      a running tulled's lease, peers and counters
+//	tullectl rotate-key [--run-dir DIR]  a new WireGuard key for the node, published at once
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
 //	tullectl bench [--out DIR] [flags]   iperf3 over every path side by side, reports in DIR
@@ -29,6 +30,7 @@ func usage() {
 
 commands:
   status   show a running tulled's lease, peers and counters
+  rotate-key  give a running tulled a new WireGuard key (sessions carry on)
   leases   list the leases in a local lease store
   demo     run a three-node tulle overlay in network namespaces (root)
   bench    measure raw veth, kernel VXLAN and tulle side by side with iperf3 (root)`)
@@ -45,6 +47,8 @@ func main() {
 	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
 	case "status":
 		err = status(ctx, args)
+	case "rotate-key":
+		err = rotateKey(ctx, args)
 	case "leases":
 		err = leases(args)
 	case "demo":
@@ -111,6 +115,23 @@ func status(ctx context.Context, args []string) error {
 		fmt.Fprintf(w, "  %s\t%d\n", k, s.Counters[k])
 	}
 	return w.Flush()
+}
+
+// rotateKey asks tulled for a new WireGuard key: written to its key file,
+// used for new handshakes at once and published with the lease; existing
+// sessions carry traffic until peers have the new key.
+func rotateKey(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("rotate-key", flag.ContinueOnError)
+	runDir := fs.String("run-dir", "/run/tulle", "tulled's run directory")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	k, err := api.RotateKey(ctx, filepath.Join(*runDir, api.SocketName))
+	if err != nil {
+		return err
+	}
+	fmt.Printf("new public key %s (fingerprint %s), published with the lease\n", k.PublicKey, k.Fingerprint)
+	return nil
 }
 
 func leases(args []string) error {

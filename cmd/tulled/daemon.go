@@ -388,13 +388,37 @@ func run(o *options, log *slog.Logger) error {
 	defer srv.Close()
 
 	var wg sync.WaitGroup
+	var rotMu sync.Mutex
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
 	wg.Go(func() {
 		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, programmed{vx, uvx, wgNode}, kickRouter, st, log))
 	})
-	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, st.setLease, log)) })
+	republish := make(chan lease.Attrs, 1)
+	if wgMode {
+		st.rotate = func() (wireguard.Key, error) {
+			rotMu.Lock()
+			defer rotMu.Unlock()
+			k, err := wgNode.rotate(o.wgKey)
+			if err != nil {
+				return k, err
+			}
+			kickRouter() // a device takes its new key on the next reconcile
+			c := *caps.WireGuard
+			c.PublicKey = k.Public().String()
+			a := attrs
+			a.Backends = encap.Caps{WireGuard: &c}.Publish()
+			select {
+			case <-republish: // a newer key replaces one not yet published
+			default:
+			}
+			republish <- a
+			log.Info("rotated the WireGuard key; publishing it", "public_key", k.Public())
+			return k, nil
+		}
+	}
+	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, republish, st.setLease, log)) })
 	wg.Go(func() {
 		err := dp.Run(runCtx)
 		if err == nil && runCtx.Err() == nil {
@@ -438,17 +462,20 @@ func (u *underlay) sizes(underlayMTU int) (mtu, gsoMax int) {
 	return mtu, udp.MaxFrame(underlayMTU, u.primaryIs6)
 }
 
-// renew extends the lease every lease.RenewInterval. A failed renewal is
-// retried with backoff (1 s doubling, at most a quarter of the interval),
-// so a store that comes back in time never sees the lease expire. Losing
-// the lease is fatal: the subnet's pods are now someone else's addresses.
-func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, renewed func(lease.Lease), log *slog.Logger) error {
+// renew extends the lease every lease.RenewInterval, and at once with new
+// attributes from republish (a rotated key). A failed renewal is retried
+// with backoff (1 s doubling, at most a quarter of the interval), so a
+// store that comes back in time never sees the lease expire. Losing the
+// lease is fatal: the subnet's pods are now someone else's addresses.
+func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, republish <-chan lease.Attrs, renewed func(lease.Lease), log *slog.Logger) error {
 	interval := lease.RenewInterval(ttl)
 	wait, backoff := interval, time.Duration(0)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case a := <-republish:
+			l.Attrs = a
 		case <-time.After(wait):
 		}
 		nl, err := store.Renew(ctx, l)

@@ -29,6 +29,9 @@ type status struct {
 	vxCtr   *vxlan.Counters
 	wgCtr   *wireguard.Counters
 	wg      *wg // nil unless WireGuard is configured
+	// rotate rotates the WireGuard key and republishes it (nil without
+	// WireGuard).
+	rotate func() (wireguard.Key, error)
 	wgPort  uint16
 	peers   *tunnel.PeerTable
 	mtu     func() int
@@ -128,6 +131,24 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 				return
 			}
 			fmt.Fprintln(w, "ok")
+		})
+	}
+	if st, ok := h.(*status); ok {
+		mux.HandleFunc(api.RotateKeyPath, func(w http.ResponseWriter, r *http.Request) {
+			if r.Method != http.MethodPost {
+				http.Error(w, "POST only", http.StatusMethodNotAllowed)
+				return
+			}
+			if st.rotate == nil {
+				http.Error(w, "this node does not speak WireGuard (net-conf Backend.Type)", http.StatusConflict)
+				return
+			}
+			k, err := st.rotate()
+			if err != nil {
+				http.Error(w, "rotate key: "+err.Error(), http.StatusInternalServerError)
+				return
+			}
+			json.NewEncoder(w).Encode(api.RotatedKey{PublicKey: k.Public().String(), Fingerprint: k.Public().Fingerprint()})
 		})
 	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)

@@ -51,6 +51,25 @@ func (w *wg) SetPeers(p []wireguard.PeerConfig) {
 	w.transport.SetPeers(p)
 }
 
+// rotate makes a new key, writes it to the key file (atomically, 0600)
+// and gives it to whichever runs; the caller republishes it.
+func (w *wg) rotate(keyFile string) (wireguard.Key, error) {
+	k, err := wireguard.NewPrivateKey()
+	if err != nil {
+		return k, err
+	}
+	if err := wireguard.WriteKeyFile(keyFile, k); err != nil {
+		return k, err
+	}
+	if w.dev != nil {
+		w.dev.SetPrivateKey(k)
+	} else {
+		w.transport.SetPrivateKey(k)
+	}
+	w.key = k
+	return k, nil
+}
+
 // Close releases what runs (the kernel device stays, with its sessions).
 func (w *wg) Close() error {
 	if w.dev != nil {

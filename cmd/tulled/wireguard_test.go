@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -444,4 +446,148 @@ func TestWireGuardDevice(t *testing.T) {
 		}
 	}
 	pingAll(t, c.Nodes)
+}
+
+// probes sends a numbered UDP datagram every interval from → dst (on to)
+// until stop, and reports how many were lost and the longest gap between
+// two that arrived.
+type probes struct {
+	sent, got int
+	gap       time.Duration
+	done      chan struct{}
+}
+
+func startProbes(t *testing.T, from, to *cluster.Node, dst netip.Addr, interval time.Duration, stop <-chan struct{}) *probes {
+	t.Helper()
+	var rc, sc *net.UDPConn
+	if err := to.Do(func() (err error) {
+		rc, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, 0)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := from.Do(func() (err error) {
+		sc, err = net.DialUDP("udp", nil, rc.LocalAddr().(*net.UDPAddr))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	p := &probes{done: make(chan struct{})}
+	seen := map[uint64]bool{}
+	go func() {
+		defer close(p.done)
+		var last time.Time
+		buf := make([]byte, 64)
+		for {
+			rc.SetReadDeadline(time.Now().Add(time.Second))
+			n, err := rc.Read(buf)
+			if err != nil {
+				return
+			}
+			if n == 8 && !seen[binary.BigEndian.Uint64(buf)] {
+				seen[binary.BigEndian.Uint64(buf)] = true
+				now := time.Now()
+				if !last.IsZero() && now.Sub(last) > p.gap {
+					p.gap = now.Sub(last)
+				}
+				last = now
+				p.got++
+			}
+		}
+	}()
+	go func() {
+		defer sc.Close()
+		tk := time.NewTicker(interval)
+		defer tk.Stop()
+		var b [8]byte
+		for seq := uint64(0); ; seq++ {
+			select {
+			case <-stop:
+				time.Sleep(100 * time.Millisecond)
+				rc.Close()
+				return
+			case <-tk.C:
+			}
+			binary.BigEndian.PutUint64(b[:], seq)
+			sc.Write(b[:])
+			p.sent++
+		}
+	}()
+	return p
+}
+
+// TestKeyRotation: a node rotates its WireGuard key while two-way UDP
+// probes run every 2 ms. The new key is in the key file (0600) and in the
+// peers' view at once; sessions carry on meanwhile, the next handshakes
+// use the new key, and the longest interruption either way stays far
+// below one handshake retry (RekeyTimeout, 5 s).
+func TestKeyRotation(t *testing.T) {
+	c := startCluster(t, 2, cluster.Options{NetConf: wgNetConf, Args: []string{"--wireguard-rekey-after", "1s"}})
+	a, b := c.Nodes[0], c.Nodes[1]
+	ping(t, a, addr(t, b, false))
+	oldFP := wgStatus(t, a).WireGuard.Fingerprint
+	oldFile, _ := os.ReadFile(a.WireGuardKey())
+	stop := make(chan struct{})
+	ab := startProbes(t, a, b, addr(t, b, false), 2*time.Millisecond, stop)
+	ba := startProbes(t, b, a, addr(t, a, false), 2*time.Millisecond, stop)
+	time.Sleep(time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	k, err := api.RotateKey(ctx, filepath.Join(a.RunDir, api.SocketName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.Fingerprint == oldFP {
+		t.Fatal("the key did not change")
+	}
+	hsBefore := counter(t, b, "wg_handshakes_completed") + counter(t, a, "wg_handshakes_completed")
+	// The peer learns the new key from the lease.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if p := wgStatus(t, b).Peers; len(p) == 1 && p[0].WireGuard != nil && p[0].WireGuard.Fingerprint == k.Fingerprint {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never saw %s's new key", b.Name, a.Name)
+		}
+	}
+	// Handshakes with the new key (the 1 s rekey, at most one per 5 s).
+	for deadline := time.Now().Add(15 * time.Second); counter(t, b, "wg_handshakes_completed")+counter(t, a, "wg_handshakes_completed") < hsBefore+2; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no handshake after the rotation")
+		}
+	}
+	close(stop)
+	<-ab.done
+	<-ba.done
+	t.Logf("probes a→b: %d sent, %d arrived, longest gap %s; b→a: %d sent, %d arrived, longest gap %s", ab.sent, ab.got, ab.gap, ba.sent, ba.got, ba.gap)
+	for _, p := range []*probes{ab, ba} {
+		if p.sent-p.got > 5 || p.gap > 200*time.Millisecond {
+			t.Errorf("interrupted: %d of %d probes lost, longest gap %s", p.sent-p.got, p.sent, p.gap)
+		}
+	}
+	if got := wgStatus(t, a).WireGuard.Fingerprint; got != k.Fingerprint {
+		t.Errorf("status shows %s, want the new %s", got, k.Fingerprint)
+	}
+	newFile, _ := os.ReadFile(a.WireGuardKey())
+	fi, _ := os.Stat(a.WireGuardKey())
+	if bytes.Equal(newFile, oldFile) || fi.Mode().Perm() != 0o600 {
+		t.Errorf("key file not rewritten (mode %v)", fi.Mode())
+	}
+	if v := counter(t, a, "wg_drop_auth") + counter(t, b, "wg_drop_auth") + counter(t, a, "wg_drop_mac1") + counter(t, b, "wg_drop_mac1"); v != 0 {
+		t.Errorf("%d handshake messages refused during the rotation", v)
+	}
+	// The new key survives a restart.
+	if err := a.Stop(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WaitPeers(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if got := wgStatus(t, a).WireGuard.Fingerprint; got != k.Fingerprint {
+		t.Errorf("after a restart: %s, want %s", got, k.Fingerprint)
+	}
+	ping(t, b, addr(t, a, false))
 }

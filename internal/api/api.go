@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -101,15 +102,52 @@ type WireGuardPeer struct {
 	TxBytes       uint64         `json:"txBytes"`
 }
 
-// Get fetches the status from the socket at path.
-func Get(ctx context.Context, socket string) (*Status, error) {
-	c := &http.Client{
-		Timeout: 5 * time.Second,
+// RotateKeyPath is where a POST rotates the node's WireGuard key.
+const RotateKeyPath = "/v1/wireguard/rotate-key"
+
+// RotatedKey is what a key rotation answers: the new public key, already
+// in the key file and being published with the lease.
+type RotatedKey struct {
+	PublicKey   string `json:"publicKey"`
+	Fingerprint string `json:"fingerprint"`
+}
+
+func client(socket string) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
 		}},
 	}
+}
+
+// RotateKey asks the tulled at socket for a new WireGuard key.
+func RotateKey(ctx context.Context, socket string) (*RotatedKey, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://tulled"+RotateKeyPath, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client(socket).Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var b [512]byte
+		n, _ := resp.Body.Read(b[:])
+		return nil, fmt.Errorf("tulled at %s: %s: %s", socket, resp.Status, strings.TrimSpace(string(b[:n])))
+	}
+	var k RotatedKey
+	if err := json.NewDecoder(resp.Body).Decode(&k); err != nil {
+		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
+	}
+	return &k, nil
+}
+
+// Get fetches the status from the socket at path.
+func Get(ctx context.Context, socket string) (*Status, error) {
+	c := client(socket)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tulled"+StatusPath, nil)
 	if err != nil {
 		return nil, err
