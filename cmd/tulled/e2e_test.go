@@ -371,6 +371,10 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 	n := tp.Nodes[0]
 	dir := t.TempDir()
 	good := cluster.DefaultNetConf
+	wgConf := `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","Mode":"userspace"}}`
+	badKey, openKey := filepath.Join(dir, "bad.key"), filepath.Join(dir, "open.key")
+	os.WriteFile(badKey, []byte("AAAA\n"), 0o600)
+	os.WriteFile(openKey, []byte("qPPSp3eTaUQyAtk3jPRAA6eFtR9CAqQQ6XtWfCg8CX8=\n"), 0o644)
 	tests := []struct {
 		name    string
 		netConf string
@@ -387,6 +391,14 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 		// A flannel-style device holds the VXLAN port: VXLAN in userspace
 		// cannot bind it.
 		{"vxlan forced, kernel VXLAN off, its port taken", netConfWith("vxlan"), []string{"--kernel-vxlan=false", "--iface", n.Link}, "Backend.Type: vxlan"},
+		{"wireguard mode", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","Mode":"fast"}}`, nil, "Backend.Mode"},
+		{"wireguard keepalive", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","PersistentKeepalive":"often"}}`, nil, "Backend.PersistentKeepalive"},
+		{"wireguard kernel without the module", `{"Network":"100.96.0.0/12","Backend":{"Type":"wireguard","Mode":"kernel"}}`, []string{"--wireguard-key", filepath.Join(dir, "absent.key"), "--iface", n.Link}, "Backend.Mode: kernel"},
+		{"malformed key file", wgConf, []string{"--wireguard-key", badKey}, "--wireguard-key"},
+		{"key file readable by others", wgConf, []string{"--wireguard-key", openKey}, "0644"},
+		{"missing PSK file", wgConf, []string{"--wireguard-psk", filepath.Join(dir, "absent.psk")}, "--wireguard-psk"},
+		{"short PSK", wgConf, []string{"--wireguard-psk", badKey}, "--wireguard-psk"},
+		{"rekey out of range", wgConf, []string{"--wireguard-rekey-after", "10m"}, "--wireguard-rekey-after"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -412,7 +424,7 @@ func TestBadConfigCreatesNothing(t *testing.T) {
 			if strings.Count(msg, "\n") != 0 || !strings.Contains(msg, tt.want) {
 				t.Errorf("stderr = %q, want one line naming %s", msg, tt.want)
 			}
-			for _, p := range []string{leases, run} {
+			for _, p := range []string{leases, run, filepath.Join(dir, "absent.key")} {
 				if _, err := os.Stat(p); err == nil {
 					t.Errorf("%s was created", p)
 				}

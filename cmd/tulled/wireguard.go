@@ -82,8 +82,24 @@ func (w *wg) Close() error {
 // in the mode net-conf asks for: a WireGuard device (the kernel's, or an
 // existing one of --wireguard-device's name) where Mode allows and there
 // is one, else tulled's own. Everything wrong with the configuration is a
-// config error before anything is created but the key file.
+// config error before anything is created.
 func startWireGuard(o *options, u *underlay, ctr *wireguard.Counters, log *slog.Logger) (*wg, error) {
+	mode := o.net.Backend.Mode
+	device := false
+	if mode != netconf.WireGuardUserspace {
+		var why error
+		if !wireguard.Exists(o.wgDevice) {
+			why = wireguard.ProbeKernel()
+		}
+		switch {
+		case why != nil && mode == netconf.WireGuardKernel:
+			return nil, badConfig("net-conf field Backend.Mode: kernel, but this kernel has no WireGuard (%v) and there is no WireGuard device %s", why, o.wgDevice)
+		case why != nil:
+			log.Info("WireGuard in userspace: the kernel has none", "why", why)
+		default:
+			device = true
+		}
+	}
 	key, created, err := wireguard.LoadOrCreateKey(o.wgKey)
 	if err != nil {
 		return nil, badConfig("flag --wireguard-key: %v", err)
@@ -98,26 +114,14 @@ func startWireGuard(o *options, u *underlay, ctr *wireguard.Counters, log *slog.
 		}
 	}
 	w := &wg{key: key}
-	mode := o.net.Backend.Mode
-	if mode != netconf.WireGuardUserspace {
-		var why error
-		if !wireguard.Exists(o.wgDevice) {
-			why = wireguard.ProbeKernel()
+	if device {
+		w.dev, err = wireguard.NewDevice(wireguard.DeviceConfig{Name: o.wgDevice, PrivateKey: key, PresharedKey: psk, Port: o.net.Backend.Port,
+			MTU: wireguard.InnerMTU(u.mtu, u.primaryIs6), PersistentKeepalive: o.net.Backend.PersistentKeepalive})
+		if err != nil {
+			return nil, err
 		}
-		switch {
-		case why != nil && mode == netconf.WireGuardKernel:
-			return nil, badConfig("net-conf field Backend.Mode: kernel, but this kernel has no WireGuard (%v) and there is no WireGuard device %s", why, o.wgDevice)
-		case why != nil:
-			log.Info("WireGuard in userspace: the kernel has none", "why", why)
-		default:
-			w.dev, err = wireguard.NewDevice(wireguard.DeviceConfig{Name: o.wgDevice, PrivateKey: key, PresharedKey: psk, Port: o.net.Backend.Port,
-				MTU: wireguard.InnerMTU(u.mtu, u.primaryIs6), PersistentKeepalive: o.net.Backend.PersistentKeepalive})
-			if err != nil {
-				return nil, err
-			}
-			log.Info("WireGuard through a device", "device", o.wgDevice)
-			return w, nil
-		}
+		log.Info("WireGuard through a device", "device", o.wgDevice)
+		return w, nil
 	}
 	timers := wireguard.DefaultTimers
 	timers.RekeyAfterTime = o.wgRekey
