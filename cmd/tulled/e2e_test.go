@@ -269,9 +269,18 @@ func ipv4Packet(src, dst netip.Addr, proto byte, payload int) []byte {
 }
 
 func TestRestartDuringTransfer(t *testing.T) {
-	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
-		t.Run(sig.String(), func(t *testing.T) {
-			c := startCluster(t, 2, cluster.Options{})
+	for _, tc := range []struct {
+		name, netConf string
+		sig           syscall.Signal
+	}{
+		{"udp", cluster.DefaultNetConf, syscall.SIGTERM}, {"udp", cluster.DefaultNetConf, syscall.SIGKILL},
+		// The restarted node has the same key and no sessions: it offers
+		// new ones at start, and answers data on the old ones with one.
+		{"wireguard", wgNetConf, syscall.SIGTERM}, {"wireguard", wgNetConf, syscall.SIGKILL},
+	} {
+		sig := tc.sig
+		t.Run(tc.name+" "+sig.String(), func(t *testing.T) {
+			c := startCluster(t, 2, cluster.Options{NetConf: tc.netConf})
 			a, b := c.Nodes[0], c.Nodes[1]
 			dst := addr(t, b, false)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -303,6 +312,11 @@ func TestRestartDuringTransfer(t *testing.T) {
 			}
 			if got := addr(t, b, false); got != dst {
 				t.Errorf("restart changed the subnet: %s → %s", dst, got)
+			}
+			if tc.name == "wireguard" {
+				if s, err := b.Status(ctx); err != nil || s.WireGuard == nil || s.Lease.Backend != "wireguard" {
+					t.Errorf("after the restart: %v %+v", err, s)
+				}
 			}
 		})
 	}
