@@ -23,15 +23,15 @@ import (
 
 // status is what GET /v1/status on the status socket returns.
 type status struct {
-	node    string
-	ctr     *tunnel.Counters
-	udpCtr  *udp.Counters
-	vxCtr   *vxlan.Counters
-	wgCtr   *wireguard.Counters
-	wg      *wg // nil unless WireGuard is configured
+	node   string
+	ctr    *tunnel.Counters
+	udpCtr *udp.Counters
+	vxCtr  *vxlan.Counters
+	wgCtr  *wireguard.Counters
+	wg     *wg // nil unless WireGuard is configured
 	// rotate rotates the WireGuard key and republishes it (nil without
 	// WireGuard).
-	rotate func() (wireguard.Key, error)
+	rotate  func() (wireguard.Key, error)
 	wgPort  uint16
 	peers   *tunnel.PeerTable
 	mtu     func() int
