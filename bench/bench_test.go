@@ -211,7 +211,7 @@ func TestValidatePaths(t *testing.T) {
 	if err := ValidatePaths(SupportedPaths()); err != nil {
 		t.Error(err)
 	}
-	for _, bad := range [][]string{nil, {"raw", "tulle-wireguard"}, {"bogus"}} {
+	for _, bad := range [][]string{nil, {"raw", "tulle-geneve"}, {"bogus"}} {
 		if err := ValidatePaths(bad); err == nil {
 			t.Errorf("ValidatePaths(%v) succeeded", bad)
 		}
