@@ -1,44 +1,59 @@
-# tulle — see README.md. Everything that needs root (namespaces, TUN) is
-# skipped with a reason when not run as root.
+# tulle — see README.md. `make demo` and `make test` set themselves up on a
+# fresh Debian 12 machine (tools/setup: apt packages, the kube-apiserver
+# build for the Kubernetes store's tests); as root they need nothing else.
 
+SHELL   := /bin/bash
 GO      ?= go
 BIN     := bin
 CMDS    := tulled tullectl tulle
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/tulle-net/tulle/internal/version.Version=$(VERSION)
+IMAGE   ?= tulle:$(VERSION)
 
-.PHONY: all build demo test unit fuzz bench bench-kube clean
+.PHONY: all build demo test unit fuzz bench bench-kube image clean
 
 all: build
 
+## build: the three binaries, static, stamped with the version (git describe).
 build:
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
 
 ## demo: three nodes in network namespaces, the local lease store, pings and a TCP transfer (root).
-demo: build
+demo:
+	@tools/setup demo
+	@$(MAKE) --no-print-directory build
 	$(BIN)/tullectl demo --tulled $(BIN)/tulled
 
-## test: vet, unit tests, the no-root datapath test, the decap fuzz corpus and the namespace e2e tests (root).
+## test: vet, gofmt, every test (unit, fuzz corpora, namespace e2e, CNI via libcni, the Kubernetes store on a real API server, a bench smoke run), one summary line.
 test:
+	@tools/setup test
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
-	$(GO) test -count=1 -timeout 20m ./...
+	@set -o pipefail; $(GO) test -json -count=1 -timeout 25m ./... | $(GO) run ./tools/testsum
 
 unit:
 	$(GO) test -count=1 -short ./...
 
-## fuzz: run the decap fuzzer for FUZZTIME (default 60s).
+## fuzz: run the fuzzers for FUZZTIME each (default 60s).
 FUZZTIME ?= 60s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecap -fuzztime $(FUZZTIME) ./encap/udp/
+	$(GO) test -run '^$$' -fuzz FuzzReceive -fuzztime $(FUZZTIME) ./encap/wireguard/
 
-## bench: raw veth, kernel VXLAN and every tulle path side by side (root, iperf3); reports in bench-out/.
+## bench: raw veth, kernel VXLAN, every tulle path and the stock wireguard-go side by side (root, iperf3); reports in bench-out/.
 BENCH_FLAGS ?=
 bench: build
 	$(BIN)/tullectl bench --tulled $(BIN)/tulled --out bench-out $(BENCH_FLAGS)
 
-## bench-kube: a real tulled against KUBE_NODES (5000) realistic Nodes in a real kube-apiserver (root, etcd, kube-apiserver: see .ci/run).
+## bench-kube: a real tulled against KUBE_NODES (5000) realistic Nodes in a real kube-apiserver (root, etcd, kube-apiserver: see tools/setup).
 KUBE_NODES ?= 5000
 bench-kube: build
 	TULLED=$(CURDIR)/$(BIN)/tulled KUBE_NODES=$(KUBE_NODES) $(GO) test -run '^$$' -bench KubePeers -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
+
+## image: the OCI image (Containerfile) with buildah or podman, whichever is installed.
+image: build
+	@b=$$(command -v buildah || command -v podman) || { echo "make image: needs buildah or podman (apt-get install buildah)"; exit 1; }; \
+	$$b build --layers=false -f Containerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) .
 
 clean:
 	rm -rf $(BIN)

@@ -1,12 +1,12 @@
 package cni
 
 import (
-	"bytes"
+	"context"
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"regexp"
-	"strings"
+
+	"sigs.k8s.io/knftables"
 
 	"github.com/tulle-net/tulle/internal/api"
 )
@@ -18,27 +18,30 @@ func masqTable(network string) string {
 	return "tulle_" + nftUnsafe.ReplaceAllString(network, "_")
 }
 
-// ensureMasq (re)writes, atomically, the network's nftables table: traffic
-// from the node's pod subnets to anywhere outside the cluster networks is
-// masqueraded to the node's address; traffic inside the cluster keeps pod
-// addresses end to end.
+// ensureMasq (re)writes, atomically (one nftables transaction through
+// knftables), the network's table: traffic from the node's pod subnets to
+// anywhere outside the cluster networks is masqueraded to the node's
+// address; traffic inside the cluster keeps pod addresses end to end.
 func ensureMasq(network string, sub *api.SubnetFile) error {
-	t := masqTable(network)
-	var rules []string
-	add := func(fam string, subnet, cluster netip.Prefix) {
-		if subnet.IsValid() {
-			rules = append(rules, fmt.Sprintf("\t\t%s saddr %s %s daddr != %s masquerade", fam, subnet.Masked(), fam, cluster.Masked()))
+	nft, err := knftables.New(knftables.InetFamily, masqTable(network))
+	if err != nil {
+		return fmt.Errorf("nft: %w", err)
+	}
+	tx := nft.NewTransaction()
+	tx.Add(&knftables.Table{Comment: knftables.PtrTo("tulle CNI: masquerade of pod traffic leaving the cluster")})
+	tx.Flush(&knftables.Table{})
+	tx.Add(&knftables.Chain{Name: "postrouting", Type: knftables.PtrTo(knftables.NATType), Hook: knftables.PtrTo(knftables.PostroutingHook),
+		Priority: knftables.PtrTo(knftables.SNATPriority)})
+	for _, r := range []struct {
+		fam             string
+		subnet, cluster netip.Prefix
+	}{{"ip", sub.Subnet, sub.Network}, {"ip6", sub.IPv6Subnet, sub.IPv6Network}} {
+		if r.subnet.IsValid() {
+			tx.Add(&knftables.Rule{Chain: "postrouting", Rule: knftables.Concat(r.fam, "saddr", r.subnet.Masked(), r.fam, "daddr", "!=", r.cluster.Masked(), "masquerade")})
 		}
 	}
-	add("ip", sub.Subnet, sub.Network)
-	add("ip6", sub.IPv6Subnet, sub.IPv6Network)
-	script := fmt.Sprintf("table inet %[1]s {}\nflush table inet %[1]s\ntable inet %[1]s {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n%[2]s\n\t}\n}\n", t, strings.Join(rules, "\n"))
-	cmd := exec.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("nft: %w: %s", err, strings.TrimSpace(stderr.String()))
+	if err := nft.Run(context.Background(), tx); err != nil {
+		return fmt.Errorf("nft: %w", err)
 	}
 	return nil
 }

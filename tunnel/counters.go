@@ -38,7 +38,11 @@ func (c Counter) String() string { return counterNames[c] }
 
 // Counters are the datapath's counters; transports keep their own. The
 // zero value is ready.
-type Counters struct{ counter.Set[Counter] }
+type Counters struct {
+	counter.Set[Counter]
+	// TxBatch and RxBatch are the sizes of the batches the loops moved.
+	TxBatch, RxBatch BatchHistogram
+}
 
 // Snapshot returns every counter by name.
 func (c *Counters) Snapshot() map[string]uint64 {

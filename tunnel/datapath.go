@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // BatchSize is how many frames one tx iteration reads from the TUN and
@@ -36,11 +38,12 @@ type Config struct {
 // Datapath runs the loops between a Device and a Transport: one tx loop
 // per device queue, one rx loop per transport receiver.
 type Datapath struct {
-	cfg    Config
-	mtu    atomic.Int64
-	log    *slog.Logger
-	icmpMu sync.Mutex // the tx loops share the ICMP rate limit
-	icmp   tokenBucket
+	cfg Config
+	mtu atomic.Int64
+	log *slog.Logger
+	// icmp limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f), shared
+	// by the tx loops.
+	icmp *rate.Limiter
 }
 
 // NewDatapath returns a datapath; Run starts it.
@@ -54,7 +57,7 @@ func NewDatapath(cfg Config) *Datapath {
 	d := &Datapath{
 		cfg:  cfg,
 		log:  cfg.Logger,
-		icmp: tokenBucket{rate: 10, burst: 10, tokens: 10, last: time.Now()},
+		icmp: rate.NewLimiter(10, 10),
 	}
 	d.mtu.Store(int64(cfg.MTU))
 	return d
@@ -139,8 +142,11 @@ func (d *Datapath) txLoop(q Queue) error {
 			}
 			f.Addr = peer.Addr
 			ctr.Add(TxBytes, uint64(len(pkt)))
+			peer.Stats.TxFrames.Add(1)
+			peer.Stats.TxBytes.Add(uint64(len(pkt)))
 			out = append(out, *f)
 		}
+		ctr.TxBatch.observe(n)
 		if len(out) == 0 {
 			continue
 		}
@@ -173,10 +179,7 @@ func (d *Datapath) sendTooBig(q Queue, pkt, buf []byte) bool {
 		return true
 	}
 	d.cfg.Counters.Add(DropTooBig, 1)
-	d.icmpMu.Lock()
-	ok := d.icmp.allow(time.Now())
-	d.icmpMu.Unlock()
-	if !ok {
+	if !d.icmp.Allow() {
 		return true
 	}
 	reply := []Frame{{Buf: buf[:Headroom+n], Off: Headroom}}
@@ -205,6 +208,8 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 		for i := range outs {
 			outs[i] = outs[i][:0]
 		}
+		ctr.RxBatch.observe(n)
+		now := time.Now().UnixNano()
 		written := 0
 		for i := range in[:n] {
 			f := &in[i]
@@ -216,17 +221,21 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 			src, dst, ok := Addrs(f.Packet())
 			if !ok {
 				ctr.Add(DropMalformed, 1)
+				peer.Stats.Drops.Add(1)
 				continue
 			}
 			if !peer.Owns(src) {
 				ctr.Add(DropSpoofed, 1)
+				peer.Stats.Drops.Add(1)
 				continue
 			}
 			if !peers.IsLocal(dst) {
 				ctr.Add(DropNotLocal, 1)
+				peer.Stats.Drops.Add(1)
 				continue
 			}
 			ctr.Add(RxBytes, uint64(len(f.Packet())))
+			peer.Stats.rx(len(f.Packet()), now)
 			q := 0
 			if len(queues) > 1 {
 				q = int(flowHash(f.Packet()) % uint32(len(queues)))

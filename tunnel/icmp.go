@@ -3,32 +3,9 @@ package tunnel
 import (
 	"encoding/binary"
 	"net/netip"
-	"time"
 
 	"github.com/tulle-net/tulle/internal/inet"
 )
-
-// tokenBucket limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f). Used by
-// one goroutine at a time (the datapath holds icmpMu).
-type tokenBucket struct {
-	rate   float64 // tokens per second
-	burst  float64
-	tokens float64
-	last   time.Time
-}
-
-func (b *tokenBucket) allow(now time.Time) bool {
-	b.tokens += now.Sub(b.last).Seconds() * b.rate
-	b.last = now
-	if b.tokens > b.burst {
-		b.tokens = b.burst
-	}
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
-}
 
 // tooBig writes into out (which must have room for 1280 bytes) an ICMP
 // "fragmentation needed" (IPv4) or ICMPv6 "packet too big" answering pkt,

@@ -13,6 +13,8 @@ type Peer struct {
 	Addr netip.AddrPort
 	// Subnets are the inner prefixes the peer owns (its pod subnets).
 	Subnets []netip.Prefix
+	// Stats are its traffic; Set keeps them across snapshots by name.
+	Stats *PeerStats
 }
 
 // PeerTable maps inner destinations to peers by longest-prefix match and
@@ -70,10 +72,19 @@ func NewPeerTable(local []netip.Prefix) *PeerTable {
 // Set replaces the table's contents. Subnets that overlap a local subnet are
 // ignored: a peer can never take traffic for this node's own pods.
 func (t *PeerTable) Set(local []netip.Prefix, peers []Peer) {
+	stats := map[string]*PeerStats{}
+	if old := t.snap.Load(); old != nil {
+		for i := range old.peers {
+			stats[old.peers[i].Name] = old.peers[i].Stats
+		}
+	}
 	s := &peerSnapshot{byAddr: map[netip.AddrPort]*Peer{}, local: slices.Clone(local), peers: make([]Peer, len(peers))}
 	for i := range peers {
 		p := &s.peers[i]
 		*p = peers[i]
+		if p.Stats = stats[p.Name]; p.Stats == nil {
+			p.Stats = &PeerStats{}
+		}
 		p.Subnets = slices.DeleteFunc(slices.Clone(p.Subnets), func(n netip.Prefix) bool {
 			return slices.ContainsFunc(local, n.Overlaps)
 		})

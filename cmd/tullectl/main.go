@@ -1,6 +1,7 @@
 // Command tullectl inspects and exercises tulle.
 //
-//	tullectl status [--run-dir DIR]      a running tulled's lease, peers and counters
+//	tullectl status [--run-dir DIR] [-o table|json]  a running tulled's lease, peers and counters
+//	tullectl version
 //	tullectl rotate-key [--run-dir DIR]  a new WireGuard key for the node, published at once
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
@@ -9,19 +10,23 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/version"
 	"github.com/tulle-net/tulle/lease/local"
 )
 
@@ -31,6 +36,8 @@ func usage() {
 commands:
   status   show a running tulled's lease, peers and counters
   rotate-key  give a running tulled a new WireGuard key (sessions carry on)
+  install-cni  copy the CNI plugin and conflist into the host's CNI directories (the DaemonSet's init container)
+  version  print tullectl's version
   leases   list the leases in a local lease store
   demo     run a three-node tulle overlay in network namespaces (root)
   bench    measure raw veth, kernel VXLAN and tulle side by side with iperf3 (root)`)
@@ -49,6 +56,10 @@ func main() {
 		err = status(ctx, args)
 	case "rotate-key":
 		err = rotateKey(ctx, args)
+	case "install-cni":
+		err = installCNI(args)
+	case "version", "--version":
+		fmt.Println("tullectl", version.String())
 	case "leases":
 		err = leases(args)
 	case "demo":
@@ -75,46 +86,84 @@ func main() {
 func status(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	runDir := fs.String("run-dir", "/run/tulle", "tulled's run directory")
+	output := fs.String("o", "table", "table, or json (the status document, for scripts)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *output != "table" && *output != "json" {
+		return fmt.Errorf("status: -o %q, want table or json", *output)
 	}
 	s, err := api.Get(ctx, filepath.Join(*runDir, api.SocketName))
 	if err != nil {
 		return err
 	}
-	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "node\t%s (pid %d, up %s)\n", s.Node, s.PID, s.Uptime)
+	if *output == "json" {
+		e := json.NewEncoder(os.Stdout)
+		e.SetIndent("", "  ")
+		return e.Encode(s)
+	}
+	return printStatus(os.Stdout, s, time.Now())
+}
+
+// printStatus writes the status as aligned tables: the node, then one row
+// per peer, then the non-zero counters.
+func printStatus(out io.Writer, s *api.Status, now time.Time) error {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	ready := "yes"
 	if s.NotReady != "" {
 		ready = "no: " + s.NotReady
 	}
+	fmt.Fprintf(w, "node\t%s\n", s.Node)
+	fmt.Fprintf(w, "version\t%s (pid %d, up %s)\n", s.Version, s.PID, s.Uptime)
 	fmt.Fprintf(w, "ready\t%s\n", ready)
-	fmt.Fprintf(w, "subnets\t%v\n", s.Lease.Subnets())
+	fmt.Fprintf(w, "lease\t%v, renewed %s, expires in %s\n", s.Lease.Subnets(), ago(now, s.Lease.Renewed), s.Lease.Expiration.Sub(now).Round(time.Second))
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	if wg := s.WireGuard; wg != nil {
 		fmt.Fprintf(w, "wireguard\t%s, port %d, key %s\n", wg.Mode, wg.Port, wg.PublicKey)
 	}
-	fmt.Fprintf(w, "peers\t%d\n", len(s.Peers))
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "PEER\tBACKEND\tENDPOINT\tSUBNETS\tTX FRAMES\tTX BYTES\tRX FRAMES\tRX BYTES\tDROPS\tLAST SEEN\tKEY\tHANDSHAKE\tWHY")
 	for _, p := range s.Peers {
-		fmt.Fprintf(w, "  %s\t%s\t%s\t%v\t%s\n", p.Name, backendOf(p), p.Endpoint, p.Subnets, p.Reason)
-		if wg := p.WireGuard; wg != nil {
-			hs := "never"
-			if !wg.LastHandshake.IsZero() {
-				hs = time.Since(wg.LastHandshake).Round(time.Second).String() + " ago"
-			}
-			fmt.Fprintf(w, "  \tkey %s…\tat %s\thandshake %s\trx %d B, tx %d B\n", wg.Fingerprint, wg.Endpoint, hs, wg.RxBytes, wg.TxBytes)
+		var subnets []string
+		for _, n := range p.Subnets {
+			subnets = append(subnets, n.String())
 		}
+		tr := p.Traffic
+		if tr == nil {
+			tr = &api.PeerTraffic{}
+		}
+		key, hs := "-", "-"
+		if wg := p.WireGuard; wg != nil {
+			key, hs = wg.Fingerprint+"…", ago(now, wg.LastHandshake)
+		}
+		endpoint := "-"
+		if p.Endpoint.IsValid() {
+			endpoint = p.Endpoint.String()
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", p.Name, backendOf(p), endpoint, strings.Join(subnets, ","),
+			tr.TxFrames, tr.TxBytes, tr.RxFrames, tr.RxBytes, tr.Drops, ago(now, tr.LastSeen), key, hs, p.Reason)
 	}
 	names := make([]string, 0, len(s.Counters))
-	for k := range s.Counters {
-		names = append(names, k)
+	for k, v := range s.Counters {
+		if v != 0 {
+			names = append(names, k)
+		}
 	}
 	slices.Sort(names)
-	fmt.Fprintln(w, "counters")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "COUNTER\tVALUE")
 	for _, k := range names {
-		fmt.Fprintf(w, "  %s\t%d\n", k, s.Counters[k])
+		fmt.Fprintf(w, "%s\t%d\n", k, s.Counters[k])
 	}
 	return w.Flush()
+}
+
+// ago is how long before now t was ("never" for the zero time).
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return now.Sub(t).Round(time.Second).String() + " ago"
 }
 
 // rotateKey asks tulled for a new WireGuard key: written to its key file,

@@ -202,6 +202,16 @@ func run(o *options, log *slog.Logger) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Health and metrics from the start: /readyz says "starting" until the
+	// lease is held and the device configured.
+	hl := &health{}
+	if o.httpAddr != "" {
+		hsrv, err := serveHTTP(o.httpAddr, hl, log)
+		if err != nil {
+			return err
+		}
+		defer hsrv.Close()
+	}
 
 	wgMode := o.net.Backend.Type == netconf.BackendWireGuard
 	var caps encap.Caps
@@ -379,6 +389,7 @@ func run(o *options, log *slog.Logger) error {
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}
+	hl.st.Store(st)
 	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {
 		dev.Close()
@@ -418,9 +429,10 @@ func run(o *options, log *slog.Logger) error {
 			return k, nil
 		}
 	}
-	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, republish, st.setLease, log)) })
+	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, republish, st, log)) })
 	wg.Go(func() {
 		err := dp.Run(runCtx)
+		st.stopped.Store(true)
 		if err == nil && runCtx.Err() == nil {
 			err = errors.New("datapath stopped")
 		}
@@ -467,7 +479,7 @@ func (u *underlay) sizes(underlayMTU int) (mtu, gsoMax int) {
 // with backoff (1 s doubling, at most a quarter of the interval), so a
 // store that comes back in time never sees the lease expire. Losing the
 // lease is fatal: the subnet's pods are now someone else's addresses.
-func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, republish <-chan lease.Attrs, renewed func(lease.Lease), log *slog.Logger) error {
+func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Duration, republish <-chan lease.Attrs, st *status, log *slog.Logger) error {
 	interval := lease.RenewInterval(ttl)
 	wait, backoff := interval, time.Duration(0)
 	for {
@@ -484,6 +496,7 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 		}
 		if err != nil {
 			backoff = min(max(2*backoff, time.Second), interval/4)
+			st.renewErr.Add(1)
 			log.Warn("renew lease; retrying", "subnet", l.Key(), "in", backoff, "expires", l.Expiration, "err", err)
 			wait = backoff
 			continue
@@ -492,7 +505,8 @@ func renew(ctx context.Context, store lease.Store, l lease.Lease, ttl time.Durat
 			log.Info("lease renewed again", "subnet", l.Key())
 		}
 		l, wait, backoff = nl, interval, 0
-		renewed(l)
+		st.renewOK.Add(1)
+		st.setLease(l)
 	}
 }
 
@@ -562,6 +576,7 @@ func watchPeers(ctx context.Context, store lease.Store, self string, local encap
 		}
 		kick()
 		st.setPeers(view)
+		st.snapshots.Add(1)
 	}
 }
 

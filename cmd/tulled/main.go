@@ -2,8 +2,9 @@
 // runs the userspace datapath between a TUN device and the underlay, and
 // keeps the device, its addresses and routes in place.
 //
-//	tulled [flags]           run
+//	tulled [run] [flags]     run
 //	tulled cleanup [flags]   remove what tulled added on this node
+//	tulled --version
 //
 // Exit status: 0 on a clean stop, 2 for bad configuration (nothing was
 // created), 1 for anything else.
@@ -21,8 +22,11 @@ import (
 	"strings"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/version"
 	"github.com/tulle-net/tulle/lease/local"
 )
 
@@ -57,6 +61,10 @@ type options struct {
 	wgDevice string
 	// wgRekey is WireGuard's RekeyAfterTime (tests shorten it).
 	wgRekey time.Duration
+	// httpAddr serves /healthz, /readyz and /metrics ("" off).
+	httpAddr  string
+	logFormat string
+	version   bool
 
 	net *netconf.Config
 	pub netip.Addr
@@ -68,16 +76,29 @@ type options struct {
 const maxTUNQueues = 64
 
 // configError is bad input: exit 2, one line.
-type configError struct{ msg string }
+type configError struct {
+	msg string
+	// usage, if set, prints the usage after the line (an unknown flag).
+	usage func()
+}
 
 func (e *configError) Error() string { return e.msg }
 
-func badConfig(format string, a ...any) error { return &configError{fmt.Sprintf(format, a...)} }
+func badConfig(format string, a ...any) error { return &configError{msg: fmt.Sprintf(format, a...)} }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	o := &options{}
 	fs := flag.NewFlagSet("tulled", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `usage: tulled [run] [flags]      run the node daemon (the default command)
+       tulled cleanup [flags]    remove what tulled added on this node (same flags)
+       tulled --version
+
+flags:
+`)
+		fs.PrintDefaults()
+	}
 	host, _ := os.Hostname()
 	fs.StringVar(&o.netConf, "net-conf", "/etc/tulle/net-conf.json", "path of net-conf.json")
 	fs.StringVar(&o.node, "node-name", host, "this node's name in the lease store")
@@ -98,18 +119,32 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.udpGRO, "udp-gro", true, "receive with UDP_GRO")
 	fs.BoolVar(&o.kernelVXLAN, "kernel-vxlan", true, "use the kernel's VXLAN where a probe finds it (false, or no kernel VXLAN: tulled speaks VXLAN from its datapath)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "text or json (client-go's logs go the same way)")
+	fs.StringVar(&o.httpAddr, "http-addr", "127.0.0.1:9107", "address for /healthz, /readyz and /metrics (empty: off)")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.StringVar(&o.wgKey, "wireguard-key", "/var/lib/tulle/wireguard.key", "WireGuard private key file (Backend.Type wireguard; created, mode 0600, when missing)")
 	fs.StringVar(&o.wgDevice, "wireguard-device", wireguard.DeviceName, "WireGuard device for Backend.Mode kernel/auto (created where the kernel has WireGuard; an existing device of this name, of any implementation, is configured as it is)")
 	fs.DurationVar(&o.wgRekey, "wireguard-rekey-after", wireguard.DefaultTimers.RekeyAfterTime, "renew WireGuard sessions this node initiated after this long (the protocol's 2m; shorter to exercise rekeying)")
 	fs.StringVar(&o.wgPSK, "wireguard-psk", "", "WireGuard pre-shared key file (base64, as wg genpsk writes it), mixed into every handshake; all nodes alike")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, err
-		}
-		return nil, badConfig("%v", err)
+	// An unknown flag: the caller prints one line, then the usage.
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.SetOutput(stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+		return nil, err
+	}
+	if err != nil {
+		return nil, &configError{msg: err.Error(), usage: fs.Usage}
 	}
 	if fs.NArg() > 0 {
 		return nil, badConfig("unexpected argument %q", fs.Arg(0))
+	}
+	if o.version {
+		return o, nil
+	}
+	if o.logFormat != "text" && o.logFormat != "json" {
+		return nil, badConfig("flag --log-format: %q, want text or json", o.logFormat)
 	}
 	if o.tunQueues < 0 || o.tunQueues > maxTUNQueues {
 		return nil, badConfig("flag --tun-queues: %d out of range 0-%d", o.tunQueues, maxTUNQueues)
@@ -209,11 +244,25 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "tulled: %v\n", err)
+		if ce, ok := err.(*configError); ok && ce.usage != nil {
+			ce.usage()
+		}
 		os.Exit(2)
 	}
+	if o.version {
+		fmt.Println("tulled", version.String())
+		return
+	}
 	level, _ := slogLevel(o.logLevel)
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("node", o.node)
+	hopts := &slog.HandlerOptions{Level: level}
+	var handler slog.Handler = slog.NewTextHandler(os.Stderr, hopts)
+	if o.logFormat == "json" {
+		handler = slog.NewJSONHandler(os.Stderr, hopts)
+	}
+	log := slog.New(handler).With("node", o.node)
 	slog.SetDefault(log)
+	// client-go logs through klog: into the same handler, one format.
+	klog.SetSlogLogger(log)
 	if cmd == "cleanup" {
 		err = cleanup(o, log)
 	} else {

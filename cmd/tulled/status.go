@@ -11,12 +11,14 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tulle-net/tulle/encap/udp"
 	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/api"
+	"github.com/tulle-net/tulle/internal/version"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/tunnel"
 )
@@ -39,6 +41,12 @@ type status struct {
 	// checks report, live, why the node cannot forward (device, routes,
 	// underlay; the lease store).
 	checks []func() error
+
+	// stopped is set when the datapath's loops ended (liveness).
+	stopped atomic.Bool
+	// renewOK and renewErr count lease renewals; snapshots the peer
+	// snapshots from the store.
+	renewOK, renewErr, snapshots atomic.Uint64
 
 	mu    sync.Mutex
 	lease lease.Lease // as last renewed
@@ -74,10 +82,10 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	l, view := s.lease, s.view
 	s.mu.Unlock()
-	doc := api.Status{Node: s.node, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
+	doc := api.Status{Node: s.node, Version: version.Version, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
 		Lease: api.Lease{Node: l.Node, Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, PublicIP: l.Attrs.PublicIP, PublicIPv6: l.Attrs.PublicIPv6,
 			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
-		Counters: s.ctr.Snapshot(), Peers: view}
+		Counters: s.ctr.Snapshot(), Peers: s.withTraffic(view)}
 	s.udpCtr.SnapshotInto(doc.Counters)
 	s.vxCtr.SnapshotInto(doc.Counters)
 	if s.wg != nil {
@@ -86,6 +94,22 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
+}
+
+// withTraffic returns the peers with the datapath's traffic counts.
+func (s *status) withTraffic(view []api.Peer) []api.Peer {
+	byName := map[string]*tunnel.PeerStats{}
+	for _, p := range s.peers.Peers() {
+		byName[p.Name] = p.Stats
+	}
+	out := slices.Clone(view)
+	for i := range out {
+		if st := byName[out[i].Name]; st != nil {
+			out[i].Traffic = &api.PeerTraffic{TxFrames: st.TxFrames.Load(), TxBytes: st.TxBytes.Load(), RxFrames: st.RxFrames.Load(),
+				RxBytes: st.RxBytes.Load(), Drops: st.Drops.Load(), LastSeen: st.LastSeen()}
+		}
+	}
+	return out
 }
 
 // wireGuardStatus adds this node's WireGuard identity and each peer's
@@ -103,8 +127,12 @@ func (s *status) wireGuardStatus(doc *api.Status) {
 		if !ok {
 			continue
 		}
-		peers[i].WireGuard = &api.WireGuardPeer{PublicKey: p.Key.String(), Fingerprint: p.Key.Fingerprint(), Endpoint: p.Endpoint,
+		w := &api.WireGuardPeer{PublicKey: p.Key.String(), Fingerprint: p.Key.Fingerprint(), Endpoint: p.Endpoint,
 			LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+		if s.wg.dev == nil && peers[i].Traffic != nil {
+			w.RxBytes, w.TxBytes = peers[i].Traffic.RxBytes, peers[i].Traffic.TxBytes
+		}
+		peers[i].WireGuard = w
 	}
 	doc.Peers = peers
 }

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/crypto/blake2s"
 	"golang.org/x/crypto/chacha20poly1305"
+	"golang.org/x/time/rate"
 )
 
 // cookieRefresh is how long a cookie secret, and a cookie received, live.
@@ -64,17 +65,12 @@ func consumeCookieReply(msg []byte, peerPub Key, lastMAC1 [16]byte) ([16]byte, e
 }
 
 // rateLimiter bounds handshakes per source address while under load: a
-// token bucket per address (rate per second, burst), at most maxEntries
-// addresses remembered (the table is emptied when full: a flood of new
-// addresses forgets old ones rather than growing memory).
+// token bucket per address (x/time/rate), at most maxEntries addresses
+// remembered (the table is emptied when full: a flood of new addresses
+// forgets old ones rather than growing memory).
 type rateLimiter struct {
 	mu      sync.Mutex
-	buckets map[netip.Addr]*bucket
-}
-
-type bucket struct {
-	tokens float64
-	last   time.Time
+	buckets map[netip.Addr]*rate.Limiter
 }
 
 const (
@@ -87,18 +83,12 @@ func (r *rateLimiter) allow(a netip.Addr, now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.buckets == nil || len(r.buckets) >= maxEntries {
-		r.buckets = map[netip.Addr]*bucket{}
+		r.buckets = map[netip.Addr]*rate.Limiter{}
 	}
-	b := r.buckets[a]
-	if b == nil {
-		b = &bucket{tokens: handshakeBurst, last: now}
-		r.buckets[a] = b
+	l := r.buckets[a]
+	if l == nil {
+		l = rate.NewLimiter(handshakeRate, handshakeBurst)
+		r.buckets[a] = l
 	}
-	b.tokens = min(handshakeBurst, b.tokens+now.Sub(b.last).Seconds()*handshakeRate)
-	b.last = now
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
+	return l.AllowN(now, 1)
 }

@@ -51,8 +51,6 @@ type peer struct {
 	lastDataRecv  atomic.Int64 // mono: a data message received
 	waitingSince  atomic.Int64 // mono: first data sent since the last message received (0: none)
 	lastHandshake atomic.Int64 // mono: last session established (0: never)
-	rxBytes       atomic.Uint64
-	txBytes       atomic.Uint64
 }
 
 // staticDH is the static-static Diffie-Hellman of this node's key and the

@@ -161,7 +161,6 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 		ctr.Add(DropNotIP, 1)
 		return
 	}
-	p.rxBytes.Add(uint64(n))
 	r.pend = append(r.pend, pending{off: base + HeaderLen, n: n, p: p})
 }
 

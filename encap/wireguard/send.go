@@ -65,7 +65,6 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		if err := s.seal(sk, s.addrs.Get(ep), kp, &segs); err != nil {
 			return err
 		}
-		p.txBytes.Add(uint64(len(f.Packet())))
 		p.lastSent.Store(now)
 		p.waitingSince.CompareAndSwap(0, now)
 		if kp.initiator && (now-kp.created >= int64(t.timers.RekeyAfterTime) || kp.nonce.Load() >= t.timers.RekeyAfterMessages) {

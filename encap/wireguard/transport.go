@@ -333,15 +333,16 @@ type PeerStatus struct {
 	Key           Key
 	Endpoint      netip.AddrPort // where it is reached now (it may roam)
 	LastHandshake time.Time      // zero: never
-	RxBytes       uint64
-	TxBytes       uint64
+	// RxBytes and TxBytes are a kernel device's counts; the userspace
+	// transport leaves counting to the datapath (tunnel.PeerStats).
+	RxBytes, TxBytes uint64
 }
 
 // Status returns every peer's state.
 func (t *Transport) Status() []PeerStatus {
 	var out []PeerStatus
 	for _, p := range t.peers.Load().list {
-		st := PeerStatus{Name: p.name, Key: p.pub, Endpoint: *p.endpoint.Load(), RxBytes: p.rxBytes.Load(), TxBytes: p.txBytes.Load()}
+		st := PeerStatus{Name: p.name, Key: p.pub, Endpoint: *p.endpoint.Load()}
 		if hs := p.lastHandshake.Load(); hs != 0 {
 			st.LastHandshake = epoch.Add(time.Duration(hs))
 		}

@@ -24,8 +24,9 @@ const StatusPath = "/v1/status"
 
 // Status is the document GET /v1/status returns.
 type Status struct {
-	Node string `json:"node"`
-	PID  int    `json:"pid"`
+	Node    string `json:"node"`
+	Version string `json:"version"`
+	PID     int    `json:"pid"`
 	// NotReady says why tulled is not ready (e.g. the Kubernetes API is
 	// unreachable; it forwards with the last known peers meanwhile).
 	NotReady string            `json:"notReady,omitempty"`
@@ -88,6 +89,21 @@ type Peer struct {
 	Reason    string `json:"reason"`
 	// WireGuard is the peer's WireGuard state when WireGuard serves it.
 	WireGuard *WireGuardPeer `json:"wireguard,omitempty"`
+	// Traffic is what tulled's datapath carried to and from the peer
+	// (nothing for a peer a kernel path serves).
+	Traffic *PeerTraffic `json:"traffic,omitempty"`
+}
+
+// PeerTraffic counts one peer's traffic through the datapath since tulled
+// started. A TSO super-packet counts as one frame.
+type PeerTraffic struct {
+	TxFrames uint64 `json:"txFrames"`
+	TxBytes  uint64 `json:"txBytes"`
+	RxFrames uint64 `json:"rxFrames"`
+	RxBytes  uint64 `json:"rxBytes"`
+	// Drops are frames from the peer the datapath refused.
+	Drops    uint64    `json:"drops"`
+	LastSeen time.Time `json:"lastSeen,omitzero"`
 }
 
 // WireGuardPeer is what the status tells of a WireGuard peer.

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tulle-net/tulle/internal/version"
+	"github.com/tulle-net/tulle/tunnel"
+)
+
+// health is what the HTTP endpoints serve: up before the lease is held
+// (st is nil until then), so a probe sees "starting" rather than nothing.
+type health struct {
+	st atomic.Pointer[status]
+}
+
+// serveHTTP serves /healthz, /readyz and /metrics on addr (TCP).
+func serveHTTP(addr string, h *health, log *slog.Logger) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, badConfig("flag --http-addr: %v", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), &collector{h: h})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		// Alive: the process serves, and once running its loops do.
+		if st := h.st.Load(); st != nil && st.stopped.Load() {
+			http.Error(w, "datapath stopped", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		st := h.st.Load()
+		why := "starting: no lease held yet"
+		if st != nil {
+			why = st.notReady()
+		}
+		if why != "" {
+			http.Error(w, why, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("http server stopped", "addr", addr, "err", err)
+		}
+	}()
+	log.Info("serving health and metrics", "addr", ln.Addr().String())
+	return srv, nil
+}
+
+// collector exports tulled's counters at scrape time: no second count on
+// the packet path.
+type collector struct{ h *health }
+
+var (
+	descBuild      = prometheus.NewDesc("tulle_build_info", "tulled's build: version and Go toolchain.", []string{"version", "goversion"}, nil)
+	descReady      = prometheus.NewDesc("tulle_ready", "1 when the node forwards with a healthy store (as /readyz).", nil, nil)
+	descBytes      = prometheus.NewDesc("tulle_datapath_bytes_total", "IP bytes through tulled's datapath.", []string{"direction"}, nil)
+	descFrames     = prometheus.NewDesc("tulle_datapath_frames_total", "Frames through tulled's datapath (a super-packet counts once).", []string{"direction"}, nil)
+	descPeerBytes  = prometheus.NewDesc("tulle_backend_bytes_total", "IP bytes through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
+	descPeerFrames = prometheus.NewDesc("tulle_backend_frames_total", "Frames through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
+	descDatagrams  = prometheus.NewDesc("tulle_backend_datagrams_total", "UDP datagrams sent and received by a userspace backend.", []string{"backend", "direction"}, nil)
+	descDrops      = prometheus.NewDesc("tulle_drops_total", "Packets, datagrams or frames dropped, by component and reason.", []string{"component", "reason"}, nil)
+	descEvents     = prometheus.NewDesc("tulle_events_total", "Other counted events, by component.", []string{"component", "event"}, nil)
+	descPeers      = prometheus.NewDesc("tulle_peers", "Peers by the backend serving them (none: unreachable).", []string{"backend"}, nil)
+	descExpiry     = prometheus.NewDesc("tulle_lease_expiry_timestamp_seconds", "When the node's lease expires unless renewed (Unix time).", nil, nil)
+	descRenewals   = prometheus.NewDesc("tulle_lease_renewals_total", "Lease renewals, by result.", []string{"result"}, nil)
+	descSnapshots  = prometheus.NewDesc("tulle_store_snapshots_total", "Peer snapshots received from the lease store.", nil, nil)
+	descMTU        = prometheus.NewDesc("tulle_mtu_bytes", "The TUN (and pod) MTU.", nil, nil)
+	descBatch      = prometheus.NewDesc("tulle_datapath_batch_frames", "Frames moved per TUN read (tx) or per receive (rx).", []string{"direction"}, nil)
+)
+
+func (c *collector) Describe(chan<- *prometheus.Desc) {} // unchecked: the label sets follow the counters
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(descBuild, prometheus.GaugeValue, 1, version.Version, runtime.Version())
+	st := c.h.st.Load()
+	if st == nil {
+		ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, 0)
+		return
+	}
+	ready := 0.0
+	if st.notReady() == "" {
+		ready = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	dp := st.ctr.Snapshot()
+	counter(descBytes, dp["tx_bytes"], "tx")
+	counter(descBytes, dp["rx_bytes"], "rx")
+	counter(descFrames, dp["tx_frames"], "tx")
+	counter(descFrames, dp["rx_frames"], "rx")
+	components := []struct {
+		name, prefix string
+		m            map[string]uint64
+	}{{"datapath", "", dp}, {"udp", "", map[string]uint64{}}, {"vxlan", "vxlan_", map[string]uint64{}}, {"wireguard", "wg_", map[string]uint64{}}}
+	st.udpCtr.SnapshotInto(components[1].m)
+	st.vxCtr.SnapshotInto(components[2].m)
+	if st.wg != nil {
+		st.wgCtr.SnapshotInto(components[3].m)
+	}
+	for _, comp := range components {
+		for name, v := range comp.m {
+			name = strings.TrimPrefix(name, comp.prefix)
+			switch {
+			case comp.name == "datapath" && (strings.HasSuffix(name, "_bytes") || strings.HasSuffix(name, "_frames")):
+			case name == "datagrams_out":
+				counter(descDatagrams, v, comp.name, "out")
+			case name == "datagrams_in":
+				counter(descDatagrams, v, comp.name, "in")
+			case strings.HasPrefix(name, "drop_"):
+				counter(descDrops, v, comp.name, strings.TrimPrefix(name, "drop_"))
+			default:
+				counter(descEvents, v, comp.name, name)
+			}
+		}
+	}
+	st.mu.Lock()
+	view, l := st.view, st.lease
+	st.mu.Unlock()
+	backendOf := map[string]string{}
+	peers := map[string]float64{}
+	for _, p := range view {
+		b := p.Backend
+		if b == "" {
+			b = "none"
+		}
+		backendOf[p.Name] = b
+		peers[b]++
+	}
+	for b, n := range peers {
+		ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, n, b)
+	}
+	type traffic struct{ txB, rxB, txF, rxF uint64 }
+	byBackend := map[string]*traffic{}
+	for _, p := range st.peers.Peers() {
+		b := backendOf[p.Name]
+		if b == "" {
+			b = "none"
+		}
+		tr := byBackend[b]
+		if tr == nil {
+			tr = &traffic{}
+			byBackend[b] = tr
+		}
+		tr.txB += p.Stats.TxBytes.Load()
+		tr.rxB += p.Stats.RxBytes.Load()
+		tr.txF += p.Stats.TxFrames.Load()
+		tr.rxF += p.Stats.RxFrames.Load()
+	}
+	for b, tr := range byBackend {
+		counter(descPeerBytes, tr.txB, b, "tx")
+		counter(descPeerBytes, tr.rxB, b, "rx")
+		counter(descPeerFrames, tr.txF, b, "tx")
+		counter(descPeerFrames, tr.rxF, b, "rx")
+	}
+	ch <- prometheus.MustNewConstMetric(descExpiry, prometheus.GaugeValue, float64(l.Expiration.UnixNano())/1e9)
+	counter(descRenewals, st.renewOK.Load(), "ok")
+	counter(descRenewals, st.renewErr.Load(), "error")
+	counter(descSnapshots, st.snapshots.Load())
+	ch <- prometheus.MustNewConstMetric(descMTU, prometheus.GaugeValue, float64(st.mtu()))
+	for _, b := range []struct {
+		dir string
+		h   *tunnel.BatchHistogram
+	}{{"tx", &st.ctr.TxBatch}, {"rx", &st.ctr.RxBatch}} {
+		bounds, counts, sum := b.h.Snapshot()
+		cum := map[float64]uint64{}
+		var total uint64
+		for i, ub := range bounds {
+			total += counts[i]
+			cum[ub] = total
+		}
+		ch <- prometheus.MustNewConstHistogram(descBatch, total, float64(sum), cum, b.dir)
+	}
+}
