@@ -202,16 +202,6 @@ func run(o *options, log *slog.Logger) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	// Health and metrics from the start: /readyz says "starting" until the
-	// lease is held and the device configured.
-	hl := &health{}
-	if o.httpAddr != "" {
-		hsrv, err := serveHTTP(o.httpAddr, hl, log)
-		if err != nil {
-			return err
-		}
-		defer hsrv.Close()
-	}
 
 	wgMode := o.net.Backend.Type == netconf.BackendWireGuard
 	var caps encap.Caps
@@ -264,9 +254,19 @@ func run(o *options, log *slog.Logger) error {
 			}
 		}
 	}
+	// Health and metrics before the lease (a store that is slow to answer
+	// keeps /readyz at "starting"), once the configuration is known good.
 	store, err := openStore(o, log)
 	if err != nil {
 		return err
+	}
+	hl := &health{}
+	if o.httpAddr != "" {
+		hsrv, err := serveHTTP(o.httpAddr, hl, log)
+		if err != nil {
+			return err
+		}
+		defer hsrv.Close()
 	}
 	local := encap.Local{Mode: o.net.Backend.Type, Caps: caps, IP4: u.ip4, IP6: u.ip6, OnLink: u.onLink}
 	legacy := netconf.BackendUDP

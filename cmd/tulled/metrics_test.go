@@ -87,7 +87,7 @@ next:
 // (within the TCP/IP headers' share), a spoofed packet moves the drop
 // counter, and /healthz and /readyz answer as they should.
 func TestMetrics(t *testing.T) {
-	c := startCluster(t, 2, cluster.Options{})
+	c := startCluster(t, 2, cluster.Options{Args: []string{"--http-addr", "127.0.0.1:9107"}})
 	a, b := c.Nodes[0], c.Nodes[1]
 	for _, n := range c.Nodes {
 		if code, _ := httpGet(t, n, "/healthz"); code != http.StatusOK {

@@ -122,6 +122,9 @@ func (n *Node) Args() []string {
 		"--run-dir", n.RunDir,
 		"--iface", n.Link,
 		"--wireguard-key", n.WireGuardKey(),
+		// Off: paths of the bench share a namespace; a test that scrapes
+		// turns it on with Args.
+		"--http-addr=",
 	}
 	switch {
 	case o.DualStackUnderlay:

@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -108,6 +109,11 @@ func TestDeployManifests(t *testing.T) {
 	mapper := restmapper.NewDiscoveryRESTMapper(groups)
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// A dry run creates nothing, so the namespace the other objects go in
+	// must exist (as after the first, real apply).
+	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "tulle-system"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
 	kinds := map[string]int{}

@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/scheme"
 
@@ -44,7 +45,10 @@ func applyRBAC(t *testing.T, file string) {
 		}
 		switch o := obj.(type) {
 		case *corev1.Namespace:
-			_, err = admin.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
+			// Another test (TestDeployManifests) may have made it.
+			if _, err = admin.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{}); apierrors.IsAlreadyExists(err) {
+				err = nil
+			}
 		case *corev1.ServiceAccount:
 			_, err = admin.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
 		case *rbacv1.ClusterRole:
