@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -31,7 +32,7 @@ func TestKubeStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := cluster.Build(topo.Options{Nodes: 2, Prefix: "tullekube"}, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg}})
+	c, err := cluster.Build(topo.Options{Nodes: 2, Prefix: "tullekube"}, cluster.Options{Tulled: tulled(t), Dir: t.TempDir(), Args: []string{"--lease-store", "kube", "--kubeconfig", kcfg, "--http-addr", "127.0.0.1:9107"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,19 +45,48 @@ func TestKubeStore(t *testing.T) {
 		t.Cleanup(stop) // runs after the cluster's cleanup, which needs the API
 	}
 	t.Cleanup(func() { c.CloseFor(t) })
+	// n1 has no pod CIDR yet: its tulled waits for one, and says so.
 	for i, n := range c.Topo.Nodes {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}, Spec: corev1.NodeSpec{
-			PodCIDRs: []string{[]string{"100.96.11.0/24", "100.96.12.0/24"}[i], []string{"fd00:96:0:11::/64", "fd00:96:0:12::/64"}[i]}}}
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name}}
+		if i == 1 {
+			node.Spec.PodCIDRs = []string{"100.96.12.0/24", "fd00:96:0:12::/64"}
+		}
 		if _, err := admin.CoreV1().Nodes().Create(context.Background(), node, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if err := c.Start(ctx); err != nil {
+	a, b := c.Nodes[0], c.Nodes[1]
+	if err := a.Start(); err != nil {
 		t.Fatal(err)
 	}
-	a, b := c.Nodes[0], c.Nodes[1]
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		code, body := httpGetOK(a, "/readyz")
+		if code == 503 && strings.Contains(body, "no lease held yet") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("before its lease: /readyz %d %q, want 503 starting", code, body)
+		}
+	}
+	if code, _ := httpGet(t, a, "/healthz"); code != 200 {
+		t.Errorf("/healthz before the lease: %d", code)
+	}
+	n1, err := admin.CoreV1().Nodes().Get(ctx, "n1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n1.Spec.PodCIDRs = []string{"100.96.11.0/24", "fd00:96:0:11::/64"}
+	if _, err := admin.CoreV1().Nodes().Update(ctx, n1, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitPeers(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
 	if got := addr(t, b, false).String(); got != "100.96.12.0" {
 		t.Errorf("n2's subnet address %s, want 100.96.12.0 (from its podCIDR)", got)
 	}
@@ -79,6 +109,12 @@ func TestKubeStore(t *testing.T) {
 		}
 		if s.NotReady != "" {
 			t.Logf("not ready while the API server is down: %s", s.NotReady)
+			if code, body := httpGet(t, a, "/readyz"); code != 503 || !strings.Contains(body, strings.TrimSpace(s.NotReady)[:10]) {
+				t.Errorf("/readyz with the API server down: %d %q", code, body)
+			}
+			if code, _ := httpGet(t, a, "/healthz"); code != 200 {
+				t.Errorf("/healthz with the API server down: %d (alive, only not ready)", code)
+			}
 			break
 		}
 		if time.Now().After(deadline) {
@@ -98,7 +134,7 @@ func TestKubeStore(t *testing.T) {
 	deadline = time.Now().Add(90 * time.Second)
 	for {
 		s, err := a.Status(ctx)
-		if err == nil && s.NotReady == "" {
+		if code, _ := httpGetOK(a, "/readyz"); err == nil && s.NotReady == "" && code == 200 {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -37,6 +37,20 @@ func httpGet(t *testing.T, n *cluster.Node, path string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// httpGetOK is httpGet for polling: 0 while nothing answers yet.
+func httpGetOK(n *cluster.Node, path string) (int, string) {
+	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return n.Dial(ctx, "127.0.0.1:9107")
+	}}}
+	resp, err := c.Get("http://tulled" + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
 // scrape parses n's /metrics with the Prometheus text parser.
 func scrape(t *testing.T, n *cluster.Node) map[string]*dto.MetricFamily {
 	t.Helper()
