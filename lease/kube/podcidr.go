@@ -128,6 +128,9 @@ func (s *Store) renewPodCIDR(ctx context.Context, l lease.Lease) (lease.Lease, e
 	if v4, v6, err := s.nodeSubnets(n); err == nil && (v4 != l.Subnet || v6 != l.IPv6Subnet) {
 		return l, fmt.Errorf("node %s: %w (pod CIDRs changed to %s %s)", l.Node, lease.ErrLost, v4, v6)
 	}
+	// No expiry in this mode (the Node is the lease); Renewed says when
+	// the Node was last checked and its annotations republished.
+	l.Renewed = time.Now()
 	if sameAnnotations(n.Annotations, encodeAttrs(l.Attrs)) && hasCondition(n) {
 		return l, nil
 	}
