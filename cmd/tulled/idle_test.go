@@ -12,7 +12,17 @@ import (
 // bulk transfer uses next to no CPU: measured from /proc over 3 s, with a
 // generous bound (a busy loop would use 100%).
 func TestIdleCPU(t *testing.T) {
-	c := startCluster(t, 2, cluster.Options{Args: []string{"--tun-queues", "2"}})
+	for _, tc := range []struct{ name, netConf string }{
+		{"udp", cluster.DefaultNetConf},
+		// WireGuard's timers tick every 100 ms.
+		{"wireguard", wgNetConf},
+	} {
+		t.Run(tc.name, func(t *testing.T) { idleCPU(t, tc.netConf) })
+	}
+}
+
+func idleCPU(t *testing.T, netConf string) {
+	c := startCluster(t, 2, cluster.Options{NetConf: netConf, Args: []string{"--tun-queues", "2"}})
 	a, b := c.Nodes[0], c.Nodes[1]
 	if sent, got := transfer(t, a, b, addr(t, b, false), 100<<20, 0); sent != got {
 		t.Fatal("transfer corrupted")
