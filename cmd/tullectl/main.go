@@ -77,6 +77,9 @@ func main() {
 	if errors.Is(err, flag.ErrHelp) {
 		return
 	}
+	if err != nil && isFlagError(err) {
+		os.Exit(2) // the flag package said it in one line, then the command's flags
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "tullectl: %v\n", err)
 		os.Exit(1)
@@ -103,6 +106,17 @@ func status(ctx context.Context, args []string) error {
 		return e.Encode(s)
 	}
 	return printStatus(os.Stdout, s, time.Now())
+}
+
+// isFlagError reports whether err is a command line the flag package
+// refused (and has already printed with the command's flags).
+func isFlagError(err error) bool {
+	for _, p := range []string{"flag provided but not defined", "invalid value", "invalid boolean", "bad flag syntax", "flag needs an argument"} {
+		if strings.HasPrefix(err.Error(), p) {
+			return true
+		}
+	}
+	return false
 }
 
 // printStatus writes the status as aligned tables: the node, then one row

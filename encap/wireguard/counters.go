@@ -45,7 +45,7 @@ var counterNames = [numCounters]string{
 	DropHandshakeQueue: "wg_drop_handshake_queue", DropRateLimited: "wg_drop_rate_limited", CookiesSent: "wg_cookies_sent",
 	CookiesReceived: "wg_cookies_received", HandshakesSent: "wg_handshakes_sent", HandshakesCompleted: "wg_handshakes_completed",
 	HandshakesAbandoned: "wg_handshakes_abandoned", KeepalivesSent: "wg_keepalives_sent", KeepalivesReceived: "wg_keepalives_received",
-	Coalesced: "wg_frames_coalesced",
+	Coalesced: "wg_frames_coalesced", GSOFallbacks: "wg_gso_fallbacks",
 }
 
 // String returns the counter's name as the status API reports it.

@@ -134,6 +134,7 @@ func (s *sender) flush() error {
 		ctr.Add(DatagramsOut, uint64(r.Datagrams))
 		ctr.Add(DropSend, uint64(r.Dropped))
 		if r.FellBack {
+			ctr.Add(GSOFallbacks, 1)
 			s.t.log.Warn("UDP GSO send failed with EIO; sending datagrams one by one from now on", "socket", sk.Name)
 		}
 	})
