@@ -34,6 +34,7 @@ const (
 	KeepalivesSent                     // keepalives sent
 	KeepalivesReceived                 // keepalives received
 	Coalesced                          // received packets merged into TSO super-packets before the TUN write
+	GSOFallbacks                       // times UDP GSO was turned off after EIO
 	numCounters
 )
 
