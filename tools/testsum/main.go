@@ -16,10 +16,11 @@ import (
 )
 
 type event struct {
-	Action  string
-	Package string
-	Test    string
-	Output  string
+	Action     string
+	Package    string
+	ImportPath string // build-output and build-fail events
+	Test       string
+	Output     string
 }
 
 func main() {
@@ -38,6 +39,12 @@ func main() {
 		}
 		key := e.Package + " " + e.Test
 		switch e.Action {
+		case "build-output":
+			fmt.Print(e.Output)
+			continue
+		case "build-fail":
+			failures = append(failures, e.ImportPath+" (build failed)")
+			continue
 		case "start":
 			started[e.Package] = true
 		case "output":
@@ -88,7 +95,8 @@ func main() {
 		slices.Sort(failures)
 		fmt.Printf("failed: %s\n", strings.Join(failures, ", "))
 	}
-	fmt.Printf("tests: %d passed, %d failed, %d skipped\n", passed, failed, len(skipped))
+	// A package that failed to build or crashed counts as a failure too.
+	fmt.Printf("tests: %d passed, %d failed, %d skipped\n", passed, max(failed, len(failures)), len(skipped))
 	if len(failures) > 0 {
 		os.Exit(1)
 	}
