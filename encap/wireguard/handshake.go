@@ -271,7 +271,7 @@ func (t *Transport) runTimers(s *sender) {
 				t.index.CompareAndDelete(p.hs.localIndex, p)
 				p.hs, p.attempt = handshake{}, 0
 				t.ctr.Add(HandshakesAbandoned, 1)
-				t.ctr.Add(DropStaged, uint64(len(p.staged)))
+				p.dropStagedLocked(p.staged)
 				p.staged = nil
 			} else {
 				retry = true

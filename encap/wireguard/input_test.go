@@ -2,6 +2,7 @@ package wireguard
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -93,7 +94,7 @@ func TestBadInput(t *testing.T) {
 		{"bad tag", corrupt, DropAuth, nil},
 		{"bad mac1", badMAC[:], DropMAC1, nil},
 		{"unknown key", unknownInit[:], DropUnknownKey, nil},
-		{"not IP inside", notIP, DropNotIP, nil},
+		{"not IP inside", notIP, DropNotIP, roamer}, // authentic: it comes from the peer
 		{"valid", valid, -1, roamer},
 		{"replayed", valid, DropReplay, attacker},
 	}
@@ -324,5 +325,32 @@ func TestKeyRotation(t *testing.T) {
 	exchange("after a handshake to the new key")
 	if v := a.ctr.Get(DropStaged) + b.ctr.Get(DropStaged); v != 0 {
 		t.Errorf("%d frames dropped", v)
+	}
+}
+
+// TestStagingBounded: frames for peers that never answer are staged up
+// to 16 per peer and 8 MiB in all, then dropped and counted.
+func TestStagingBounded(t *testing.T) {
+	a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
+	var peers []PeerConfig
+	for i := range 300 {
+		peers = append(peers, PeerConfig{Name: fmt.Sprint("silent", i), Key: mustKey(t).Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i))})
+	}
+	a.tr.SetPeers(peers)
+	pkt := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 60000)
+	for round := range 20 {
+		for _, p := range peers {
+			a.tr.Send([]tunnel.Frame{frame(pkt, tt.TSO(pkt, 1400), p.Endpoint)})
+		}
+		if got := a.tr.stagedBytes.Load(); got > maxStagedBytes {
+			t.Fatalf("round %d: %d bytes staged, bound %d", round, got, maxStagedBytes)
+		}
+	}
+	if a.ctr.Get(DropStaged) == 0 {
+		t.Error("nothing dropped past the bound")
+	}
+	a.tr.SetPeers(nil)
+	if got := a.tr.stagedBytes.Load(); got != 0 {
+		t.Errorf("%d bytes still staged after every peer left", got)
 	}
 }

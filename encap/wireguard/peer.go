@@ -103,6 +103,7 @@ func (p *peer) remove() {
 	defer p.mu.Unlock()
 	p.removed = true
 	p.wipeLocked()
+	p.dropStagedLocked(p.staged)
 	p.staged = nil
 }
 
@@ -136,24 +137,43 @@ func (p *peer) kick() {
 }
 
 // stage keeps a copy of a frame until a session exists; the oldest goes
-// when the queue is full.
+// when the peer's queue is full. All peers' staged frames together hold
+// at most maxStagedBytes: traffic to many peers that never answer cannot
+// pin unbounded memory.
 func (p *peer) stage(f *tunnel.Frame) {
 	pkt := f.Packet()
-	buf := make([]byte, tunnel.Headroom+len(pkt))
+	size := int64(tunnel.Headroom + len(pkt))
+	if p.t.stagedBytes.Add(size) > maxStagedBytes {
+		p.t.stagedBytes.Add(-size)
+		p.t.ctr.Add(DropStaged, 1)
+		return
+	}
+	buf := make([]byte, size)
 	copy(buf[tunnel.Headroom:], pkt)
 	c := tunnel.Frame{Buf: buf, Off: tunnel.Headroom, Offload: f.Offload, Addr: p.cfgEndpoint}
 	p.mu.Lock()
 	if p.removed {
 		p.mu.Unlock()
+		p.t.stagedBytes.Add(-size)
 		return
 	}
 	if len(p.staged) >= maxStaged {
+		p.dropStagedLocked(p.staged[:1])
 		p.staged = p.staged[1:]
-		p.t.ctr.Add(DropStaged, 1)
 	}
 	p.staged = append(p.staged, c)
 	p.mu.Unlock()
 	p.t.ctr.Add(Staged, 1)
+}
+
+// dropStagedLocked gives up staged frames (counted) and their memory.
+func (p *peer) dropStagedLocked(fs []tunnel.Frame) {
+	var n int64
+	for _, f := range fs {
+		n += int64(len(f.Buf))
+	}
+	p.t.stagedBytes.Add(-n)
+	p.t.ctr.Add(DropStaged, uint64(len(fs)))
 }
 
 // flushStaged sends what waited for a session.
@@ -162,9 +182,15 @@ func (p *peer) flushStaged() {
 	fs := p.staged
 	p.staged = nil
 	p.mu.Unlock()
-	if len(fs) > 0 {
-		p.t.Send(fs)
+	if len(fs) == 0 {
+		return
 	}
+	var n int64
+	for _, f := range fs {
+		n += int64(len(f.Buf))
+	}
+	p.t.stagedBytes.Add(-n)
+	p.t.Send(fs)
 }
 
 // installLocked makes kp a session of p: an initiator's is used at once,

@@ -62,8 +62,9 @@ const (
 	// paper's flood protection: 50 per second).
 	initiationMinInterval = 20 * time.Millisecond
 	// maxStaged is how many frames one peer may hold while its session is
-	// set up.
-	maxStaged = 16
+	// set up, maxStagedBytes what all peers' staged frames may hold.
+	maxStaged      = 16
+	maxStagedBytes = 8 << 20
 	// handshakeQueue bounds handshake messages waiting for the handshake
 	// goroutine; past an eighth of it the node is under load and asks
 	// for cookies.
@@ -141,14 +142,15 @@ type Transport struct {
 	peers atomic.Pointer[peerSnapshot] // immutable, swapped whole
 	index sync.Map                     // uint32 → *keypair or *peer (a handshake in flight)
 
-	senders *pool.Pool[sender]
-	hsq     chan hsMessage
-	kicks   chan *peer
-	cookies cookieJar
-	limiter rateLimiter
-	done    chan struct{}
-	wg      sync.WaitGroup
-	closed  atomic.Bool
+	senders     *pool.Pool[sender]
+	stagedBytes atomic.Int64 // memory held by staged frames, all peers
+	hsq         chan hsMessage
+	kicks       chan *peer
+	cookies     cookieJar
+	limiter     rateLimiter
+	done        chan struct{}
+	wg          sync.WaitGroup
+	closed      atomic.Bool
 }
 
 type peerSnapshot struct {
