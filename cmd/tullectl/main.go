@@ -34,13 +34,13 @@ func usage() {
 	fmt.Fprintln(os.Stderr, `usage: tullectl <command> [flags]
 
 commands:
-  status   show a running tulled's lease, peers and counters
-  rotate-key  give a running tulled a new WireGuard key (sessions carry on)
+  status       show a running tulled's lease, peers, traffic and counters (-o json for scripts)
+  rotate-key   give a running tulled a new WireGuard key (sessions carry on)
   install-cni  copy the CNI plugin and conflist into the host's CNI directories (the DaemonSet's init container)
-  version  print tullectl's version
-  leases   list the leases in a local lease store
-  demo     run a three-node tulle overlay in network namespaces (root)
-  bench    measure raw veth, kernel VXLAN and tulle side by side with iperf3 (root)`)
+  leases       list the leases in a local lease store
+  demo         run a three-node tulle overlay in network namespaces (root)
+  bench        measure raw veth, kernel VXLAN, tulle and wireguard-go side by side with iperf3 (root)
+  version      print tullectl's version`)
 }
 
 func main() {
