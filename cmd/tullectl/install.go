@@ -1,13 +1,14 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/containernetworking/cni/libcni"
+
+	"github.com/tulle-net/tulle/internal/atomicfile"
 )
 
 // installCNI copies the CNI plugin and its conflist into the host's CNI
@@ -35,32 +36,12 @@ func installCNI(args []string) error {
 	if err != nil {
 		return fmt.Errorf("install-cni: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(*binDir, "tulle"), bin, 0o755); err != nil {
-		return err
+	if err := atomicfile.Write(filepath.Join(*binDir, "tulle"), bin, 0o755); err != nil {
+		return fmt.Errorf("install-cni: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(*confDir, filepath.Base(*conflist)), conf, 0o644); err != nil {
-		return err
+	if err := atomicfile.Write(filepath.Join(*confDir, filepath.Base(*conflist)), conf, 0o644); err != nil {
+		return fmt.Errorf("install-cni: %w", err)
 	}
 	fmt.Printf("installed %s and %s\n", filepath.Join(*binDir, "tulle"), filepath.Join(*confDir, filepath.Base(*conflist)))
-	return nil
-}
-
-func writeAtomic(path string, b []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("install-cni: %w", err)
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
-	if err != nil {
-		return fmt.Errorf("install-cni: %w", err)
-	}
-	defer os.Remove(f.Name())
-	_, werr := f.Write(b)
-	errs := errors.Join(werr, f.Chmod(mode), f.Sync(), f.Close())
-	if errs != nil {
-		return fmt.Errorf("install-cni: write %s: %w", path, errs)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("install-cni: %w", err)
-	}
 	return nil
 }

@@ -159,10 +159,16 @@ func TestWireGuard(t *testing.T) {
 					t.Errorf("%s: no handshake with %s", a.Name, p.Name)
 				}
 			}
-			for _, k := range []string{"wg_drop_auth", "wg_drop_replay", "wg_drop_malformed", "wg_drop_not_ip", "wg_drop_unknown_key", "drop_spoofed"} {
+			for _, k := range []string{"wg_drop_auth", "wg_drop_replay", "wg_drop_malformed", "wg_drop_not_ip", "drop_spoofed"} {
 				if v := counter(t, b, k); v != 0 {
 					t.Errorf("%s: %s = %d", b.Name, k, v)
 				}
+			}
+			// An initiation can arrive before its sender's lease does (the
+			// nodes start together): dropped, then answered by the
+			// handshake the receiver offers when it learns of the peer.
+			if v := counter(t, b, "wg_drop_unknown_key"); v > 2 {
+				t.Errorf("%s: wg_drop_unknown_key = %d, want at most one per peer at start", b.Name, v)
 			}
 			if v := counter(t, b, "datagrams_out"); v != 0 {
 				t.Errorf("%d udp (plaintext) datagrams left a WireGuard node", v)

@@ -44,7 +44,7 @@ func (t *Transport) handshakes() {
 			t.handle(&m)
 		case p := <-t.kicks:
 			p.kickPending.Store(false)
-			t.initiate(p, false)
+			t.initiate(p, false, p.offerPending.Swap(false))
 		case <-tk.C:
 			t.runTimers(s)
 		}
@@ -210,15 +210,22 @@ func (p *peer) cookieLocked(mnow int64) *[16]byte {
 }
 
 // initiate sends an initiation to p. A first try is skipped while the
-// last initiation is younger than RekeyTimeout (its retry is due then).
-func (t *Transport) initiate(p *peer, retry bool) {
+// last initiation is younger than RekeyTimeout (its retry is due then) —
+// unless that one was only an offer (offer: a handshake nobody's packet
+// waits for, made when a peer appears) and this one has data waiting:
+// an offer the peer was not ready for never delays traffic.
+func (t *Transport) initiate(p *peer, retry, offer bool) {
 	mnow := mono()
 	var msg [initiationSize]byte
 	p.mu.Lock()
 	st := p.static.Load()
-	if p.removed || !st.ok || (!retry && p.lastInit != 0 && mnow-p.lastInit < int64(t.timers.RekeyTimeout)) {
+	recent := p.lastInit != 0 && mnow-p.lastInit < int64(t.timers.RekeyTimeout)
+	if p.removed || !st.ok || (!retry && recent && (offer || !p.offered)) {
 		p.mu.Unlock()
 		return
+	}
+	if !retry {
+		p.offered = offer
 	}
 	if p.attempt == 0 {
 		p.attempt = mnow
@@ -290,7 +297,7 @@ func (t *Transport) runTimers(s *sender) {
 		}
 		p.mu.Unlock()
 		if retry {
-			t.initiate(p, true)
+			t.initiate(p, true, false)
 		}
 		usable := cur.usable(mnow, T)
 		lastSent, lastData := p.lastSent.Load(), p.lastDataRecv.Load()
@@ -301,12 +308,12 @@ func (t *Transport) runTimers(s *sender) {
 			if usable {
 				s.keepalive(p, cur)
 			} else {
-				t.initiate(p, false)
+				t.initiate(p, false, false)
 			}
 		}
 		if ws := p.waitingSince.Load(); ws != 0 && mnow-ws >= int64(T.KeepaliveTimeout+T.RekeyTimeout) {
 			p.waitingSince.Store(0)
-			t.initiate(p, false)
+			t.initiate(p, false, false)
 		}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/crypto/curve25519"
+
+	"github.com/tulle-net/tulle/internal/atomicfile"
 )
 
 // KeyLen is the length of every WireGuard key.
@@ -132,33 +134,13 @@ func ReadPSKFile(path string) (Key, error) {
 	return k, nil
 }
 
-// WriteKeyFile writes k to path with mode 0600, atomically (a temporary
-// file renamed into place), so a crash never leaves half a key.
+// WriteKeyFile writes k to path with mode 0600, atomically, so a crash
+// never leaves half a key and the key is never readable by others.
 func WriteKeyFile(path string, k Key) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("key dir: %w", err)
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".key-*")
-	if err != nil {
-		return fmt.Errorf("write key: %w", err)
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("write key: %w", err)
-	}
-	if _, err := f.WriteString(k.String() + "\n"); err != nil {
-		f.Close()
-		return fmt.Errorf("write key: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write key: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write key: %w", err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
+	if err := atomicfile.Write(path, []byte(k.String()+"\n"), 0o600); err != nil {
 		return fmt.Errorf("write key: %w", err)
 	}
 	return nil

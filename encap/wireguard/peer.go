@@ -44,8 +44,10 @@ type peer struct {
 	lastMAC1      [16]byte
 	staged        []tunnel.Frame
 	removed       bool
+	offered       bool // the initiation in flight is an offer (see initiate)
 
 	kickPending   atomic.Bool
+	offerPending  atomic.Bool  // the pending kick is an offer
 	lastSent      atomic.Int64 // mono: any message sent
 	lastRecv      atomic.Int64 // mono: any authenticated message received
 	lastDataRecv  atomic.Int64 // mono: a data message received
@@ -123,9 +125,20 @@ func (p *peer) wipeLocked() {
 	p.attempt = 0
 }
 
-// kick asks the handshake goroutine for an initiation (rate-limited
-// there), without blocking the caller.
+// kick asks the handshake goroutine for an initiation because data waits
+// for a session (rate-limited there), without blocking the caller.
 func (p *peer) kick() {
+	p.offerPending.Store(false)
+	p.request()
+}
+
+// offer asks for an initiation nobody waits for yet: a new peer.
+func (p *peer) offer() {
+	p.offerPending.Store(true)
+	p.request()
+}
+
+func (p *peer) request() {
 	if p.kickPending.Swap(true) {
 		return
 	}

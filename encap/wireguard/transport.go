@@ -71,7 +71,7 @@ const (
 	handshakeQueue = 1024
 	// tick is how often the timers are looked at.
 	tick = 100 * time.Millisecond
-	// eagerJitter spreads the handshakes a start offers its peers.
+	// eagerJitter spreads the handshakes offered to new peers.
 	eagerJitter = 50 * time.Millisecond
 )
 
@@ -138,7 +138,6 @@ type Transport struct {
 	prevUntil atomic.Int64
 
 	mu    sync.Mutex                   // SetPeers, SetPrivateKey
-	eager bool                         // the first peers got their handshakes
 	peers atomic.Pointer[peerSnapshot] // immutable, swapped whole
 	index sync.Map                     // uint32 → *keypair or *peer (a handshake in flight)
 
@@ -263,6 +262,7 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		byName[p.name] = p
 	}
 	next := &peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}}
+	var fresh []*peer
 	for _, c := range cfgs {
 		if c.Key.IsZero() || !c.Endpoint.IsValid() || next.byKey[c.Key] != nil {
 			continue
@@ -277,6 +277,8 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 				// The node rotated its key: its sessions stay valid
 				// (they depend on no static key) until it rekeys.
 				np.takeOver(byName[c.Name])
+			default:
+				fresh = append(fresh, np)
 			}
 			p = np
 		}
@@ -286,15 +288,14 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		next.list = append(next.list, p)
 	}
 	t.peers.Store(next)
-	if !t.eager {
-		// The first peers after start: sessions of an earlier run of
-		// this node are gone, and peers may still send on them. Offer
-		// new ones now, each after a random delay so two nodes starting
-		// together rarely cross their initiations.
-		t.eager = true
-		for _, p := range next.list {
-			time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.kick)
-		}
+	// Offer a handshake to every peer new to this transport (all of them
+	// on the first call: the sessions of an earlier run of this node are
+	// gone and peers may still send on them), each after a random delay
+	// so two nodes meeting rarely cross their initiations. A peer that
+	// did not know this node yet, and dropped its initiation, is offered
+	// one in turn when it learns of it.
+	for _, p := range fresh {
+		time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.offer)
 	}
 	for k, p := range old.byKey {
 		if next.byKey[k] != p {

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+
+	"github.com/tulle-net/tulle/internal/atomicfile"
 )
 
 // SubnetFileName is the file in tulled's run directory that tells the CNI
@@ -58,10 +60,5 @@ func WriteSubnetFile(runDir string, s *SubnetFile) error {
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(runDir, SubnetFileName)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.Write(filepath.Join(runDir, SubnetFileName), append(b, '\n'), 0o644)
 }
