@@ -15,7 +15,6 @@ import (
 type wg struct {
 	transport *wireguard.Transport
 	dev       *wireguard.Device
-	key       wireguard.Key
 }
 
 // mode is how the status names where WireGuard runs.
@@ -66,7 +65,6 @@ func (w *wg) rotate(keyFile string) (wireguard.Key, error) {
 	} else {
 		w.transport.SetPrivateKey(k)
 	}
-	w.key = k
 	return k, nil
 }
 
@@ -113,7 +111,7 @@ func startWireGuard(o *options, u *underlay, ctr *wireguard.Counters, log *slog.
 			return nil, badConfig("flag --wireguard-psk: %v", err)
 		}
 	}
-	w := &wg{key: key}
+	w := &wg{}
 	if device {
 		w.dev, err = wireguard.NewDevice(wireguard.DeviceConfig{Name: o.wgDevice, PrivateKey: key, PresharedKey: psk, Port: o.net.Backend.Port,
 			MTU: wireguard.InnerMTU(u.mtu, u.primaryIs6), PersistentKeepalive: o.net.Backend.PersistentKeepalive})

@@ -121,12 +121,9 @@ func tai64n(t time.Time) [12]byte {
 
 // Errors of message handling; each maps to a drop counter.
 var (
-	errDecrypt   = errors.New("authentication failed")
-	errUnknown   = errors.New("unknown peer or index")
-	errReplay    = errors.New("replayed or stale handshake")
-	errFlood     = errors.New("handshake flood")
-	errState     = errors.New("unexpected handshake state")
-	errMalformed = errors.New("malformed message")
+	errDecrypt = errors.New("authentication failed")
+	errUnknown = errors.New("unknown peer or index")
+	errState   = errors.New("unexpected handshake state")
 )
 
 // keyMaterial is this node's static identity, precomputed per key.
