@@ -1,10 +1,14 @@
-// Package kubetest runs a real kube-apiserver and etcd on loopback for
-// integration tests (envtest style: no controller-manager, no kubelet; tests
-// create Nodes and set pod CIDRs themselves).
+// Package kubetest runs a real kube-apiserver and etcd for integration tests
+// (envtest style: no controller-manager, no kubelet; tests create Nodes and
+// set pod CIDRs themselves). By default both listen on the host's loopback;
+// with Options.NetNS they run inside a network namespace, on an address
+// there, and the host reaches the API server through a relay on loopback
+// (internal/kubecluster builds a whole cluster that way).
 //
-// Binaries: etcd from PATH (Debian's etcd-server), kube-apiserver from
-// $TULLE_KUBE_APISERVER or ~/.cache/tulle/kube-v1.34.4/kube-apiserver, which
-// .ci/run builds from the tools/kube module.
+// Binaries: etcd from PATH (Debian's etcd-server), the Kubernetes ones from
+// $TULLE_KUBE_BIN (a directory) or ~/.cache/tulle/kube-v1.34.4/, which
+// tools/setup builds from the tools/kube module; $TULLE_KUBE_APISERVER
+// still names the API server alone.
 package kubetest
 
 import (
@@ -19,6 +23,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,13 +38,24 @@ import (
 // KubeVersion is the kube-apiserver version the harness expects.
 const KubeVersion = "v1.34.4"
 
+// BinDir is the directory of the Kubernetes binaries tools/setup builds.
+func BinDir() string {
+	if p := os.Getenv("TULLE_KUBE_BIN"); p != "" {
+		return p
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".cache", "tulle", "kube-"+KubeVersion)
+}
+
+// Bin is the path of the Kubernetes binary name (kubelet, kubectl, …).
+func Bin(name string) string { return filepath.Join(BinDir(), name) }
+
 // APIServerPath returns where the kube-apiserver binary is expected.
 func APIServerPath() string {
 	if p := os.Getenv("TULLE_KUBE_APISERVER"); p != "" {
 		return p
 	}
-	home, _ := os.UserHomeDir()
-	return filepath.Join(home, ".cache", "tulle", "kube-"+KubeVersion, "kube-apiserver")
+	return Bin("kube-apiserver")
 }
 
 // Missing says which binary is missing, or "".
@@ -60,18 +76,57 @@ const (
 	TulledUser  = "tulled"
 )
 
+// Options place the control plane. The zero value is the host's loopback.
+type Options struct {
+	// NetNS runs etcd and kube-apiserver in this named network namespace
+	// (etcd on its loopback, the API server on Address:6443); the host
+	// reaches the API server through a relay on its own loopback.
+	NetNS string
+	// Address is the API server's address in NetNS, also advertised as
+	// the kubernetes Service's endpoint.
+	Address netip.Addr
+	// DoIn runs fn inside a named network namespace (topo.DoIn); needed
+	// with NetNS.
+	DoIn func(ns string, fn func() error) error
+	// ServiceCIDR is the Service network (default 100.64.0.0/24).
+	ServiceCIDR string
+	// Args are extra kube-apiserver flags.
+	Args []string
+}
+
 // Cluster is a running etcd + kube-apiserver.
 type Cluster struct {
 	dir       string
+	opt       Options
 	etcd      *exec.Cmd
 	apiserver *exec.Cmd
 	etcdURL   string
-	port      int
+	port      int // the host's: the API server's own, or the relay's
+	relay     net.Listener
+	// CA signs the API server's serving certificate (CAFile), so in-cluster
+	// clients can verify it.
+	CA *CA
 }
 
-// Start starts etcd and kube-apiserver and waits until the API is ready.
-func Start(dir string) (*Cluster, error) {
-	c := &Cluster{dir: dir}
+// Start starts etcd and kube-apiserver on the host's loopback and waits
+// until the API is ready.
+func Start(dir string) (*Cluster, error) { return StartWith(dir, Options{}) }
+
+// StartWith starts etcd and kube-apiserver where opt says and waits until
+// the API is ready.
+func StartWith(dir string, opt Options) (c *Cluster, err error) {
+	if opt.ServiceCIDR == "" {
+		opt.ServiceCIDR = "100.64.0.0/24"
+	}
+	if opt.NetNS != "" && (opt.DoIn == nil || !opt.Address.IsValid()) {
+		return nil, errors.New("kubetest: NetNS needs DoIn and Address")
+	}
+	c = &Cluster{dir: dir, opt: opt}
+	defer func() {
+		if err != nil {
+			c.Stop()
+		}
+	}()
 	ports, err := freePorts(3)
 	if err != nil {
 		return nil, err
@@ -79,25 +134,38 @@ func Start(dir string) (*Cluster, error) {
 	c.etcdURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
 	peer := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
 	c.port = ports[2]
-	c.etcd = exec.Command("etcd", "--data-dir", filepath.Join(dir, "etcd"), "--name", "default",
+	c.etcd = c.command("etcd", "--data-dir", filepath.Join(dir, "etcd"), "--name", "default",
 		"--listen-client-urls", c.etcdURL, "--advertise-client-urls", c.etcdURL,
 		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "default="+peer,
 		"--log-level", "error")
-	if err := start(c.etcd, filepath.Join(dir, "etcd.log")); err != nil {
+	if err := Run(c.etcd, filepath.Join(dir, "etcd.log")); err != nil {
 		return nil, err
 	}
 	if err := c.writeFiles(); err != nil {
-		c.Stop()
 		return nil, err
 	}
+	if opt.NetNS != "" {
+		if err := c.startRelay(); err != nil {
+			return nil, err
+		}
+	}
 	if err := c.StartAPIServer(); err != nil {
-		c.Stop()
 		return nil, err
 	}
 	return c, nil
 }
 
-func start(cmd *exec.Cmd, logPath string) error {
+// command is name with args, inside the namespace when there is one.
+func (c *Cluster) command(name string, args ...string) *exec.Cmd {
+	if c.opt.NetNS == "" {
+		return exec.Command(name, args...)
+	}
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + c.opt.NetNS, "--", name}, args...)...)
+}
+
+// Run starts cmd with its output appended to logPath, killed when this
+// process dies; a goroutine reaps it.
+func Run(cmd *exec.Cmd, logPath string) error {
 	log, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return err
@@ -113,6 +181,21 @@ func start(cmd *exec.Cmd, logPath string) error {
 }
 
 func (c *Cluster) writeFiles() error {
+	ips := []net.IP{net.IPv4(127, 0, 0, 1)}
+	if c.opt.Address.IsValid() {
+		ips = append(ips, c.opt.Address.AsSlice())
+	}
+	if svc, err := netip.ParsePrefix(c.opt.ServiceCIDR); err == nil {
+		ips = append(ips, svc.Addr().Next().AsSlice()) // the kubernetes Service
+	}
+	ca, err := NewCA(c.dir)
+	if err != nil {
+		return err
+	}
+	c.CA = ca
+	if err := ca.Issue("apiserver", ips, []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}); err != nil {
+		return err
+	}
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		return err
@@ -134,19 +217,23 @@ func (c *Cluster) writeFiles() error {
 // StartAPIServer (re)starts kube-apiserver on the same port and etcd.
 func (c *Cluster) StartAPIServer() error {
 	d := c.dir
-	c.apiserver = exec.Command(APIServerPath(),
+	addr, port := "127.0.0.1", c.port
+	if c.opt.NetNS != "" {
+		addr, port = c.opt.Address.String(), APIPort
+	}
+	c.apiserver = c.command(APIServerPath(), append([]string{
 		"--etcd-servers", c.etcdURL,
-		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", strconv.Itoa(c.port),
-		"--cert-dir", filepath.Join(d, "certs"),
+		"--bind-address", addr, "--advertise-address", addr, "--secure-port", strconv.Itoa(port),
+		"--tls-cert-file", c.CA.CertFile("apiserver"), "--tls-private-key-file", c.CA.KeyFile("apiserver"),
 		"--service-account-issuer", "https://kubernetes.default.svc", "--service-account-key-file", filepath.Join(d, "sa.pub"),
 		"--service-account-signing-key-file", filepath.Join(d, "sa.key"),
-		"--service-cluster-ip-range", "100.64.0.0/24",
+		"--service-cluster-ip-range", c.opt.ServiceCIDR,
 		"--token-auth-file", filepath.Join(d, "tokens.csv"),
 		"--authorization-mode", "RBAC",
 		"--enable-priority-and-fairness=false",
 		"--max-requests-inflight", "3000", "--max-mutating-requests-inflight", "1000",
-	)
-	if err := start(c.apiserver, filepath.Join(d, "apiserver.log")); err != nil {
+	}, c.opt.Args...)...)
+	if err := Run(c.apiserver, filepath.Join(d, "apiserver.log")); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(90 * time.Second)
@@ -192,16 +279,75 @@ func (c *Cluster) StopAPIServer() {
 	}
 }
 
-// Stop stops both.
+// Stop stops both (and the relay).
 func (c *Cluster) Stop() {
 	c.StopAPIServer()
 	if c.etcd != nil && c.etcd.Process != nil {
 		c.etcd.Process.Kill()
 	}
+	if c.relay != nil {
+		c.relay.Close()
+	}
 }
 
-// URL is the API server's address.
+// startRelay listens on the host's loopback and relays each connection to
+// the API server inside the namespace (a socket keeps the namespace it was
+// made in).
+func (c *Cluster) startRelay() error {
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", c.port))
+	if err != nil {
+		return fmt.Errorf("relay to the API server: %w", err)
+	}
+	c.relay = ln
+	target := net.JoinHostPort(c.opt.Address.String(), strconv.Itoa(APIPort))
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer in.Close()
+				var out net.Conn
+				if err := c.opt.DoIn(c.opt.NetNS, func() (err error) {
+					out, err = net.DialTimeout("tcp", target, 5*time.Second)
+					return err
+				}); err != nil {
+					return
+				}
+				defer out.Close()
+				splice(in, out)
+			}()
+		}
+	}()
+	return nil
+}
+
+// splice copies both ways until either side ends.
+func splice(a, b net.Conn) {
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(a, b); done <- struct{}{} }()
+	go func() { io.Copy(b, a); done <- struct{}{} }()
+	<-done
+}
+
+// APIPort is the API server's port inside Options.NetNS.
+const APIPort = 6443
+
+// URL is the API server's address from the host.
 func (c *Cluster) URL() string { return fmt.Sprintf("https://127.0.0.1:%d", c.port) }
+
+// InternalURL is the API server's address from inside the network (the
+// namespace's Address), or URL without a namespace.
+func (c *Cluster) InternalURL() string {
+	if c.opt.NetNS == "" {
+		return c.URL()
+	}
+	return "https://" + net.JoinHostPort(c.opt.Address.String(), strconv.Itoa(APIPort))
+}
+
+// Dir is the directory holding the cluster's files and logs.
+func (c *Cluster) Dir() string { return c.dir }
 
 // Config returns a client config authenticating with token.
 func (c *Cluster) Config(token string) *rest.Config {
@@ -215,14 +361,25 @@ func (c *Cluster) Client(token string) (kubernetes.Interface, error) {
 
 // Kubeconfig writes a kubeconfig file for token and returns its path.
 func (c *Cluster) Kubeconfig(token string) (string, error) {
-	p := filepath.Join(c.dir, "kubeconfig-"+hex.EncodeToString([]byte(token))[:8])
+	return c.writeKubeconfig("kubeconfig-"+hex.EncodeToString([]byte(token))[:8], c.URL(), token)
+}
+
+// InternalKubeconfig writes a kubeconfig for token that reaches the API
+// server at InternalURL, verifying it with the CA (for components in the
+// cluster's namespaces).
+func (c *Cluster) InternalKubeconfig(token string) (string, error) {
+	return c.writeKubeconfig("kubeconfig-internal-"+hex.EncodeToString([]byte(token))[:8], c.InternalURL(), token)
+}
+
+func (c *Cluster) writeKubeconfig(name, server, token string) (string, error) {
+	p := filepath.Join(c.dir, name)
 	doc := fmt.Sprintf(`apiVersion: v1
 kind: Config
-clusters: [{name: test, cluster: {server: %q, insecure-skip-tls-verify: true}}]
+clusters: [{name: test, cluster: {server: %q, certificate-authority: %q}}]
 users: [{name: test, user: {token: %q}}]
 contexts: [{name: test, context: {cluster: test, user: test}}]
 current-context: test
-`, c.URL(), token)
+`, server, c.CA.CAFile(), token)
 	return p, os.WriteFile(p, []byte(doc), 0o600)
 }
 
@@ -273,8 +430,7 @@ func (c *Cluster) ForwardInto(ns string, doIn func(string, func() error) error) 
 					return
 				}
 				defer out.Close()
-				go io.Copy(out, in)
-				io.Copy(in, out)
+				splice(in, out)
 			}()
 		}
 	}()

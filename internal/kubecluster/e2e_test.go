@@ -1,0 +1,543 @@
+package kubecluster_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	neturl "net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tulle-net/tulle/internal/kubecluster"
+	"github.com/tulle-net/tulle/internal/testenv"
+)
+
+// TestRealCluster installs tulle into a real cluster (etcd, kube-apiserver,
+// controller-manager, scheduler; containerd + kubelet + kube-proxy nodes in
+// namespaces) with `kubectl apply -k deploy/` and checks what a user would:
+// the DaemonSet Ready everywhere, Nodes marked, pods on every node talking
+// to each other (both families), to other nodes' hosts and through a
+// Service; a rolling update of tulle under a long transfer; pod deletion
+// freeing addresses; a kubelet restart; a Node's removal.
+func TestRealCluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a whole cluster: not in -short")
+	}
+	testenv.Require(t, kubecluster.Missing())
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	root, _ := filepath.Abs("../..")
+	dir := t.TempDir()
+	start := time.Now()
+	c, err := kubecluster.Start(ctx, kubecluster.Options{Nodes: 3, Dir: dir, Root: root, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, c, dir)
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	t.Logf("cluster up in %s", time.Since(start).Round(time.Second))
+	tag := kubecluster.RandomTag()
+	if err := c.InstallTulle(ctx, tag); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("tulle installed and ready on %d nodes after %s", len(c.Nodes), time.Since(start).Round(time.Second))
+
+	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
+
+	const ns, app, replicas = "default", "echo", 6
+	if err := waitSA(ctx, c, ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.Kubectl(ctx, "get", "pods", "-o", "wide"); err == nil {
+		t.Logf("kubectl get pods -o wide:\n%s", out)
+	}
+	t.Run("PodAddresses", func(t *testing.T) { checkPodAddresses(t, ctx, c, pods) })
+	t.Run("PodToPod", func(t *testing.T) { checkPodToPod(t, ctx, c, pods) })
+	t.Run("PodToHost", func(t *testing.T) { checkPodToHost(t, ctx, c, pods) })
+	t.Run("Service", func(t *testing.T) { checkService(t, ctx, c, ns, app, pods) })
+	t.Run("RollingUpdate", func(t *testing.T) { checkRollingUpdate(t, ctx, c, tag, pods) })
+	t.Run("PodDelete", func(t *testing.T) { checkPodDelete(t, ctx, c, ns, app, replicas) })
+	t.Run("KubeletRestart", func(t *testing.T) { checkKubeletRestart(t, ctx, c, ns, app) })
+	t.Run("NodeRemoval", func(t *testing.T) { checkNodeRemoval(t, ctx, c) })
+}
+
+// waitSA waits for the namespace's default ServiceAccount (the
+// controller-manager makes it; pods are refused before).
+func waitSA(ctx context.Context, c *kubecluster.Cluster, ns string) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
+	for _, n := range c.Nodes {
+		node, err := c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok, msg := kubecluster.NodeReady(node); !ok {
+			t.Errorf("%s not Ready: %s", n.Name, msg)
+		}
+		var netUnavailable *corev1.NodeCondition
+		for i, cd := range node.Status.Conditions {
+			if cd.Type == corev1.NodeNetworkUnavailable {
+				netUnavailable = &node.Status.Conditions[i]
+			}
+		}
+		if netUnavailable == nil || netUnavailable.Status != corev1.ConditionFalse {
+			t.Errorf("%s: NetworkUnavailable %+v, want False", n.Name, netUnavailable)
+		}
+		if got := node.Annotations["tulle.dev/public-ip"]; got != n.IP4.String() {
+			t.Errorf("%s: annotation tulle.dev/public-ip %q, want %s (all: %v)", n.Name, got, n.IP4, node.Annotations)
+		}
+	}
+}
+
+func checkPodAddresses(t *testing.T, ctx context.Context, c *kubecluster.Cluster, pods []corev1.Pod) {
+	perNode := map[string]int{}
+	for _, p := range pods {
+		perNode[p.Spec.NodeName]++
+		node, err := c.Client.CoreV1().Nodes().Get(ctx, p.Spec.NodeName, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		v4, v6 := kubecluster.PodIPs(&p)
+		for _, ip := range []string{v4, v6} {
+			a, err := netip.ParseAddr(ip)
+			if err != nil {
+				t.Errorf("pod %s: address %q (all: %v)", p.Name, ip, p.Status.PodIPs)
+				continue
+			}
+			in := false
+			for _, cidr := range node.Spec.PodCIDRs {
+				if pf, err := netip.ParsePrefix(cidr); err == nil && pf.Contains(a) {
+					in = true
+				}
+			}
+			if !in {
+				t.Errorf("pod %s on %s: %s not in the node's pod CIDRs %v", p.Name, p.Spec.NodeName, a, node.Spec.PodCIDRs)
+			}
+		}
+	}
+	for _, n := range c.Nodes {
+		if perNode[n.Name] == 0 {
+			t.Errorf("no test pod on %s: %v", n.Name, perNode)
+		}
+	}
+}
+
+// checkPodToPod: every pod reaches every other pod's server, over IPv4 and
+// IPv6.
+func checkPodToPod(t *testing.T, ctx context.Context, c *kubecluster.Cluster, pods []corev1.Pod) {
+	for i := range pods {
+		from := &pods[i]
+		fv4, _ := kubecluster.PodIPs(from)
+		for j := range pods {
+			if i == j {
+				continue
+			}
+			v4, v6 := kubecluster.PodIPs(&pods[j])
+			for _, ip := range []string{v4, v6} {
+				target := net.JoinHostPort(ip, fmt.Sprint(kubecluster.TestPodPort))
+				answer, err := c.Probe(ctx, from, fv4, "http", target)
+				if err != nil {
+					t.Errorf("%s (%s) → %s (%s) %s: %v", from.Name, from.Spec.NodeName, pods[j].Name, pods[j].Spec.NodeName, target, err)
+					continue
+				}
+				var who struct{ Hostname, From string }
+				if json.Unmarshal([]byte(answer), &who) != nil || who.Hostname != pods[j].Name {
+					t.Errorf("%s → %s answered %q, want hostname %s", from.Name, target, answer, pods[j].Name)
+				}
+				// The source is the pod's own address: no masquerade inside
+				// the cluster network.
+				if host, _, _ := net.SplitHostPort(who.From); host != "" && !slicesContainsIP(from, host) {
+					t.Errorf("%s → %s seen from %s, not one of the pod's addresses %v", from.Name, target, host, from.Status.PodIPs)
+				}
+			}
+		}
+	}
+}
+
+func slicesContainsIP(p *corev1.Pod, ip string) bool {
+	for _, a := range p.Status.PodIPs {
+		if a.IP == ip {
+			return true
+		}
+	}
+	return false
+}
+
+// checkPodToHost: every pod reaches the other nodes' hosts (ICMP both
+// families, TCP to kubelet's port).
+func checkPodToHost(t *testing.T, ctx context.Context, c *kubecluster.Cluster, pods []corev1.Pod) {
+	for i := range pods {
+		from := &pods[i]
+		fv4, _ := kubecluster.PodIPs(from)
+		for _, n := range c.Nodes {
+			if n.Name == from.Spec.NodeName {
+				continue
+			}
+			for _, probe := range [][2]string{
+				{"ping", n.IP4.String()},
+				{"ping", n.IP6.String()},
+				{"tcp", net.JoinHostPort(n.IP4.String(), "10250")},
+			} {
+				if _, err := c.Probe(ctx, from, fv4, probe[0], probe[1]); err != nil {
+					t.Errorf("%s (%s) → host %s %s %s: %v", from.Name, from.Spec.NodeName, n.Name, probe[0], probe[1], err)
+				}
+			}
+		}
+	}
+}
+
+// checkService: from each pod, the ClusterIP Service answers, also from
+// endpoints on other nodes (kube-proxy's DNAT, then tulle).
+func checkService(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns, app string, pods []corev1.Pod) {
+	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, app, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(kubecluster.ServicePort))
+	byName := map[string]corev1.Pod{}
+	for _, p := range pods {
+		byName[p.Name] = p
+	}
+	for i := range pods {
+		from := &pods[i]
+		fv4, _ := kubecluster.PodIPs(from)
+		remote := map[string]bool{}
+		for try := 0; try < 40 && len(remote) < 2; try++ {
+			answer, err := c.Probe(ctx, from, fv4, "http", target)
+			if err != nil {
+				t.Errorf("%s → service %s: %v", from.Name, target, err)
+				break
+			}
+			var who struct{ Hostname string }
+			json.Unmarshal([]byte(answer), &who)
+			if p, ok := byName[who.Hostname]; ok && p.Spec.NodeName != from.Spec.NodeName {
+				remote[who.Hostname] = true
+			}
+		}
+		if len(remote) == 0 {
+			t.Errorf("%s (%s) → service %s: no answer from an endpoint on another node in 40 tries", from.Name, from.Spec.NodeName, target)
+		}
+	}
+}
+
+// checkRollingUpdate changes the DaemonSet's pod template (an env var) and
+// waits for the rollout, while one pod streams 48 MB from a pod on another
+// node at 2 MB/s and the other pods keep probing each other: the transfer
+// arrives intact and no probe between pods on nodes whose tulled is not
+// restarting fails for more than a moment.
+func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag string, pods []corev1.Pod) {
+	src, dst := &pods[0], remotePod(pods, &pods[0])
+	if dst == nil {
+		t.Fatal("no pod pair across nodes")
+	}
+	const size, rate = 48 << 20, 2 << 20
+	sv4, _ := kubecluster.PodIPs(src)
+	dv4, _ := kubecluster.PodIPs(dst)
+	done := make(chan error, 1)
+	var got string
+	go func() {
+		url := fmt.Sprintf("http://%s/stream?bytes=%d&rate=%d", net.JoinHostPort(dv4, fmt.Sprint(kubecluster.TestPodPort)), size, rate)
+		var err error
+		got, err = c.PodGet(ctx, src, sv4, "/fetch?url="+neturl.QueryEscape(url))
+		done <- err
+	}()
+	time.Sleep(2 * time.Second)
+	rollStart := time.Now()
+	if err := c.ApplyTulle(ctx, tag, "- op: add\n  path: /spec/template/spec/containers/0/env/-\n  value: {name: TULLE_E2E_ROLLOUT, value: \"1\"}\n"); err != nil {
+		t.Fatal(err)
+	}
+	// Probe across nodes through the rollout.
+	failures, probes := 0, 0
+	for {
+		for i := range pods {
+			from, to := &pods[i], remotePod(pods, &pods[i])
+			fv4, _ := kubecluster.PodIPs(from)
+			tv4, _ := kubecluster.PodIPs(to)
+			probes++
+			if _, err := c.Probe(ctx, from, fv4, "http", net.JoinHostPort(tv4, fmt.Sprint(kubecluster.TestPodPort))); err != nil {
+				failures++
+				t.Logf("probe %s → %s during the rollout: %v", from.Name, to.Name, err)
+			}
+		}
+		if err := c.WaitTulle(ctx, time.Millisecond); err == nil && time.Since(rollStart) > 5*time.Second {
+			break
+		}
+		if time.Since(rollStart) > 4*time.Minute {
+			t.Fatal("rollout not done in 4 minutes")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("rollout done in %s; %d of %d cross-node probes failed during it", time.Since(rollStart).Round(time.Second), failures, probes)
+	if failures > 0 {
+		t.Errorf("%d of %d cross-node probes failed during the rollout (a tulled restart must not break the datapath)", failures, probes)
+	}
+	ds, err := c.Client.AppsV1().DaemonSets(kubecluster.TulleNamespace).Get(ctx, kubecluster.TulleDaemonSet, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rolled := false
+	for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
+		rolled = rolled || e.Name == "TULLE_E2E_ROLLOUT"
+	}
+	if !rolled {
+		t.Errorf("the DaemonSet's template lacks the new env var")
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("transfer across the rollout: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("transfer across the rollout did not end")
+	}
+	var res struct {
+		Bytes  int64
+		SHA256 string
+	}
+	json.Unmarshal([]byte(got), &res)
+	h := sha256.New()
+	buf := make([]byte, size)
+	for i := range buf {
+		buf[i] = byte(i % 251)
+	}
+	h.Write(buf)
+	if want := hex.EncodeToString(h.Sum(nil)); res.Bytes != size || res.SHA256 != want {
+		t.Errorf("transfer across the rollout: %d bytes sha256 %s, want %d bytes %s", res.Bytes, res.SHA256, size, want)
+	}
+}
+
+// remotePod is a pod on another node than p's.
+func remotePod(pods []corev1.Pod, p *corev1.Pod) *corev1.Pod {
+	for i := range pods {
+		if pods[i].Spec.NodeName != p.Spec.NodeName {
+			return &pods[i]
+		}
+	}
+	return nil
+}
+
+// allocations counts the addresses tulle's CNI plugin holds on node n.
+func allocations(t *testing.T, n *kubecluster.Node) int {
+	ents, err := os.ReadDir(n.Host("/var/lib/cni/tulle/tulle"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := 0
+	for _, e := range ents {
+		if _, err := netip.ParseAddr(e.Name()); err == nil {
+			k++
+		}
+	}
+	return k
+}
+
+// checkPodDelete deletes a test pod: CNI DEL frees both its addresses on
+// its node; its replacement gets addresses and answers.
+func checkPodDelete(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns, app string, replicas int) {
+	pods, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := pods[0]
+	n := c.Node(victim.Spec.NodeName)
+	before := allocations(t, n)
+	grace := int64(0)
+	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, victim.Name, metav1.DeleteOptions{GracePeriodSeconds: &grace}); err != nil {
+		t.Fatal(err)
+	}
+	// The Deployment replaces it at once, maybe on the same node: count
+	// the victim's own addresses instead of the total.
+	v4, v6 := kubecluster.PodIPs(&victim)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		held := 0
+		for _, ip := range []string{v4, v6} {
+			if _, err := os.Stat(filepath.Join(n.Host("/var/lib/cni/tulle/tulle"), ip)); err == nil {
+				held++
+			}
+		}
+		if held == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod %s deleted 60 s ago: %s still holds %d of its addresses %s %s", victim.Name, n.Name, held, v4, v6)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if err := waitReady(ctx, c, ns, app, replicas); err != nil {
+		t.Fatal(err)
+	}
+	pods, _ = c.Pods(ctx, ns, "app="+app)
+	if after := allocations(t, n); after > before {
+		t.Errorf("%s holds %d addresses after the delete and the replacement, %d before", n.Name, after, before)
+	}
+	t.Logf("%s: %d addresses before the delete, %d after it and the replacement", n.Name, before, allocations(t, n))
+	for i := range pods {
+		if pods[i].Name == victim.Name {
+			t.Errorf("deleted pod %s still listed", victim.Name)
+		}
+	}
+	checkPodToPod(t, ctx, c, pods)
+}
+
+func waitReady(ctx context.Context, c *kubecluster.Cluster, ns, app string, replicas int) error {
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		pods, err := c.Pods(ctx, ns, "app="+app)
+		if err != nil {
+			return err
+		}
+		ready := 0
+		for _, p := range pods {
+			for _, cd := range p.Status.Conditions {
+				if cd.Type == corev1.PodReady && cd.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
+					ready++
+				}
+			}
+		}
+		if ready == replicas && len(pods) == replicas {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d pods ready after 90 s", ready, replicas)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// checkKubeletRestart restarts one node's kubelet: its pods keep their
+// addresses and connectivity, the allocations stay, and a new pod on that
+// node gets an address.
+func checkKubeletRestart(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns, app string) {
+	n := c.Nodes[0]
+	before := allocations(t, n)
+	podsBefore, _ := c.Pods(ctx, ns, "app="+app)
+	n.StopKubelet()
+	if err := n.StartKubelet(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		node, err := c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err == nil {
+			if ok, _ := kubecluster.NodeReady(node); ok && node.Status.Conditions != nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not Ready 90 s after its kubelet restarted", n.Name)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	time.Sleep(3 * time.Second) // the kubelet's first sync of its pods
+	if after := allocations(t, n); after != before {
+		t.Errorf("%s: %d addresses allocated after the kubelet restart, %d before", n.Name, after, before)
+	}
+	pods, _ := c.Pods(ctx, ns, "app="+app)
+	for _, p := range podsBefore {
+		for _, q := range pods {
+			if p.Name == q.Name && fmt.Sprint(p.Status.PodIPs) != fmt.Sprint(q.Status.PodIPs) {
+				t.Errorf("pod %s: addresses %v after the kubelet restart, %v before", p.Name, q.Status.PodIPs, p.Status.PodIPs)
+			}
+		}
+	}
+	checkPodToPod(t, ctx, c, pods)
+}
+
+// checkNodeRemoval deletes the last node's Node object: the other nodes
+// drop their routes to its pod subnets.
+func checkNodeRemoval(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
+	gone := c.Nodes[len(c.Nodes)-1]
+	node, err := c.Client.CoreV1().Nodes().Get(ctx, gone.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cidrs := node.Spec.PodCIDRs
+	for _, n := range c.Nodes[:len(c.Nodes)-1] {
+		for _, cidr := range cidrs {
+			if !hasRoute(t, n, cidr) {
+				t.Fatalf("%s has no route to %s's %s before the removal", n.Name, gone.Name, cidr)
+			}
+		}
+	}
+	// A removed node is one whose kubelet is gone too (else it registers
+	// again at once).
+	gone.StopKubelet()
+	if err := c.Client.CoreV1().Nodes().Delete(ctx, gone.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for _, n := range c.Nodes[:len(c.Nodes)-1] {
+		for _, cidr := range cidrs {
+			for hasRoute(t, n, cidr) {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s still routes %s 60 s after Node %s was deleted", n.Name, cidr, gone.Name)
+				}
+				time.Sleep(250 * time.Millisecond)
+			}
+		}
+	}
+}
+
+func hasRoute(t *testing.T, n *kubecluster.Node, cidr string) bool {
+	fam := "-4"
+	if strings.Contains(cidr, ":") {
+		fam = "-6"
+	}
+	out, err := exec.Command("ip", "-n", n.NS, fam, "route", "show", cidr).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip route: %v: %s", err, out)
+	}
+	return strings.TrimSpace(string(out)) != ""
+}
+
+// dumpLogs prints the tails of every component's log.
+func dumpLogs(t *testing.T, c *kubecluster.Cluster, dir string) {
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".log") {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		if len(b) > 4000 {
+			b = b[len(b)-4000:]
+		}
+		t.Logf("--- %s:\n%s", strings.TrimPrefix(p, dir), b)
+		return nil
+	})
+}

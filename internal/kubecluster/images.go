@@ -1,0 +1,166 @@
+package kubecluster
+
+import (
+	"archive/tar"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// The test image and the pause image: one static binary (./testpod), two
+// entrypoints. Neither is pulled: the harness builds them and imports them
+// into every node's containerd.
+const (
+	TestImage  = "tulle.test/testpod:1"
+	PauseImage = "tulle.test/pause:1"
+)
+
+// buildTestImages compiles testpod and writes one docker-archive per image
+// into dir, returning their paths.
+func buildTestImages(root, dir string) ([]string, error) {
+	bin := filepath.Join(dir, "testpod")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./internal/kubecluster/testpod")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build testpod: %w: %s", err, out)
+	}
+	layer := filepath.Join(dir, "testpod-layer.tar")
+	if err := writeLayer(layer, map[string]string{"testpod": bin}); err != nil {
+		return nil, err
+	}
+	var archives []string
+	for _, img := range []struct {
+		ref        string
+		entrypoint []string
+	}{
+		{TestImage, []string{"/testpod", "serve"}},
+		{PauseImage, []string{"/testpod", "pause"}},
+	} {
+		p := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.ref)+".tar")
+		if err := writeDockerArchive(p, img.ref, img.entrypoint, layer); err != nil {
+			return nil, fmt.Errorf("image %s: %w", img.ref, err)
+		}
+		archives = append(archives, p)
+	}
+	return archives, nil
+}
+
+// writeLayer writes a layer tar holding each source file at its name
+// (mode 0755, root-owned).
+func writeLayer(path string, files map[string]string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	tw := tar.NewWriter(f)
+	for name, src := range files {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(b)), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg}); err != nil {
+			return err
+		}
+		if _, err := tw.Write(b); err != nil {
+			return err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// writeDockerArchive writes the format `docker save` does (and `ctr images
+// import` reads): manifest.json, the image config, the layer.
+func writeDockerArchive(path, ref string, entrypoint []string, layer string) error {
+	lb, err := os.ReadFile(layer)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(lb)
+	diffID := "sha256:" + hex.EncodeToString(sum[:])
+	config, err := json.Marshal(map[string]any{
+		"architecture": runtime.GOARCH,
+		"os":           "linux",
+		"created":      time.Unix(0, 0).UTC().Format(time.RFC3339),
+		"config":       map[string]any{"Entrypoint": entrypoint, "Env": []string{"PATH=/"}},
+		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{diffID}},
+	})
+	if err != nil {
+		return err
+	}
+	csum := sha256.Sum256(config)
+	configName := hex.EncodeToString(csum[:]) + ".json"
+	manifest, err := json.Marshal([]map[string]any{{"Config": configName, "RepoTags": []string{ref}, "Layers": []string{"layer.tar"}}})
+	if err != nil {
+		return err
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	tw := tar.NewWriter(f)
+	for _, e := range []struct {
+		name string
+		body []byte
+	}{{"manifest.json", manifest}, {configName, config}, {"layer.tar", lb}} {
+		if err := tw.WriteHeader(&tar.Header{Name: e.name, Mode: 0o644, Size: int64(len(e.body)), ModTime: time.Unix(0, 0)}); err != nil {
+			return err
+		}
+		if _, err := tw.Write(e.body); err != nil {
+			return err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// BuildTulleImage builds tulle's image the way a user does (`make image`,
+// buildah) with the tag, and saves it as a docker-archive named tulle:tag,
+// the name the manifests' image "tulle" resolves to.
+func BuildTulleImage(root, dir, tag string) (string, error) {
+	local := "localhost/tulle:" + tag
+	cmd := exec.Command("make", "-s", "-C", root, "image", "VERSION="+tag, "IMAGE="+local)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("make image: %w: %s", err, out)
+	}
+	defer exec.Command("buildah", "rmi", "-f", local).Run()
+	p := filepath.Join(dir, "tulle-"+tag+".tar")
+	os.Remove(p)
+	if out, err := exec.Command("buildah", "push", local, "docker-archive:"+p+":tulle:"+tag).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("buildah push %s: %w: %s", local, err, out)
+	}
+	return p, nil
+}
+
+// copyFile copies src to dst with mode.
+func copyFile(src, dst string, mode os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}

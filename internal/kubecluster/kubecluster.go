@@ -1,0 +1,663 @@
+// Package kubecluster runs a real Kubernetes cluster on one machine, for
+// the end-to-end tests and `tullectl demo --kube`: the cluster tulle is
+// installed into the way a user installs it (kubectl apply -k deploy/).
+//
+// Every machine is a network namespace on one topo underlay
+// (198.18.0.0/24, fd00:198::/64):
+//
+//   - the control plane (the last namespace): etcd, kube-apiserver on
+//     its underlay address :6443, kube-controller-manager (allocating
+//     node pod CIDRs from 100.96.0.0/12 and fd00:96::/56) and
+//     kube-scheduler. The host reaches the API server through a relay on
+//     its loopback; nothing else leaves the namespaces.
+//   - each node (n1, n2, …): containerd (Debian's, with runc) and kubelet
+//     in a mount namespace of their own, in which per-node directories
+//     cover /var/lib/kubelet, /var/log/pods, /opt/cni/bin, /etc/cni/net.d,
+//     /var/lib/cni, /run/tulle and /var/lib/tulle, so each node has its
+//     own; kube-proxy (iptables) in the node's network namespace. A
+//     node's default route points at the control plane, as a node's
+//     points at its gateway; the control plane forwards nothing.
+//
+// Images are never pulled: the test image and the pause image (one static
+// binary, testpod) and tulle's image (make image) are imported into each
+// node's containerd. Binaries: the Kubernetes components from
+// kubetest.BinDir (tools/setup builds them), containerd, runc and ctr from
+// Debian.
+//
+// The package owns everything it creates (namespaces, processes, cgroups,
+// mount points it had to make) and Close removes it all.
+package kubecluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/tulle-net/tulle/internal/kubetest"
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+// The cluster's networks (all inside 100.64.0.0/10 and fd00::/8).
+const (
+	ClusterCIDR4 = "100.96.0.0/12"
+	ClusterCIDR6 = "fd00:96::/56"
+	ServiceCIDR  = "100.64.0.0/24"
+)
+
+// Options shape a cluster.
+type Options struct {
+	// Nodes is the number of kubelet nodes (default 2, at most 4).
+	Nodes int
+	// Dir holds every file and log (a test's TempDir).
+	Dir string
+	// Root is the tulle repository (for make image and the testpod build).
+	Root string
+	// Prefix starts the namespace names (default "tullek8s").
+	Prefix string
+	// Logf reports progress (nil: quiet).
+	Logf func(format string, args ...any)
+}
+
+// Cluster is a running control plane and its nodes.
+type Cluster struct {
+	API        *kubetest.Cluster
+	Topo       *topo.Topology
+	Control    *topo.Node
+	Nodes      []*Node
+	Client     kubernetes.Interface
+	Kubeconfig string // the host's admin kubeconfig (through the relay)
+	Suffix     string
+
+	opt      Options
+	internal string // admin kubeconfig for the namespaces
+	procs    []*exec.Cmd
+	madeDirs []string // host directories made as mount points
+}
+
+// Node is one kubelet node.
+type Node struct {
+	*topo.Node
+	Dir        string
+	CgroupRoot string
+	c          *Cluster
+	containerd *exec.Cmd
+	kubelet    *exec.Cmd
+	proxy      *exec.Cmd
+}
+
+// Missing says what this machine lacks to run a cluster, or "".
+func Missing() string {
+	if why := topo.Require(); why != "" {
+		return why
+	}
+	if why := kubetest.Missing(); why != "" {
+		return why
+	}
+	for _, b := range []string{"kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"} {
+		if _, err := os.Stat(kubetest.Bin(b)); err != nil {
+			return b + " at " + kubetest.Bin(b) + " (tools/setup builds it)"
+		}
+	}
+	for _, t := range []string{"containerd:containerd", "runc:runc", "ctr:containerd", "nsenter:util-linux", "unshare:util-linux", "iptables:iptables", "buildah:buildah", "make:make"} {
+		name, pkg, _ := strings.Cut(t, ":")
+		if _, err := exec.LookPath(name); err != nil {
+			return fmt.Sprintf("%s (apt-get install %s)", name, pkg)
+		}
+	}
+	for _, p := range []string{"loopback", "portmap"} {
+		if _, err := os.Stat(filepath.Join(hostCNIDir, p)); err != nil {
+			return "the CNI plugin " + p + " in " + hostCNIDir + " (apt-get install containernetworking-plugins)"
+		}
+	}
+	return ""
+}
+
+// hostCNIDir is where Debian's containernetworking-plugins live; each
+// node's /opt/cni/bin starts with loopback and portmap from there, as a
+// node image's would.
+const hostCNIDir = "/usr/lib/cni"
+
+func (c *Cluster) logf(format string, args ...any) {
+	if c.opt.Logf != nil {
+		c.opt.Logf(format, args...)
+	}
+}
+
+// Start builds the cluster and waits until every node is registered with a
+// pod CIDR. On error everything made so far is removed.
+func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
+	if opt.Nodes == 0 {
+		opt.Nodes = 2
+	}
+	if opt.Nodes < 1 || opt.Nodes > 4 {
+		return nil, fmt.Errorf("kubecluster: %d nodes, want 1 to 4", opt.Nodes)
+	}
+	if opt.Prefix == "" {
+		opt.Prefix = "tullek8s"
+	}
+	if why := Missing(); why != "" {
+		return nil, errors.New("kubecluster: needs " + why)
+	}
+	tp, err := topo.New(topo.Options{Nodes: opt.Nodes + 1, Prefix: opt.Prefix})
+	if err != nil {
+		return nil, err
+	}
+	c = &Cluster{Topo: tp, Control: tp.Nodes[opt.Nodes], opt: opt, Suffix: tp.Suffix}
+	defer func() {
+		if err != nil {
+			c.Close()
+			c = nil
+		}
+	}()
+	c.logf("control plane in %s (%s): etcd, kube-apiserver, controller-manager, scheduler", c.Control.NS, c.Control.IP4)
+	if err := c.startControlPlane(); err != nil {
+		return c, err
+	}
+	archives, err := buildTestImages(opt.Root, opt.Dir)
+	if err != nil {
+		return c, err
+	}
+	for _, tn := range tp.Nodes[:opt.Nodes] {
+		n := &Node{Node: tn, c: c, Dir: filepath.Join(opt.Dir, tn.Name), CgroupRoot: "/" + opt.Prefix + "-" + tp.Suffix + "-" + tn.Name}
+		c.Nodes = append(c.Nodes, n)
+		c.logf("node %s (%s, %s): containerd, kubelet, kube-proxy", n.Name, n.NS, n.IP4)
+		if err := n.start(ctx, archives); err != nil {
+			return c, fmt.Errorf("node %s: %w", n.Name, err)
+		}
+	}
+	return c, c.waitNodes(ctx)
+}
+
+func (c *Cluster) startControlPlane() error {
+	dir := filepath.Join(c.opt.Dir, "control-plane")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	api, err := kubetest.StartWith(dir, kubetest.Options{
+		NetNS: c.Control.NS, Address: c.Control.IP4, DoIn: topo.DoIn, ServiceCIDR: ServiceCIDR,
+		Args: []string{"--kubelet-preferred-address-types", "InternalIP,Hostname", "--allow-privileged=true"},
+	})
+	if err != nil {
+		return err
+	}
+	c.API = api
+	if c.Kubeconfig, err = api.Kubeconfig(kubetest.AdminToken); err != nil {
+		return err
+	}
+	if c.internal, err = api.InternalKubeconfig(kubetest.AdminToken); err != nil {
+		return err
+	}
+	if c.Client, err = api.Client(kubetest.AdminToken); err != nil {
+		return err
+	}
+	kcm := []string{"--kubeconfig", c.internal, "--leader-elect=false",
+		"--allocate-node-cidrs", "--cluster-cidr", ClusterCIDR4 + "," + ClusterCIDR6,
+		"--node-cidr-mask-size-ipv4", "24", "--node-cidr-mask-size-ipv6", "64",
+		"--service-cluster-ip-range", ServiceCIDR,
+		"--root-ca-file", api.CA.CAFile(),
+		"--service-account-private-key-file", filepath.Join(dir, "sa.key"),
+		"--bind-address", "127.0.0.1", "--v", "1"}
+	if err := c.run(c.inNS(c.Control.NS, kubetest.Bin("kube-controller-manager"), kcm...), filepath.Join(dir, "controller-manager.log")); err != nil {
+		return err
+	}
+	return c.run(c.inNS(c.Control.NS, kubetest.Bin("kube-scheduler"), "--kubeconfig", c.internal, "--leader-elect=false", "--bind-address", "127.0.0.1"),
+		filepath.Join(dir, "scheduler.log"))
+}
+
+// inNS is name with args in network namespace ns.
+func (c *Cluster) inNS(ns, name string, args ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", name}, args...)...)
+}
+
+// run starts cmd (logging to logPath) and remembers it for Close.
+func (c *Cluster) run(cmd *exec.Cmd, logPath string) error {
+	if err := kubetest.Run(cmd, logPath); err != nil {
+		return err
+	}
+	c.procs = append(c.procs, cmd)
+	return nil
+}
+
+// nodeMounts are the directories each node has of its own, by name under
+// the node's directory.
+var nodeMounts = []struct{ name, path string }{
+	{"kubelet", "/var/lib/kubelet"},
+	{"log-pods", "/var/log/pods"},
+	{"log-containers", "/var/log/containers"},
+	{"cni-bin", "/opt/cni/bin"},
+	{"cni-conf", "/etc/cni/net.d"},
+	{"cni-state", "/var/lib/cni"},
+	{"tulle-run", "/run/tulle"},
+	{"tulle-state", "/var/lib/tulle"},
+}
+
+func (n *Node) path(name string) string { return filepath.Join(n.Dir, name) }
+
+// Host returns where the node's own directory for path (one of
+// /var/lib/kubelet, /opt/cni/bin, /etc/cni/net.d, /var/lib/cni,
+// /run/tulle, /var/lib/tulle, …) is on the host.
+func (n *Node) Host(path string) string {
+	for _, m := range nodeMounts {
+		if rest, ok := strings.CutPrefix(path, m.path); ok && (rest == "" || rest[0] == '/') {
+			return n.path(m.name) + rest
+		}
+	}
+	return ""
+}
+
+func (n *Node) start(ctx context.Context, archives []string) error {
+	c := n.c
+	for _, m := range nodeMounts {
+		if err := os.MkdirAll(n.path(m.name), 0o755); err != nil {
+			return err
+		}
+		if _, err := os.Stat(m.path); errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(m.path, 0o755); err != nil {
+				return err
+			}
+			c.madeDirs = append(c.madeDirs, m.path)
+		}
+	}
+	for _, p := range []string{"loopback", "portmap"} {
+		if err := copyFile(filepath.Join(hostCNIDir, p), filepath.Join(n.path("cni-bin"), p), 0o755); err != nil {
+			return err
+		}
+	}
+	for _, r := range [][]string{
+		{"ip", "-n", n.NS, "route", "add", "default", "via", c.Control.IP4.String()},
+		{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", c.Control.IP6.String()},
+	} {
+		if out, err := exec.Command(r[0], r[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %w: %s", strings.Join(r, " "), err, out)
+		}
+	}
+	if err := n.makeCgroups(); err != nil {
+		return err
+	}
+	if err := n.writeConfigs(); err != nil {
+		return err
+	}
+	// containerd in a new mount namespace that covers the node's
+	// directories; kubelet joins it, so both see the same mounts.
+	var script strings.Builder
+	for _, m := range nodeMounts {
+		fmt.Fprintf(&script, "mount --bind %q %q && ", n.path(m.name), m.path)
+	}
+	script.WriteString("mount -t tmpfs tmpfs /run/netns && exec containerd --config " + strconv.Quote(n.path("containerd.toml")))
+	n.containerd = exec.Command("nsenter", "--net=/run/netns/"+n.NS, "--", "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script.String())
+	if err := c.run(n.containerd, n.path("containerd.log")); err != nil {
+		return err
+	}
+	if err := waitFor(ctx, 30*time.Second, func() error {
+		if n.containerd.ProcessState != nil {
+			return errors.New("containerd exited (see " + n.path("containerd.log") + ")")
+		}
+		return exec.Command("ctr", "--address", n.sock(), "version").Run()
+	}); err != nil {
+		return fmt.Errorf("containerd: %w", err)
+	}
+	for _, a := range archives {
+		if err := n.Import(a); err != nil {
+			return err
+		}
+	}
+	if err := n.StartKubelet(); err != nil {
+		return err
+	}
+	n.proxy = c.inNS(n.NS, kubetest.Bin("kube-proxy"), "--config", n.path("kube-proxy.yaml"))
+	return c.run(n.proxy, n.path("kube-proxy.log"))
+}
+
+func (n *Node) sock() string { return n.path("containerd.sock") }
+
+// Import loads a docker-archive into the node's containerd (the k8s.io
+// namespace, where kubelet's images live).
+func (n *Node) Import(archive string) error {
+	out, err := exec.Command("ctr", "--address", n.sock(), "-n", "k8s.io", "images", "import", "--no-unpack=false", archive).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("import %s into %s: %w: %s", filepath.Base(archive), n.Name, err, out)
+	}
+	return nil
+}
+
+// StartKubelet starts the node's kubelet in its mount namespace (again,
+// after StopKubelet).
+func (n *Node) StartKubelet() error {
+	if n.kubelet != nil && n.kubelet.ProcessState == nil {
+		return fmt.Errorf("%s: kubelet already running", n.Name)
+	}
+	n.kubelet = exec.Command("nsenter", "--target", strconv.Itoa(n.containerd.Process.Pid), "--mount", "--net", "--",
+		kubetest.Bin("kubelet"), "--config", n.path("kubelet.yaml"), "--kubeconfig", n.c.internal,
+		"--hostname-override", n.Name, "--node-ip", n.IP4.String()+","+n.IP6.String(), "--v", "1")
+	return n.c.run(n.kubelet, n.path("kubelet.log"))
+}
+
+// StopKubelet stops the node's kubelet (SIGTERM, then SIGKILL after 10 s);
+// its pods keep running, as on a real node.
+func (n *Node) StopKubelet() { stop(n.kubelet, 10*time.Second) }
+
+// stop ends cmd: SIGTERM, SIGKILL after grace, and waits for it.
+func stop(cmd *exec.Cmd, grace time.Duration) {
+	if cmd == nil || cmd.Process == nil || cmd.ProcessState != nil {
+		return
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	deadline := time.Now().Add(grace)
+	for cmd.ProcessState == nil && syscall.Kill(cmd.Process.Pid, 0) == nil {
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			deadline = time.Now().Add(grace)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (n *Node) writeConfigs() error {
+	d := n.Dir
+	files := map[string]string{
+		"containerd.toml": fmt.Sprintf(`version = 2
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins."io.containerd.internal.v1.opt"]
+  path = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  # root here lacks CAP_SYS_RESOURCE: lowering a score is all runc may do.
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = %q
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+`, filepath.Join(d, "containerd/root"), filepath.Join(d, "containerd/state"), n.sock(), filepath.Join(d, "containerd/opt"), PauseImage, filepath.Join(d, "runc")),
+		"resolv.conf": "nameserver " + n.c.Control.IP4.String() + "\n",
+		"kubelet.yaml": fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://%s
+cgroupDriver: cgroupfs
+cgroupRoot: %s
+failCgroupV1: false
+failSwapOn: false
+resolvConf: %s
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+serializeImagePulls: false
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%%", imagefs.available: "1%%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+localStorageCapacityIsolation: false
+registerNode: true
+nodeStatusUpdateFrequency: 5s
+`, n.sock(), n.CgroupRoot, filepath.Join(d, "resolv.conf")),
+		"kube-proxy.yaml": fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: %q}
+hostnameOverride: %s
+mode: iptables
+clusterCIDR: %s
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+`, n.c.internal, n.Name, ClusterCIDR4+","+ClusterCIDR6),
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(d, name), []byte(body), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// cgroupHierarchies are the cgroup v1 hierarchies kubelet's cgroupfs
+// driver uses (this machine kind has v1).
+func cgroupHierarchies() ([]string, error) {
+	ents, err := os.ReadDir("/sys/fs/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	var hs []string
+	for _, e := range ents {
+		if e.IsDir() && e.Name() != "unified" {
+			hs = append(hs, filepath.Join("/sys/fs/cgroup", e.Name()))
+		}
+	}
+	return hs, nil
+}
+
+// makeCgroups makes the node's cgroup root in every hierarchy; cpuset's
+// needs its CPUs and memory nodes before any task can join.
+func (n *Node) makeCgroups() error {
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return err
+	}
+	for _, h := range hs {
+		p := filepath.Join(h, n.CgroupRoot)
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			return fmt.Errorf("cgroup %s: %w", p, err)
+		}
+		if filepath.Base(h) == "cpuset" {
+			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+				b, err := os.ReadFile(filepath.Join(h, f))
+				if err != nil {
+					return err
+				}
+				if err := os.WriteFile(filepath.Join(p, f), b, 0o644); err != nil {
+					return fmt.Errorf("cgroup %s: %w", filepath.Join(p, f), err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// waitNodes waits until every node is registered and has pod CIDRs.
+func (c *Cluster) waitNodes(ctx context.Context) error {
+	return waitFor(ctx, 120*time.Second, func() error {
+		for _, n := range c.Nodes {
+			node, err := c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				return fmt.Errorf("node %s: %w", n.Name, err)
+			}
+			if len(node.Spec.PodCIDRs) == 0 {
+				return fmt.Errorf("node %s has no pod CIDR yet", n.Name)
+			}
+		}
+		return nil
+	})
+}
+
+// waitFor retries f until it returns nil, ctx ends or d passes; the error
+// says what f last said.
+func waitFor(ctx context.Context, d time.Duration, f func() error) error {
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("after %s: %w", d, err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// Kubectl runs the cluster's kubectl (the version the cluster runs) with
+// the admin kubeconfig and returns its output.
+func (c *Cluster) Kubectl(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, kubetest.Bin("kubectl"), append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// NodeReady reports the node's Ready condition and its message.
+func NodeReady(n *corev1.Node) (bool, string) {
+	for _, cd := range n.Status.Conditions {
+		if cd.Type == corev1.NodeReady {
+			return cd.Status == corev1.ConditionTrue, cd.Message
+		}
+	}
+	return false, "no Ready condition yet"
+}
+
+// Close stops every process, removes the pods' containers, cgroups and
+// namespaces, and the mount points it had to make on the host. It is safe
+// on a partly built cluster.
+func (c *Cluster) Close() error {
+	var errs []error
+	for _, n := range c.Nodes {
+		stop(n.kubelet, 5*time.Second)
+		stop(n.proxy, 5*time.Second)
+	}
+	// Containers: every process in a node's cgroup root, then the shims
+	// (they outlive containerd by design), then containerd.
+	for _, n := range c.Nodes {
+		n.killCgroup()
+		killShims(n.sock())
+		stop(n.containerd, 5*time.Second)
+	}
+	for _, p := range c.procs {
+		stop(p, 5*time.Second)
+	}
+	if c.API != nil {
+		c.API.Stop()
+	}
+	for _, n := range c.Nodes {
+		if err := n.removeCgroups(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.Topo != nil {
+		if err := c.Topo.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, d := range slices.Backward(c.madeDirs) {
+		os.Remove(d) // only if still empty
+	}
+	return errors.Join(errs...)
+}
+
+// killCgroup kills every process in the node's cgroups (the pods'), until
+// none is left.
+func (n *Node) killCgroup() {
+	root := filepath.Join("/sys/fs/cgroup/pids", n.CgroupRoot)
+	for range 50 {
+		found := false
+		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err != nil || d.Name() != "cgroup.procs" {
+				return nil
+			}
+			b, _ := os.ReadFile(p)
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					syscall.Kill(pid, syscall.SIGKILL)
+					found = true
+				}
+			}
+			return nil
+		})
+		if !found {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// killShims kills the containerd shims serving the containerd at sock.
+func killShims(sock string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 0 && strings.HasPrefix(filepath.Base(args[0]), "containerd-shim") && slices.Contains(args, sock) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// removeCgroups removes the node's cgroup trees, deepest first.
+func (n *Node) removeCgroups() error {
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, h := range hs {
+		root := filepath.Join(h, n.CgroupRoot)
+		var dirs []string
+		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for _, d := range slices.Backward(dirs) {
+			var err error
+			for range 50 { // a killed task leaves its cgroup a moment later
+				if err = os.Remove(d); err == nil || errors.Is(err, os.ErrNotExist) {
+					err = nil
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RandomTag is a fresh image tag (tulle's image is built per cluster).
+func RandomTag() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return "e2e-" + hex.EncodeToString(b[:])
+}
+
+// InternalAddr is the API server's address inside the network.
+func (c *Cluster) InternalAddr() netip.Addr { return c.Control.IP4 }

@@ -1,0 +1,276 @@
+package kubecluster
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/tulle-net/tulle/internal/topo"
+)
+
+// TulleNamespace and TulleDaemonSet are where deploy/ puts tulle.
+const (
+	TulleNamespace = "tulle-system"
+	TulleDaemonSet = "tulle"
+)
+
+// InstallTulle builds tulle's image with tag (make image), imports it on
+// every node and applies deploy/ through a kustomize overlay that sets the
+// tag: `kubectl apply -k`, as a user installs it. Patches are JSON 6902
+// operations on the DaemonSet (YAML), for a rollout.
+func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
+	archive, err := BuildTulleImage(c.opt.Root, c.opt.Dir, tag)
+	if err != nil {
+		return err
+	}
+	for _, n := range c.Nodes {
+		if err := n.Import(archive); err != nil {
+			return err
+		}
+	}
+	return c.ApplyTulle(ctx, tag, "")
+}
+
+// ApplyTulle applies deploy/ with the image tag and a JSON patch of the
+// DaemonSet (YAML list of operations, or "").
+func (c *Cluster) ApplyTulle(ctx context.Context, tag, patch string) error {
+	dir := filepath.Join(c.opt.Dir, "tulle-overlay")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	base, err := filepath.Rel(dir, filepath.Join(c.opt.Root, "deploy"))
+	if err != nil {
+		return err
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\nimages:\n  - name: tulle\n    newTag: %s\n", base, tag)
+	if patch != "" {
+		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + indent(patch, "      ")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		return err
+	}
+	_, err = c.Kubectl(ctx, "apply", "-k", dir)
+	return err
+}
+
+func indent(s, prefix string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		b.WriteString(prefix + l + "\n")
+	}
+	return b.String()
+}
+
+// WaitTulle waits until the DaemonSet's current generation is rolled out
+// and Ready on every node.
+func (c *Cluster) WaitTulle(ctx context.Context, d time.Duration) error {
+	return waitFor(ctx, d, func() error {
+		ds, err := c.Client.AppsV1().DaemonSets(TulleNamespace).Get(ctx, TulleDaemonSet, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		s, want := ds.Status, int32(len(c.Nodes))
+		if s.ObservedGeneration < ds.Generation || s.DesiredNumberScheduled != want || s.UpdatedNumberScheduled != want || s.NumberReady != want || s.NumberAvailable != want {
+			return fmt.Errorf("daemonset %s: %d desired, %d updated, %d ready, %d available; want %d of each", TulleDaemonSet,
+				s.DesiredNumberScheduled, s.UpdatedNumberScheduled, s.NumberReady, s.NumberAvailable, want)
+		}
+		return nil
+	})
+}
+
+// TestPorts: the test pods serve HTTP on 8080; their Service on 80.
+const (
+	TestPodPort = 8080
+	ServicePort = 80
+)
+
+// DeployTestPods creates a Deployment of test pods spread over the nodes
+// and a ClusterIP Service in front of them, and waits until all are Ready.
+func (c *Cluster) DeployTestPods(ctx context.Context, ns, name string, replicas int) error {
+	labels := map[string]string{"app": name}
+	r := int32(replicas)
+	d := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: &r,
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					TopologySpreadConstraints: []corev1.TopologySpreadConstraint{{
+						MaxSkew: 1, TopologyKey: "kubernetes.io/hostname", WhenUnsatisfiable: corev1.DoNotSchedule,
+						LabelSelector: &metav1.LabelSelector{MatchLabels: labels},
+					}},
+					TerminationGracePeriodSeconds: ptr(int64(2)),
+					Containers: []corev1.Container{{
+						Name: "testpod", Image: TestImage, ImagePullPolicy: corev1.PullNever,
+						Ports: []corev1.ContainerPort{{ContainerPort: TestPodPort}},
+						ReadinessProbe: &corev1.Probe{
+							ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/", Port: intstr.FromInt32(TestPodPort)}},
+							PeriodSeconds: 1,
+						},
+					}},
+				},
+			},
+		},
+	}
+	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, d, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create deployment %s: %w", name, err)
+	}
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: corev1.ServiceSpec{
+			Selector: labels,
+			Ports:    []corev1.ServicePort{{Port: ServicePort, TargetPort: intstr.FromInt32(TestPodPort)}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create service %s: %w", name, err)
+	}
+	return waitFor(ctx, 120*time.Second, func() error {
+		pods, err := c.Pods(ctx, ns, "app="+name)
+		if err != nil {
+			return err
+		}
+		ready := 0
+		for _, p := range pods {
+			if podReady(&p) {
+				ready++
+			}
+		}
+		if ready != replicas || len(pods) != replicas {
+			return fmt.Errorf("deployment %s: %d of %d pods ready (%d exist)%s", name, ready, replicas, len(pods), podTrouble(pods))
+		}
+		return nil
+	})
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func podReady(p *corev1.Pod) bool {
+	if p.DeletionTimestamp != nil || p.Status.Phase != corev1.PodRunning {
+		return false
+	}
+	for _, cd := range p.Status.Conditions {
+		if cd.Type == corev1.PodReady {
+			return cd.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// podTrouble describes why pods are not running yet (their waiting
+// reasons and last events are where CNI errors show).
+func podTrouble(pods []corev1.Pod) string {
+	var b strings.Builder
+	for _, p := range pods {
+		for _, cs := range p.Status.ContainerStatuses {
+			if w := cs.State.Waiting; w != nil && w.Reason != "" {
+				fmt.Fprintf(&b, "; %s: %s %s", p.Name, w.Reason, w.Message)
+			}
+		}
+		if p.Status.Phase == corev1.PodPending && len(p.Status.ContainerStatuses) == 0 {
+			fmt.Fprintf(&b, "; %s: pending on %q", p.Name, p.Spec.NodeName)
+		}
+	}
+	return b.String()
+}
+
+// Pods lists the pods matching selector, ordered by node then name.
+func (c *Cluster) Pods(ctx context.Context, ns, selector string) ([]corev1.Pod, error) {
+	l, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		return nil, err
+	}
+	pods := l.Items
+	sort.Slice(pods, func(i, j int) bool {
+		if pods[i].Spec.NodeName != pods[j].Spec.NodeName {
+			return pods[i].Spec.NodeName < pods[j].Spec.NodeName
+		}
+		return pods[i].Name < pods[j].Name
+	})
+	return pods, nil
+}
+
+// Node returns the node of that name, or nil.
+func (c *Cluster) Node(name string) *Node {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// PodGet sends GET path to the pod's test server from its node's network
+// namespace (the host has no route into the cluster) and returns the body.
+func (c *Cluster) PodGet(ctx context.Context, pod *corev1.Pod, ip, path string) (string, error) {
+	n := c.Node(pod.Spec.NodeName)
+	if n == nil {
+		return "", fmt.Errorf("pod %s is on %q, not a node of this cluster", pod.Name, pod.Spec.NodeName)
+	}
+	return n.Get(ctx, "http://"+net.JoinHostPort(ip, strconv.Itoa(TestPodPort))+path)
+}
+
+// Get sends GET url from the node's network namespace.
+func (n *Node) Get(ctx context.Context, rawURL string) (string, error) {
+	hc := &http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+			err = topo.DoIn(n.NS, func() (err error) {
+				conn, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr)
+				return err
+			})
+			return conn, err
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, "GET", rawURL, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != 200 {
+		return "", fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	return string(b), nil
+}
+
+// Probe asks pod (through its own address ip) to reach target: kind tcp
+// (host:port), http (host:port) or ping (an address).
+func (c *Cluster) Probe(ctx context.Context, pod *corev1.Pod, ip, kind, target string) (string, error) {
+	return c.PodGet(ctx, pod, ip, "/probe?kind="+kind+"&target="+url.QueryEscape(target))
+}
+
+// PodIPs returns the pod's addresses: IPv4 first, then IPv6.
+func PodIPs(p *corev1.Pod) (v4, v6 string) {
+	for _, ip := range p.Status.PodIPs {
+		if a := net.ParseIP(ip.IP); a != nil && a.To4() != nil {
+			v4 = ip.IP
+		} else if a != nil {
+			v6 = ip.IP
+		}
+	}
+	return v4, v6
+}
