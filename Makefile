@@ -10,7 +10,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/tulle-net/tulle/internal/version.Version=$(VERSION)
 IMAGE   ?= tulle:$(VERSION)
 
-.PHONY: all build demo test unit fuzz bench bench-kube image clean
+.PHONY: all build demo demo-kube test unit fuzz bench bench-kube image clean
 
 all: build
 
@@ -23,6 +23,12 @@ demo:
 	@tools/setup demo
 	@$(MAKE) --no-print-directory build
 	$(BIN)/tullectl demo --tulled $(BIN)/tulled
+
+## demo-kube: a real Kubernetes cluster on this machine (control plane + 3 kubelet/containerd nodes in namespaces), tulle installed with kubectl apply -k deploy/, test pods and a connectivity matrix (root).
+demo-kube:
+	@tools/setup demo-kube
+	@$(MAKE) --no-print-directory build
+	$(BIN)/tullectl demo --kube --root $(CURDIR)
 
 ## test: vet, gofmt, every test (unit, fuzz corpora, namespace e2e, CNI via libcni, the Kubernetes store on a real API server, a bench smoke run), one summary line.
 test:

@@ -25,8 +25,13 @@ func demo(ctx context.Context, args []string) (err error) {
 	bin := fs.String("tulled", "", "tulled binary (default: next to tullectl, else on PATH)")
 	nodes := fs.Int("nodes", 3, "number of nodes (2-20)")
 	sizeMB := fs.Int("transfer-mb", 200, "size of the TCP transfer in MB")
+	kube := fs.Bool("kube", false, "a real Kubernetes cluster instead (kubelet + containerd nodes, tulle installed with kubectl apply -k deploy/; --nodes defaults to 3, at most 4)")
+	root := fs.String("root", ".", "with --kube: the tulle repository (for make image and the test image)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *kube {
+		return demoKube(ctx, *root, *nodes)
 	}
 	if *nodes < 2 || *nodes > 20 {
 		return fmt.Errorf("--nodes %d: want 2 to 20", *nodes)

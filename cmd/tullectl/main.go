@@ -5,6 +5,7 @@
 //	tullectl rotate-key [--run-dir DIR]  a new WireGuard key for the node, published at once
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
+//	tullectl demo --kube [--root DIR]    the same in a real Kubernetes cluster (kubelet, containerd)
 //	tullectl bench [--out DIR] [flags]   iperf3 over every path side by side, reports in DIR
 package main
 
@@ -38,7 +39,7 @@ commands:
   rotate-key   give a running tulled a new WireGuard key (sessions carry on)
   install-cni  copy the CNI plugin and conflist into the host's CNI directories (the DaemonSet's init container)
   leases       list the leases in a local lease store
-  demo         run a three-node tulle overlay in network namespaces (root)
+  demo         run a three-node tulle overlay in network namespaces (root; --kube: in a real Kubernetes cluster)
   bench        measure raw veth, kernel VXLAN, tulle and wireguard-go side by side with iperf3 (root)
   version      print tullectl's version`)
 }

@@ -65,7 +65,7 @@ func TestRealCluster(t *testing.T) {
 	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
 
 	const ns, app, replicas = "default", "echo", 6
-	if err := waitSA(ctx, c, ns); err != nil {
+	if err := c.WaitServiceAccount(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
@@ -86,19 +86,6 @@ func TestRealCluster(t *testing.T) {
 	t.Run("PodDelete", func(t *testing.T) { checkPodDelete(t, ctx, c, ns, app, replicas) })
 	t.Run("KubeletRestart", func(t *testing.T) { checkKubeletRestart(t, ctx, c, ns, app) })
 	t.Run("NodeRemoval", func(t *testing.T) { checkNodeRemoval(t, ctx, c) })
-}
-
-// waitSA waits for the namespace's default ServiceAccount (the
-// controller-manager makes it; pods are refused before).
-func waitSA(ctx context.Context, c *kubecluster.Cluster, ns string) error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
 }
 
 func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
@@ -159,44 +146,20 @@ func checkPodAddresses(t *testing.T, ctx context.Context, c *kubecluster.Cluster
 }
 
 // checkPodToPod: every pod reaches every other pod's server, over IPv4 and
-// IPv6.
+// IPv6, seen from its own address.
 func checkPodToPod(t *testing.T, ctx context.Context, c *kubecluster.Cluster, pods []corev1.Pod) {
 	for i := range pods {
-		from := &pods[i]
-		fv4, _ := kubecluster.PodIPs(from)
 		for j := range pods {
 			if i == j {
 				continue
 			}
-			v4, v6 := kubecluster.PodIPs(&pods[j])
-			for _, ip := range []string{v4, v6} {
-				target := net.JoinHostPort(ip, fmt.Sprint(kubecluster.TestPodPort))
-				answer, err := c.Probe(ctx, from, fv4, "http", target)
-				if err != nil {
-					t.Errorf("%s (%s) → %s (%s) %s: %v", from.Name, from.Spec.NodeName, pods[j].Name, pods[j].Spec.NodeName, target, err)
-					continue
-				}
-				var who struct{ Hostname, From string }
-				if json.Unmarshal([]byte(answer), &who) != nil || who.Hostname != pods[j].Name {
-					t.Errorf("%s → %s answered %q, want hostname %s", from.Name, target, answer, pods[j].Name)
-				}
-				// The source is the pod's own address: no masquerade inside
-				// the cluster network.
-				if host, _, _ := net.SplitHostPort(who.From); host != "" && !slicesContainsIP(from, host) {
-					t.Errorf("%s → %s seen from %s, not one of the pod's addresses %v", from.Name, target, host, from.Status.PodIPs)
+			for _, fam := range []int{4, 6} {
+				if err := c.Reach(ctx, &pods[i], &pods[j], fam); err != nil {
+					t.Error(err)
 				}
 			}
 		}
 	}
-}
-
-func slicesContainsIP(p *corev1.Pod, ip string) bool {
-	for _, a := range p.Status.PodIPs {
-		if a.IP == ip {
-			return true
-		}
-	}
-	return false
 }
 
 // checkPodToHost: every pod reaches the other nodes' hosts (ICMP both
@@ -229,29 +192,9 @@ func checkService(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns,
 	if err != nil {
 		t.Fatal(err)
 	}
-	target := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(kubecluster.ServicePort))
-	byName := map[string]corev1.Pod{}
-	for _, p := range pods {
-		byName[p.Name] = p
-	}
 	for i := range pods {
-		from := &pods[i]
-		fv4, _ := kubecluster.PodIPs(from)
-		remote := map[string]bool{}
-		for try := 0; try < 40 && len(remote) < 2; try++ {
-			answer, err := c.Probe(ctx, from, fv4, "http", target)
-			if err != nil {
-				t.Errorf("%s → service %s: %v", from.Name, target, err)
-				break
-			}
-			var who struct{ Hostname string }
-			json.Unmarshal([]byte(answer), &who)
-			if p, ok := byName[who.Hostname]; ok && p.Spec.NodeName != from.Spec.NodeName {
-				remote[who.Hostname] = true
-			}
-		}
-		if len(remote) == 0 {
-			t.Errorf("%s (%s) → service %s: no answer from an endpoint on another node in 40 tries", from.Name, from.Spec.NodeName, target)
+		if _, err := c.ViaService(ctx, &pods[i], svc.Spec.ClusterIP); err != nil {
+			t.Error(err)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package kubecluster
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -273,4 +274,76 @@ func PodIPs(p *corev1.Pod) (v4, v6 string) {
 		}
 	}
 	return v4, v6
+}
+
+// WaitServiceAccount waits for the namespace's default ServiceAccount (the
+// controller-manager makes it; pods are refused before).
+func (c *Cluster) WaitServiceAccount(ctx context.Context, ns string) error {
+	return waitFor(ctx, 60*time.Second, func() error {
+		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		return err
+	})
+}
+
+// Answer is what a test pod's server says of itself.
+type Answer struct {
+	Hostname string
+	Addrs    []string
+	From     string // the client's address as the server saw it
+}
+
+// Reach has pod from fetch to's server over IPv4 (fam 4) or IPv6 (6) and
+// checks that to answered, seeing from's own address (no masquerade
+// inside the cluster network).
+func (c *Cluster) Reach(ctx context.Context, from, to *corev1.Pod, fam int) error {
+	fv4, _ := PodIPs(from)
+	v4, v6 := PodIPs(to)
+	ip := v4
+	if fam == 6 {
+		ip = v6
+	}
+	if ip == "" {
+		return fmt.Errorf("pod %s has no IPv%d address (%v)", to.Name, fam, to.Status.PodIPs)
+	}
+	target := net.JoinHostPort(ip, strconv.Itoa(TestPodPort))
+	out, err := c.Probe(ctx, from, fv4, "http", target)
+	if err != nil {
+		return fmt.Errorf("%s (%s) → %s (%s) %s: %w", from.Name, from.Spec.NodeName, to.Name, to.Spec.NodeName, target, err)
+	}
+	var a Answer
+	if err := json.Unmarshal([]byte(out), &a); err != nil || a.Hostname != to.Name {
+		return fmt.Errorf("%s → %s: answer %q, want hostname %s", from.Name, target, out, to.Name)
+	}
+	host, _, _ := net.SplitHostPort(a.From)
+	for _, pip := range from.Status.PodIPs {
+		if pip.IP == host {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s → %s: seen from %s, not one of the pod's addresses %v", from.Name, target, host, from.Status.PodIPs)
+}
+
+// ViaService has pod from fetch http://clusterIP:ServicePort/ until an
+// endpoint on another node answers (at most 40 tries) and returns that
+// endpoint's pod name and node.
+func (c *Cluster) ViaService(ctx context.Context, from *corev1.Pod, clusterIP string) (string, error) {
+	fv4, _ := PodIPs(from)
+	target := net.JoinHostPort(clusterIP, strconv.Itoa(ServicePort))
+	seen := map[string]bool{}
+	for range 40 {
+		out, err := c.Probe(ctx, from, fv4, "http", target)
+		if err != nil {
+			return "", fmt.Errorf("%s → service %s: %w", from.Name, target, err)
+		}
+		var a Answer
+		if err := json.Unmarshal([]byte(out), &a); err != nil {
+			return "", fmt.Errorf("%s → service %s: answer %q", from.Name, target, out)
+		}
+		seen[a.Hostname] = true
+		p, err := c.Client.CoreV1().Pods(from.Namespace).Get(ctx, a.Hostname, metav1.GetOptions{})
+		if err == nil && p.Spec.NodeName != from.Spec.NodeName {
+			return a.Hostname + " on " + p.Spec.NodeName, nil
+		}
+	}
+	return "", fmt.Errorf("%s (%s) → service %s: 40 answers, none from another node (%d endpoints seen)", from.Name, from.Spec.NodeName, target, len(seen))
 }
