@@ -34,15 +34,19 @@ const (
 // tag: `kubectl apply -k`, as a user installs it. Patches are JSON 6902
 // operations on the DaemonSet (YAML), for a rollout.
 func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
+	start := time.Now()
 	archive, err := BuildTulleImage(c.opt.Root, c.opt.Dir, tag)
 	if err != nil {
 		return err
 	}
+	c.logf("tulle:%s built (make image) in %s", tag, time.Since(start).Round(time.Millisecond))
+	start = time.Now()
 	for _, n := range c.Nodes {
 		if err := n.Import(archive); err != nil {
 			return err
 		}
 	}
+	c.logf("tulle:%s imported on %d nodes in %s", tag, len(c.Nodes), time.Since(start).Round(time.Millisecond))
 	return c.ApplyTulle(ctx, tag, "")
 }
 
