@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -20,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/topo"
 )
 
@@ -350,4 +352,80 @@ func (c *Cluster) ViaService(ctx context.Context, from *corev1.Pod, clusterIP st
 		}
 	}
 	return "", fmt.Errorf("%s (%s) → service %s: 40 answers, none from another node (%d endpoints seen)", from.Name, from.Spec.NodeName, target, len(seen))
+}
+
+// TulleStatus asks the node's tulled for its status (the socket in the
+// node's /run/tulle).
+func (n *Node) TulleStatus(ctx context.Context) (*api.Status, error) {
+	return api.Get(ctx, filepath.Join(n.Host("/run/tulle"), api.SocketName))
+}
+
+// TulleDown records, per node, when no Ready tulle pod ran there: what a
+// rollout costs each node's datapath. Watch polls until ctx ends.
+type TulleDown struct {
+	mu      sync.Mutex
+	down    map[string][]Interval
+	current map[string]time.Time
+}
+
+// Interval is a span of time; End is zero while it lasts.
+type Interval struct{ Start, End time.Time }
+
+// WatchTulle starts recording until ctx ends.
+func (c *Cluster) WatchTulle(ctx context.Context) *TulleDown {
+	d := &TulleDown{down: map[string][]Interval{}, current: map[string]time.Time{}}
+	go func() {
+		for ctx.Err() == nil {
+			pods, err := c.Pods(ctx, TulleNamespace, "app.kubernetes.io/name=tulle")
+			now := time.Now()
+			if err == nil {
+				up := map[string]bool{}
+				for i := range pods {
+					if podReady(&pods[i]) {
+						up[pods[i].Spec.NodeName] = true
+					}
+				}
+				d.mu.Lock()
+				for _, n := range c.Nodes {
+					start, isDown := d.current[n.Name]
+					switch {
+					case !up[n.Name] && !isDown:
+						d.current[n.Name] = now
+					case up[n.Name] && isDown:
+						d.down[n.Name] = append(d.down[n.Name], Interval{start, now})
+						delete(d.current, n.Name)
+					}
+				}
+				d.mu.Unlock()
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+	return d
+}
+
+// Down returns the node's intervals without a Ready tulle pod so far (an
+// open one ends now).
+func (d *TulleDown) Down(node string) []Interval {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := append([]Interval(nil), d.down[node]...)
+	if s, ok := d.current[node]; ok {
+		out = append(out, Interval{s, time.Now()})
+	}
+	return out
+}
+
+// Overlaps reports whether any of the node's down intervals, widened by
+// margin, meets [from, to].
+func (d *TulleDown) Overlaps(node string, from, to time.Time, margin time.Duration) bool {
+	for _, iv := range d.Down(node) {
+		if !iv.Start.Add(-margin).After(to) && !iv.End.Add(margin).Before(from) {
+			return true
+		}
+	}
+	return false
 }
