@@ -52,12 +52,7 @@ func main() {
 	fs := flag.NewFlagSet("testpod", flag.ExitOnError)
 	port := fs.Int("port", 8080, "HTTP port")
 	fs.Parse(args)
-	mux := http.NewServeMux()
-	mux.HandleFunc("/", whoami)
-	mux.HandleFunc("/probe", probe)
-	mux.HandleFunc("/stream", stream)
-	mux.HandleFunc("/fetch", fetch)
-	srv := &http.Server{Addr: fmt.Sprintf(":%d", *port), Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Addr: fmt.Sprintf(":%d", *port), Handler: newMux(), ReadHeaderTimeout: 10 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go func() {
@@ -70,6 +65,15 @@ func main() {
 		fmt.Fprintln(os.Stderr, "testpod:", err)
 		os.Exit(1)
 	}
+}
+
+func newMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", whoami)
+	mux.HandleFunc("/probe", probe)
+	mux.HandleFunc("/stream", stream)
+	mux.HandleFunc("/fetch", fetch)
+	return mux
 }
 
 // pause is what a sandbox's first process does: nothing, reaping any
