@@ -87,6 +87,7 @@ type Cluster struct {
 	internal string // admin kubeconfig for the namespaces
 	procs    []*exec.Cmd
 	madeDirs []string // host directories made as mount points
+	lock     *os.File
 }
 
 // Node is one kubelet node.
@@ -164,6 +165,9 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 			c = nil
 		}
 	}()
+	if err := c.lockShared(); err != nil {
+		return c, err
+	}
 	c.logf("control plane in %s (%s): etcd, kube-apiserver, controller-manager, scheduler", c.Control.NS, c.Control.IP4)
 	if err := c.startControlPlane(); err != nil {
 		return c, err
@@ -233,6 +237,59 @@ func (c *Cluster) run(cmd *exec.Cmd, logPath string) error {
 	return nil
 }
 
+// mountPoint makes sure the host has directory p to mount over, and
+// remembers each directory it had to make (parents first) for Close.
+func (c *Cluster) mountPoint(p string) error {
+	var missing []string
+	for d := p; d != "/"; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil {
+			break
+		}
+		missing = append(missing, d)
+	}
+	for _, d := range slices.Backward(missing) {
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("mount point %s: %w", d, err)
+		}
+		c.madeDirs = append(c.madeDirs, d)
+	}
+	return nil
+}
+
+// lockShared marks a cluster running: every cluster holds a shared lock,
+// and Close removes the host's mount points only when it can take the
+// lock alone (an empty mount point may be another cluster's, mounted over
+// in its namespaces, where removing it would detach the mount).
+func (c *Cluster) lockShared() error {
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
+		f.Close()
+		return fmt.Errorf("lock %s: %w", lockPath, err)
+	}
+	c.lock = f
+	return nil
+}
+
+const lockPath = "/run/tulle-kubecluster.lock"
+
+// removeMountPoints removes the mount points this cluster made, if no
+// other cluster runs (their removal would detach its mounts).
+func (c *Cluster) removeMountPoints() {
+	if c.lock == nil {
+		return
+	}
+	defer c.lock.Close()
+	if syscall.Flock(int(c.lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		return // another cluster runs: leave them
+	}
+	for _, d := range slices.Backward(c.madeDirs) {
+		os.Remove(d) // only if still empty
+	}
+}
+
 // nodeMounts are the directories each node has of its own, by name under
 // the node's directory.
 var nodeMounts = []struct{ name, path string }{
@@ -266,11 +323,8 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 		if err := os.MkdirAll(n.path(m.name), 0o755); err != nil {
 			return err
 		}
-		if _, err := os.Stat(m.path); errors.Is(err, os.ErrNotExist) {
-			if err := os.MkdirAll(m.path, 0o755); err != nil {
-				return err
-			}
-			c.madeDirs = append(c.madeDirs, m.path)
+		if err := c.mountPoint(m.path); err != nil {
+			return err
 		}
 	}
 	for _, p := range []string{"loopback", "portmap"} {
@@ -568,9 +622,7 @@ func (c *Cluster) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	for _, d := range slices.Backward(c.madeDirs) {
-		os.Remove(d) // only if still empty
-	}
+	c.removeMountPoints()
 	return errors.Join(errs...)
 }
 
