@@ -288,6 +288,7 @@ func (c *Cluster) removeMountPoints() {
 	for _, d := range slices.Backward(c.madeDirs) {
 		os.Remove(d) // only if still empty
 	}
+	os.Remove(lockPath)
 }
 
 // nodeMounts are the directories each node has of its own, by name under
