@@ -57,9 +57,10 @@ bench-kube: build
 	TULLED=$(CURDIR)/$(BIN)/tulled KUBE_NODES=$(KUBE_NODES) $(GO) test -run '^$$' -bench KubePeers -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
 
 ## image: the OCI image (Containerfile) with buildah or podman, whichever is installed.
+## BIN=bin/<dir> (inside the tree) keeps a build apart from others running at once.
 image: build
 	@b=$$(command -v buildah || command -v podman) || { echo "make image: needs buildah or podman (apt-get install buildah)"; exit 1; }; \
-	$$b build --layers=false -f Containerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) .
+	$$b build --layers=false -f Containerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) --build-arg BIN=$(BIN) .
 
 clean:
 	rm -rf $(BIN)

@@ -26,7 +26,11 @@ func TestImage(t *testing.T) {
 	rand.Read(rnd[:])
 	version := "test-" + hex.EncodeToString(rnd[:])
 	image := "localhost/tulle:" + version
-	out, err := exec.Command("make", "-C", root, "image", "VERSION="+version, "IMAGE="+image).CombinedOutput()
+	// Its own bin directory: the real-cluster test builds an image at the
+	// same time.
+	binDir := filepath.Join("bin", version)
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(root, binDir)) })
+	out, err := exec.Command("make", "-C", root, "image", "VERSION="+version, "IMAGE="+image, "BIN="+binDir).CombinedOutput()
 	if err != nil {
 		t.Fatalf("make image: %v\n%s", err, out)
 	}

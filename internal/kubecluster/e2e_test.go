@@ -63,6 +63,7 @@ func TestRealCluster(t *testing.T) {
 	t.Logf("tulle installed and ready on %d nodes after %s", len(c.Nodes), time.Since(start).Round(time.Second))
 
 	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
+	t.Run("Operate", func(t *testing.T) { checkOperate(t, ctx, c) })
 
 	const ns, app, replicas = "default", "echo", 6
 	if err := c.WaitServiceAccount(ctx, ns); err != nil {
@@ -109,6 +110,31 @@ func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
 		if got := node.Annotations["tulle.dev/public-ip"]; got != n.IP4.String() {
 			t.Errorf("%s: annotation tulle.dev/public-ip %q, want %s (all: %v)", n.Name, got, n.IP4, node.Annotations)
 		}
+	}
+}
+
+// checkOperate runs what docs/operations.md tells an operator to: logs
+// and tullectl status through kubectl (API server → kubelet → containerd).
+func checkOperate(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
+	out, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "logs", "ds/tulle", "-c", "tulled")
+	if err != nil || !strings.Contains(out, `"msg":"tulled forwarding"`) {
+		t.Errorf("kubectl logs ds/tulle: %v\n%s", err, out)
+	}
+	pods, err := c.Pods(ctx, kubecluster.TulleNamespace, "app.kubernetes.io/name=tulle")
+	if err != nil || len(pods) == 0 {
+		t.Fatalf("tulle pods: %v", err)
+	}
+	out, err = c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "exec", pods[0].Name, "-c", "tulled", "--", "tullectl", "status")
+	if err != nil {
+		t.Fatalf("kubectl exec … tullectl status: %v", err)
+	}
+	for _, n := range c.Nodes {
+		if n.Name != pods[0].Spec.NodeName && !strings.Contains(out, n.IP4.String()+":8285") {
+			t.Errorf("tullectl status on %s lacks peer %s (%s):\n%s", pods[0].Spec.NodeName, n.Name, n.IP4, out)
+		}
+	}
+	if !strings.Contains(out, "ready") {
+		t.Errorf("tullectl status says nothing of readiness:\n%s", out)
 	}
 }
 

@@ -134,7 +134,11 @@ func writeDockerArchive(path, ref string, entrypoint []string, layer string) err
 // the name the manifests' image "tulle" resolves to.
 func BuildTulleImage(root, dir, tag string) (string, error) {
 	local := "localhost/tulle:" + tag
-	cmd := exec.Command("make", "-s", "-C", root, "image", "VERSION="+tag, "IMAGE="+local)
+	// Binaries of its own (bin/<tag>): another make image at the same time
+	// (TestImage) must not put its build into this image.
+	bin := filepath.Join("bin", tag)
+	defer os.RemoveAll(filepath.Join(root, bin))
+	cmd := exec.Command("make", "-s", "-C", root, "image", "VERSION="+tag, "IMAGE="+local, "BIN="+bin)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("make image: %w: %s", err, out)
 	}

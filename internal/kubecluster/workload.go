@@ -330,16 +330,19 @@ func (c *Cluster) Reach(ctx context.Context, from, to *corev1.Pod, fam int) erro
 }
 
 // ViaService has pod from fetch http://clusterIP:ServicePort/ until an
-// endpoint on another node answers (at most 40 tries) and returns that
-// endpoint's pod name and node.
+// endpoint on another node answers (for up to 30 s: kube-proxy programs a
+// new endpoint a moment after it is Ready) and returns that endpoint's pod
+// name and node.
 func (c *Cluster) ViaService(ctx context.Context, from *corev1.Pod, clusterIP string) (string, error) {
 	fv4, _ := PodIPs(from)
 	target := net.JoinHostPort(clusterIP, strconv.Itoa(ServicePort))
 	seen := map[string]bool{}
-	for range 40 {
+	var last error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		out, err := c.Probe(ctx, from, fv4, "http", target)
 		if err != nil {
-			return "", fmt.Errorf("%s → service %s: %w", from.Name, target, err)
+			last = err
+			continue
 		}
 		var a Answer
 		if err := json.Unmarshal([]byte(out), &a); err != nil {
@@ -351,7 +354,7 @@ func (c *Cluster) ViaService(ctx context.Context, from *corev1.Pod, clusterIP st
 			return a.Hostname + " on " + p.Spec.NodeName, nil
 		}
 	}
-	return "", fmt.Errorf("%s (%s) → service %s: 40 answers, none from another node (%d endpoints seen)", from.Name, from.Spec.NodeName, target, len(seen))
+	return "", fmt.Errorf("%s (%s) → service %s: for 30 s no answer from an endpoint on another node (%d endpoints answered; last error: %v)", from.Name, from.Spec.NodeName, target, len(seen), last)
 }
 
 // TulleStatus asks the node's tulled for its status (the socket in the
