@@ -142,7 +142,7 @@ func get(ctx context.Context, url string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return "", err
 	}
@@ -156,6 +156,10 @@ func get(ctx context.Context, url string) (string, error) {
 	}
 	return string(b), nil
 }
+
+// client opens a connection per request: each probe is a new connection
+// (through a Service, a new choice of endpoint), never a kept-alive one.
+var client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 
 // ping sends one ICMP echo (a raw socket: containers have CAP_NET_RAW)
 // and waits for its reply.
@@ -234,7 +238,7 @@ func stream(w http.ResponseWriter, r *http.Request) {
 
 func fetch(w http.ResponseWriter, r *http.Request) {
 	url := r.URL.Query().Get("url")
-	resp, err := http.Get(url)
+	resp, err := client.Get(url)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadGateway)
 		return
