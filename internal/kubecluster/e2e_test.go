@@ -47,6 +47,10 @@ func TestRealCluster(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			dumpLogs(t, c, dir)
+			if os.Getenv("HOLD") != "" {
+				os.WriteFile("/tmp/build/hold", []byte(dir+"\n"+c.Kubeconfig), 0o644)
+				time.Sleep(10 * time.Minute)
+			}
 		}
 		if err := c.Close(); err != nil {
 			t.Errorf("close: %v", err)
@@ -86,6 +90,7 @@ func TestRealCluster(t *testing.T) {
 	t.Run("RollingUpdate", func(t *testing.T) { checkRollingUpdate(t, ctx, c, tag, pods) })
 	t.Run("PodDelete", func(t *testing.T) { checkPodDelete(t, ctx, c, ns, app, replicas) })
 	t.Run("KubeletRestart", func(t *testing.T) { checkKubeletRestart(t, ctx, c, ns, app) })
+	t.Run("BackendChange", func(t *testing.T) { checkBackendChange(t, ctx, c, tag, ns, app) })
 	t.Run("NodeRemoval", func(t *testing.T) { checkNodeRemoval(t, ctx, c) })
 }
 
@@ -252,7 +257,7 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 	down := c.WatchTulle(wctx)
 	time.Sleep(2 * time.Second)
 	rollStart := time.Now()
-	if err := c.ApplyTulle(ctx, tag, "- op: add\n  path: /spec/template/spec/containers/0/env/-\n  value: {name: TULLE_E2E_ROLLOUT, value: \"1\"}\n"); err != nil {
+	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch}); err != nil {
 		t.Fatal(err)
 	}
 	type failure struct {
@@ -338,6 +343,74 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 		t.Errorf("transfer across the rollout: %d bytes sha256 %s, want %d bytes %s", res.Bytes, res.SHA256, size, want)
 	}
 	t.Logf("%d MB streamed %s → %s across the rollout, intact", size>>20, dst.Spec.NodeName, src.Spec.NodeName)
+}
+
+// rolloutPatch changes the DaemonSet's pod template: a rollout.
+const rolloutPatch = "- op: add\n  path: /spec/template/spec/containers/0/env/-\n  value: {name: TULLE_E2E_ROLLOUT, value: \"1\"}\n"
+
+// checkBackendChange does what docs/operations.md says to change the
+// backend: a new net-conf.json in the ConfigMap (an overlay), then
+// `kubectl rollout restart`. With Backend.Type auto on one L2 segment,
+// every peer goes host-gw: kernel routes to each node's pod subnets via
+// its underlay address, and the pods still talk, both families.
+func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag, ns, app string) {
+	const netConf = `{"Network":"100.96.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64,"Backend":{"Type":"auto","Port":8285}}`
+	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch, NetConf: netConf}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "status", "daemonset/tulle", "--timeout=4m"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			s, err := n.TulleStatus(ctx)
+			if err != nil {
+				t.Fatalf("%s: status: %v", n.Name, err)
+			}
+			hostGW := 0
+			for _, p := range s.Peers {
+				if p.Backend == "host-gw" {
+					hostGW++
+				}
+			}
+			if hostGW == len(c.Nodes)-1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: peers %+v, want all host-gw", n.Name, s.Peers)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		for _, o := range c.Nodes {
+			if o == n {
+				continue
+			}
+			node, err := c.Client.CoreV1().Nodes().Get(ctx, o.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The underlay is IPv4 alone (no --public-ipv6 in the
+			// DaemonSet): the IPv6 pod subnets stay on the udp path.
+			for _, cidr := range node.Spec.PodCIDRs {
+				if strings.Contains(cidr, ":") {
+					continue
+				}
+				if r := routes(t, n, cidr); !strings.Contains(r, "via "+o.IP4.String()) {
+					t.Errorf("%s: route to %s's %s %q, want via %s", n.Name, o.Name, cidr, r, o.IP4)
+				}
+			}
+		}
+	}
+	pods, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkPodToPod(t, ctx, c, pods)
 }
 
 // remotePod is a pod on another node than p's.
@@ -509,14 +582,18 @@ func checkNodeRemoval(t *testing.T, ctx context.Context, c *kubecluster.Cluster)
 		}
 	}
 	t.Logf("Node %s deleted: gone from every other node's peers within %s", gone.Name, time.Since(start).Round(100*time.Millisecond))
-	// Its routes in the kernel (host-gw, VXLAN) are gone too.
+	// Its kernel routes (host-gw since BackendChange) leave as well.
 	for _, n := range rest {
 		for _, cidr := range node.Spec.PodCIDRs {
-			if out := routes(t, n, cidr); strings.Contains(out, gone.IP4.String()) {
-				t.Errorf("%s still routes %s via %s: %s", n.Name, cidr, gone.Name, out)
+			for out := routes(t, n, cidr); strings.Contains(out, gone.IP4.String()); out = routes(t, n, cidr) {
+				if time.Since(start) > 60*time.Second {
+					t.Fatalf("%s still routes %s via %s 60 s after its Node was deleted: %s", n.Name, cidr, gone.Name, out)
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
 		}
 	}
+	t.Logf("and its kernel routes from every other node within %s", time.Since(start).Round(100*time.Millisecond))
 }
 
 // peerSubnets returns the subnets node n's tulled has for peer name, nil

@@ -33,8 +33,7 @@ const (
 
 // InstallTulle builds tulle's image with tag (make image), imports it on
 // every node and applies deploy/ through a kustomize overlay that sets the
-// tag: `kubectl apply -k`, as a user installs it. Patches are JSON 6902
-// operations on the DaemonSet (YAML), for a rollout.
+// tag: `kubectl apply -k`, as a user installs it.
 func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
 	start := time.Now()
 	archive, err := BuildTulleImage(c.opt.Root, c.opt.Dir, tag)
@@ -49,12 +48,22 @@ func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
 		}
 	}
 	c.logf("tulle:%s imported on %d nodes in %s", tag, len(c.Nodes), time.Since(start).Round(time.Millisecond))
-	return c.ApplyTulle(ctx, tag, "")
+	return c.ApplyTulle(ctx, Overlay{Tag: tag})
 }
 
-// ApplyTulle applies deploy/ with the image tag and a JSON patch of the
-// DaemonSet (YAML list of operations, or "").
-func (c *Cluster) ApplyTulle(ctx context.Context, tag, patch string) error {
+// Overlay is what a user's kustomize overlay of deploy/ changes.
+type Overlay struct {
+	// Tag is the image tag.
+	Tag string
+	// Patch is a JSON 6902 patch of the DaemonSet (YAML list of
+	// operations), or "".
+	Patch string
+	// NetConf replaces net-conf.json in the ConfigMap, or "".
+	NetConf string
+}
+
+// ApplyTulle applies deploy/ through the overlay (kubectl apply -k).
+func (c *Cluster) ApplyTulle(ctx context.Context, o Overlay) error {
 	dir := filepath.Join(c.opt.Dir, "tulle-overlay")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -63,9 +72,15 @@ func (c *Cluster) ApplyTulle(ctx context.Context, tag, patch string) error {
 	if err != nil {
 		return err
 	}
-	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\nimages:\n  - name: tulle\n    newTag: %s\n", base, tag)
-	if patch != "" {
-		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + indent(patch, "      ")
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\nimages:\n  - name: tulle\n    newTag: %s\n", base, o.Tag)
+	if o.Patch != "" {
+		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + indent(o.Patch, "      ")
+	}
+	if o.NetConf != "" {
+		if err := os.WriteFile(filepath.Join(dir, "net-conf.json"), []byte(o.NetConf), 0o644); err != nil {
+			return err
+		}
+		k += "configMapGenerator:\n  - name: tulle-config\n    behavior: merge\n    files: [net-conf.json]\n"
 	}
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
 		return err
