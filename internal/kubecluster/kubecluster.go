@@ -154,20 +154,22 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 	if why := Missing(); why != "" {
 		return nil, errors.New("kubecluster: needs " + why)
 	}
-	tp, err := topo.New(topo.Options{Nodes: opt.Nodes + 1, Prefix: opt.Prefix})
+	lock, err := lockShared(opt.Prefix)
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{Topo: tp, Control: tp.Nodes[opt.Nodes], opt: opt, Suffix: tp.Suffix}
+	tp, err := topo.New(topo.Options{Nodes: opt.Nodes + 1, Prefix: opt.Prefix})
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	c = &Cluster{Topo: tp, Control: tp.Nodes[opt.Nodes], opt: opt, Suffix: tp.Suffix, lock: lock}
 	defer func() {
 		if err != nil {
 			c.Close()
 			c = nil
 		}
 	}()
-	if err := c.lockShared(); err != nil {
-		return c, err
-	}
 	c.logf("control plane in %s (%s): etcd, kube-apiserver, controller-manager, scheduler", c.Control.NS, c.Control.IP4)
 	if err := c.startControlPlane(); err != nil {
 		return c, err
@@ -260,17 +262,46 @@ func (c *Cluster) mountPoint(p string) error {
 // and Close removes the host's mount points only when it can take the
 // lock alone (an empty mount point may be another cluster's, mounted over
 // in its namespaces, where removing it would detach the mount).
-func (c *Cluster) lockShared() error {
+func lockShared(prefix string) (*os.File, error) {
 	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	// Alone: whatever a cluster of this package left behind is debris
+	// (a test killed before its Close ran). Sweep it, then share.
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) == nil {
+		sweep(prefix)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
 		f.Close()
-		return fmt.Errorf("lock %s: %w", lockPath, err)
+		return nil, fmt.Errorf("lock %s: %w", lockPath, err)
 	}
-	c.lock = f
-	return nil
+	return f, nil
+}
+
+// sweep removes what clusters named prefix-<suffix> left: their
+// processes (every one of a node's is in its cgroup root: containerd and
+// its shims in runtime/, the pods in kubepods/), cgroups and namespaces.
+// Called only while no cluster runs.
+func sweep(prefix string) {
+	ents, _ := os.ReadDir("/sys/fs/cgroup/pids")
+	var roots []string
+	for _, e := range ents {
+		if rest, ok := strings.CutPrefix(e.Name(), prefix+"-"); ok && e.IsDir() && len(rest) > 7 && rest[6] == '-' {
+			roots = append(roots, "/"+e.Name())
+		}
+	}
+	for _, r := range roots {
+		n := &Node{CgroupRoot: r}
+		n.killCgroup()
+		n.removeCgroups()
+	}
+	out, _ := exec.Command("ip", "netns", "list").Output()
+	for _, l := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], prefix+"-") {
+			exec.Command("ip", "netns", "delete", f[0]).Run()
+		}
+	}
 }
 
 const lockPath = "/run/tulle-kubecluster.lock"
@@ -356,6 +387,11 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 	script.WriteString("mount -t tmpfs tmpfs /run/netns && exec containerd --config " + strconv.Quote(n.path("containerd.toml")))
 	n.containerd = exec.Command("nsenter", "--net=/run/netns/"+n.NS, "--", "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script.String())
 	if err := c.run(n.containerd, n.path("containerd.log")); err != nil {
+		return err
+	}
+	// containerd, and the shims it starts, in the node's cgroup root: a
+	// node's every process is there, for Close and sweep to find.
+	if err := n.joinCgroup("runtime", n.containerd.Process.Pid); err != nil {
 		return err
 	}
 	if err := waitFor(ctx, 30*time.Second, func() error {
@@ -534,6 +570,35 @@ func (n *Node) makeCgroups() error {
 	return nil
 }
 
+// joinCgroup moves pid into the node's cgroup root/sub in every hierarchy.
+func (n *Node) joinCgroup(sub string, pid int) error {
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		return err
+	}
+	for _, h := range hs {
+		p := filepath.Join(h, n.CgroupRoot, sub)
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			return err
+		}
+		if filepath.Base(h) == "cpuset" {
+			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+				b, err := os.ReadFile(filepath.Join(h, n.CgroupRoot, f))
+				if err != nil {
+					return err
+				}
+				if err := os.WriteFile(filepath.Join(p, f), b, 0o644); err != nil {
+					return err
+				}
+			}
+		}
+		if err := os.WriteFile(filepath.Join(p, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0o644); err != nil {
+			return fmt.Errorf("move %d into %s: %w", pid, p, err)
+		}
+	}
+	return nil
+}
+
 // waitNodes waits until every node is registered and has pod CIDRs.
 func (c *Cluster) waitNodes(ctx context.Context) error {
 	return waitFor(ctx, 120*time.Second, func() error {
@@ -600,11 +665,10 @@ func (c *Cluster) Close() error {
 		stop(n.kubelet, 5*time.Second)
 		stop(n.proxy, 5*time.Second)
 	}
-	// Containers: every process in a node's cgroup root, then the shims
-	// (they outlive containerd by design), then containerd.
+	// Containers, shims and containerd: every process in the node's
+	// cgroup root.
 	for _, n := range c.Nodes {
 		n.killCgroup()
-		killShims(n.sock())
 		stop(n.containerd, 5*time.Second)
 	}
 	for _, p := range c.procs {
@@ -650,25 +714,6 @@ func (n *Node) killCgroup() {
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// killShims kills the containerd shims serving the containerd at sock.
-func killShims(sock string) {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(string(b), "\x00")
-		if len(args) > 0 && strings.HasPrefix(filepath.Base(args[0]), "containerd-shim") && slices.Contains(args, sock) {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
 	}
 }
 

@@ -114,14 +114,14 @@ func Start(dir string) (*Cluster, error) { return StartWith(dir, Options{}) }
 
 // StartWith starts etcd and kube-apiserver where opt says and waits until
 // the API is ready.
-func StartWith(dir string, opt Options) (c *Cluster, err error) {
+func StartWith(dir string, opt Options) (_ *Cluster, err error) {
 	if opt.ServiceCIDR == "" {
 		opt.ServiceCIDR = "100.64.0.0/24"
 	}
 	if opt.NetNS != "" && (opt.DoIn == nil || !opt.Address.IsValid()) {
 		return nil, errors.New("kubetest: NetNS needs DoIn and Address")
 	}
-	c = &Cluster{dir: dir, opt: opt}
+	c := &Cluster{dir: dir, opt: opt}
 	defer func() {
 		if err != nil {
 			c.Stop()
