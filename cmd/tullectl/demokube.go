@@ -56,11 +56,11 @@ func demoKube(ctx context.Context, root string, nodes int) (err error) {
 	fmt.Printf("    up in %s\n", time.Since(start).Round(time.Second))
 	show := func(args ...string) error {
 		out, err := kc.Kubectl(ctx, args...)
-		fmt.Print(indentLines(out, "    "))
+		fmt.Print(kubecluster.Indent(out, "    "))
 		return err
 	}
 
-	tag := kubecluster.RandomTag()
+	tag := kubecluster.RandomTag("demo")
 	step("installing tulle: make image (tulle:%s), imported on every node, kubectl apply -k deploy/ with that tag", tag)
 	if err := kc.InstallTulle(ctx, tag); err != nil {
 		return err
@@ -153,12 +153,4 @@ func short(name string) string {
 		return name[i+1:]
 	}
 	return name
-}
-
-func indentLines(s, prefix string) string {
-	var b strings.Builder
-	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
-		b.WriteString(prefix + l + "\n")
-	}
-	return b.String()
 }

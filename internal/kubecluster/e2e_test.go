@@ -57,7 +57,7 @@ func TestRealCluster(t *testing.T) {
 		}
 	})
 	t.Logf("cluster up in %s", time.Since(start).Round(time.Second))
-	tag := kubecluster.RandomTag()
+	tag := kubecluster.RandomTag("e2e")
 	if err := c.InstallTulle(ctx, tag); err != nil {
 		t.Fatal(err)
 	}

@@ -750,11 +750,12 @@ func (n *Node) removeCgroups() error {
 	return errors.Join(errs...)
 }
 
-// RandomTag is a fresh image tag (tulle's image is built per cluster).
-func RandomTag() string {
+// RandomTag is a fresh image tag, prefix-<hex> (tulle's image is built
+// per cluster).
+func RandomTag(prefix string) string {
 	var b [4]byte
 	rand.Read(b[:])
-	return "e2e-" + hex.EncodeToString(b[:])
+	return prefix + "-" + hex.EncodeToString(b[:])
 }
 
 // InternalAddr is the API server's address inside the network.

@@ -74,7 +74,7 @@ func (c *Cluster) ApplyTulle(ctx context.Context, o Overlay) error {
 	}
 	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\nimages:\n  - name: tulle\n    newTag: %s\n", base, o.Tag)
 	if o.Patch != "" {
-		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + indent(o.Patch, "      ")
+		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + Indent(o.Patch, "      ")
 	}
 	if o.NetConf != "" {
 		if err := os.WriteFile(filepath.Join(dir, "net-conf.json"), []byte(o.NetConf), 0o644); err != nil {
@@ -89,7 +89,8 @@ func (c *Cluster) ApplyTulle(ctx context.Context, o Overlay) error {
 	return err
 }
 
-func indent(s, prefix string) string {
+// Indent puts prefix before every line of s.
+func Indent(s, prefix string) string {
 	var b strings.Builder
 	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
 		b.WriteString(prefix + l + "\n")

@@ -300,27 +300,34 @@ func (c *Cluster) startRelay() error {
 	}
 	c.relay = ln
 	target := net.JoinHostPort(c.opt.Address.String(), strconv.Itoa(APIPort))
-	go func() {
-		for {
-			in, err := ln.Accept()
+	go relay(ln, func() (out net.Conn, err error) {
+		err = c.opt.DoIn(c.opt.NetNS, func() (err error) {
+			out, err = net.DialTimeout("tcp", target, 5*time.Second)
+			return err
+		})
+		return out, err
+	})
+	return nil
+}
+
+// relay accepts connections on ln until it closes and splices each to
+// a connection dial makes.
+func relay(ln net.Listener, dial func() (net.Conn, error)) {
+	for {
+		in, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer in.Close()
+			out, err := dial()
 			if err != nil {
 				return
 			}
-			go func() {
-				defer in.Close()
-				var out net.Conn
-				if err := c.opt.DoIn(c.opt.NetNS, func() (err error) {
-					out, err = net.DialTimeout("tcp", target, 5*time.Second)
-					return err
-				}); err != nil {
-					return
-				}
-				defer out.Close()
-				splice(in, out)
-			}()
-		}
-	}()
-	return nil
+			defer out.Close()
+			splice(in, out)
+		}()
+	}
 }
 
 // splice copies both ways until either side ends.
@@ -417,22 +424,6 @@ func (c *Cluster) ForwardInto(ns string, doIn func(string, func() error) error) 
 	}); err != nil {
 		return nil, fmt.Errorf("forward into %s: %w", ns, err)
 	}
-	go func() {
-		for {
-			in, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer in.Close()
-				out, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.port))
-				if err != nil {
-					return
-				}
-				defer out.Close()
-				splice(in, out)
-			}()
-		}
-	}()
+	go relay(ln, func() (net.Conn, error) { return net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.port)) })
 	return func() { ln.Close() }, nil
 }
