@@ -19,6 +19,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/kubecluster"
 	"github.com/tulle-net/tulle/internal/testenv"
 )
@@ -92,6 +93,7 @@ func TestRealCluster(t *testing.T) {
 	t.Run("KubeletRestart", func(t *testing.T) { checkKubeletRestart(t, ctx, c, ns, app) })
 	t.Run("BackendChange", func(t *testing.T) { checkBackendChange(t, ctx, c, tag, ns, app) })
 	t.Run("NodeRemoval", func(t *testing.T) { checkNodeRemoval(t, ctx, c) })
+	t.Run("WireGuard", func(t *testing.T) { checkWireGuard(t, ctx, c, tag, ns, app) })
 }
 
 func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
@@ -354,38 +356,9 @@ const rolloutPatch = "- op: add\n  path: /spec/template/spec/containers/0/env/-\
 // every peer goes host-gw: kernel routes to each node's pod subnets via
 // its underlay address, and the pods still talk, both families.
 func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag, ns, app string) {
-	const netConf = `{"Network":"100.96.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64,"Backend":{"Type":"auto","Port":8285}}`
-	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch, NetConf: netConf}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "status", "daemonset/tulle", "--timeout=4m"); err != nil {
-		t.Fatal(err)
-	}
+	switchBackend(t, ctx, c, tag, `{"Type":"auto","Port":8285}`)
 	for _, n := range c.Nodes {
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			s, err := n.TulleStatus(ctx)
-			if err != nil {
-				t.Fatalf("%s: status: %v", n.Name, err)
-			}
-			hostGW := 0
-			for _, p := range s.Peers {
-				if p.Backend == "host-gw" {
-					hostGW++
-				}
-			}
-			if hostGW == len(c.Nodes)-1 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: peers %+v, want all host-gw", n.Name, s.Peers)
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		waitPeersBackend(t, ctx, n, "host-gw", len(c.Nodes)-1)
 		for _, o := range c.Nodes {
 			if o == n {
 				continue
@@ -411,6 +384,85 @@ func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 		t.Fatal(err)
 	}
 	checkPodToPod(t, ctx, c, pods)
+}
+
+// switchBackend applies net-conf.json with backend in an overlay and
+// restarts the DaemonSet, as docs/operations.md says to.
+func switchBackend(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag, backend string) {
+	t.Helper()
+	netConf := `{"Network":"100.96.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64,"Backend":` + backend + `}`
+	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch, NetConf: netConf}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "status", "daemonset/tulle", "--timeout=4m"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitPeersBackend waits until node n's tulled serves want peers, all with
+// backend.
+func waitPeersBackend(t *testing.T, ctx context.Context, n *kubecluster.Node, backend string, want int) []api.Peer {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err := n.TulleStatus(ctx)
+		if err != nil {
+			t.Fatalf("%s: status: %v", n.Name, err)
+		}
+		k := 0
+		for _, p := range s.Peers {
+			if p.Backend == backend {
+				k++
+			}
+		}
+		if k == want && len(s.Peers) == want {
+			return s.Peers
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: peers %+v, want %d, all %s", n.Name, s.Peers, want, backend)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// checkWireGuard switches the (now two-node) cluster to WireGuard: each
+// tulled makes its key in the node's /var/lib/tulle (0600), every peer is
+// served over WireGuard with a handshake done, and the pods talk (both
+// families) through it.
+func checkWireGuard(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag, ns, app string) {
+	nodes := c.Nodes[:len(c.Nodes)-1] // NodeRemoval took the last
+	switchBackend(t, ctx, c, tag, `{"Type":"wireguard","Port":51820,"Mode":"auto"}`)
+	for _, n := range nodes {
+		fi, err := os.Stat(n.Host("/var/lib/tulle/wireguard.key"))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: the WireGuard key in the node's /var/lib/tulle: %v %v", n.Name, fi, err)
+		}
+		waitPeersBackend(t, ctx, n, "wireguard", len(nodes)-1)
+	}
+	// The pods of the removed node stay listed until the pod GC removes
+	// them: talk among the others.
+	all, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pods []corev1.Pod
+	for _, p := range all {
+		if p.Spec.NodeName != c.Nodes[len(c.Nodes)-1].Name {
+			pods = append(pods, p)
+		}
+	}
+	checkPodToPod(t, ctx, c, pods)
+	for _, n := range nodes {
+		for _, p := range waitPeersBackend(t, ctx, n, "wireguard", len(nodes)-1) {
+			if p.WireGuard == nil || p.WireGuard.LastHandshake.IsZero() {
+				t.Errorf("%s: peer %s has no WireGuard handshake after pods talked: %+v", n.Name, p.Name, p.WireGuard)
+			}
+		}
+	}
 }
 
 // remotePod is a pod on another node than p's.
