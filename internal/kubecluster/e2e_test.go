@@ -257,6 +257,17 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	down := c.WatchTulle(wctx)
+	// A datagram every 10 ms from src to dst's UDP echo and back, over the
+	// whole rollout: the longest silence is what a tulled restart costs
+	// the pods on its node.
+	watched := make(chan string, 1)
+	go func() {
+		out, err := c.PodGet(ctx, src, sv4, "/udpwatch?interval=10ms&duration=40s&target="+neturl.QueryEscape(net.JoinHostPort(dv4, fmt.Sprint(kubecluster.TestPodPort+1))))
+		if err != nil {
+			out = err.Error()
+		}
+		watched <- out
+	}()
 	time.Sleep(2 * time.Second)
 	rollStart := time.Now()
 	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch}); err != nil {
@@ -345,6 +356,13 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 		t.Errorf("transfer across the rollout: %d bytes sha256 %s, want %d bytes %s", res.Bytes, res.SHA256, size, want)
 	}
 	t.Logf("%d MB streamed %s → %s across the rollout, intact", size>>20, dst.Spec.NodeName, src.Spec.NodeName)
+	var w struct{ Sent, Received, LongestGapMs int }
+	out := <-watched
+	if err := json.Unmarshal([]byte(out), &w); err != nil || w.Received == 0 {
+		t.Fatalf("UDP echo %s ↔ %s over the rollout: %s", src.Spec.NodeName, dst.Spec.NodeName, out)
+	}
+	t.Logf("UDP echo every 10 ms %s ↔ %s for 40 s across the rollout: %d of %d answered, longest silence %d ms",
+		src.Spec.NodeName, dst.Spec.NodeName, w.Received, w.Sent, w.LongestGapMs)
 }
 
 // rolloutPatch changes the DaemonSet's pod template: a rollout.

@@ -16,6 +16,11 @@
 //	                  fast as possible)
 //	/fetch?url=U      GET U and answer {"bytes":…,"sha256":…} of its body,
 //	                  or 502 with how far it got
+//	/udpwatch?target=T&interval=I&duration=D  send a numbered datagram to
+//	                  T's UDP echo every I for D; answer {"sent","received",
+//	                  "longestGapMs"}: the longest time without an echo
+//
+// UDP port 8081 echoes every datagram back to its sender.
 package main
 
 import (
@@ -53,6 +58,10 @@ func main() {
 	port := fs.Int("port", 8080, "HTTP port")
 	fs.Parse(args)
 	srv := &http.Server{Addr: fmt.Sprintf(":%d", *port), Handler: newMux(), ReadHeaderTimeout: 10 * time.Second}
+	if err := echo(*port + 1); err != nil {
+		fmt.Fprintln(os.Stderr, "testpod:", err)
+		os.Exit(1)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go func() {
@@ -73,7 +82,83 @@ func newMux() *http.ServeMux {
 	mux.HandleFunc("/probe", probe)
 	mux.HandleFunc("/stream", stream)
 	mux.HandleFunc("/fetch", fetch)
+	mux.HandleFunc("/udpwatch", udpWatch)
 	return mux
+}
+
+// echo answers every datagram on port with itself.
+func echo(port int) error {
+	c, err := net.ListenPacket("udp", fmt.Sprintf(":%d", port))
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			c.WriteTo(buf[:n], from)
+		}
+	}()
+	return nil
+}
+
+// udpWatch measures how long a path goes without answers: a numbered
+// datagram every interval, and the longest time between two echoes.
+func udpWatch(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	interval, err1 := time.ParseDuration(q.Get("interval"))
+	duration, err2 := time.ParseDuration(q.Get("duration"))
+	if err1 != nil || err2 != nil || interval < time.Millisecond || duration > 10*time.Minute {
+		http.Error(w, "interval (≥ 1ms) and duration (≤ 10m): durations", http.StatusBadRequest)
+		return
+	}
+	c, err := net.Dial("udp", q.Get("target"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer c.Close()
+	var received int
+	var longest time.Duration
+	start := time.Now()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		last := start
+		buf := make([]byte, 64)
+		for {
+			c.SetReadDeadline(start.Add(duration + time.Second))
+			_, err := c.Read(buf)
+			if ne, ok := err.(net.Error); err != nil && !(ok && ne.Timeout()) {
+				continue // an ICMP error (port unreachable): no answer, no end
+			}
+			if err != nil {
+				end := start.Add(duration)
+				if now := time.Now(); now.Before(end) {
+					end = now
+				}
+				longest = max(longest, end.Sub(last))
+				return
+			}
+			now := time.Now()
+			longest = max(longest, now.Sub(last))
+			last = now
+			received++
+		}
+	}()
+	sent := 0
+	tick := time.NewTicker(interval)
+	for time.Since(start) < duration {
+		c.Write(fmt.Appendf(nil, "%d", sent))
+		sent++
+		<-tick.C
+	}
+	tick.Stop()
+	<-done
+	json.NewEncoder(w).Encode(map[string]any{"sent": sent, "received": received, "longestGapMs": longest.Milliseconds()})
 }
 
 // pause is what a sandbox's first process does: nothing, reaping any

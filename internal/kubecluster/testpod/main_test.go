@@ -68,3 +68,26 @@ func TestServer(t *testing.T) {
 		t.Errorf("/stream?bytes=-1: %d, want 400", code)
 	}
 }
+
+// TestUDPWatch: against a live echo every datagram comes back and the
+// longest gap is about the interval; against nothing, the gap is the
+// whole duration.
+func TestUDPWatch(t *testing.T) {
+	srv := httptest.NewServer(newMux())
+	defer srv.Close()
+	if err := echo(18081); err != nil {
+		t.Fatal(err)
+	}
+	var res struct{ Sent, Received, LongestGapMs int }
+	code, body := fetchURL(t, srv.URL, "/udpwatch?target=127.0.0.1:18081&interval=5ms&duration=300ms")
+	if code != 200 || json.Unmarshal([]byte(body), &res) != nil || res.Sent < 30 || res.Received != res.Sent || res.LongestGapMs > 150 {
+		t.Errorf("live echo: %d %q", code, body)
+	}
+	code, body = fetchURL(t, srv.URL, "/udpwatch?target=127.0.0.1:18082&interval=5ms&duration=300ms")
+	if code != 200 || json.Unmarshal([]byte(body), &res) != nil || res.Received != 0 || res.LongestGapMs < 290 {
+		t.Errorf("no echo: %d %q", code, body)
+	}
+	if code, _ := fetchURL(t, srv.URL, "/udpwatch?target=127.0.0.1:18081&interval=0s&duration=1s"); code != 400 {
+		t.Errorf("interval 0: %d, want 400", code)
+	}
+}
