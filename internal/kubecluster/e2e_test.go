@@ -402,6 +402,38 @@ func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 		t.Fatal(err)
 	}
 	checkPodToPod(t, ctx, c, pods)
+
+	// host-gw keeps its routes in the kernel: a rollout costs the IPv4
+	// path between pods nothing.
+	src, dst := &pods[0], remotePod(pods, &pods[0])
+	sv4, _ := kubecluster.PodIPs(src)
+	dv4, _ := kubecluster.PodIPs(dst)
+	watched := make(chan string, 1)
+	go func() {
+		out, err := c.PodGet(ctx, src, sv4, "/udpwatch?interval=10ms&duration=25s&target="+neturl.QueryEscape(net.JoinHostPort(dv4, fmt.Sprint(kubecluster.TestPodPort+1))))
+		if err != nil {
+			out = err.Error()
+		}
+		watched <- out
+	}()
+	time.Sleep(time.Second)
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "status", "daemonset/tulle", "--timeout=4m"); err != nil {
+		t.Fatal(err)
+	}
+	var w struct{ Sent, Received, LongestGapMs int }
+	out := <-watched
+	if err := json.Unmarshal([]byte(out), &w); err != nil || w.Received == 0 {
+		t.Fatalf("UDP echo %s ↔ %s over the host-gw rollout: %s", src.Spec.NodeName, dst.Spec.NodeName, out)
+	}
+	t.Logf("host-gw: UDP echo every 10 ms %s ↔ %s for 25 s across a rollout: %d of %d answered, longest silence %d ms",
+		src.Spec.NodeName, dst.Spec.NodeName, w.Received, w.Sent, w.LongestGapMs)
+	if w.LongestGapMs > 1000 {
+		t.Errorf("host-gw: %d ms without an answer across a rollout; the kernel's routes should carry on", w.LongestGapMs)
+	}
 }
 
 // switchBackend applies net-conf.json with backend in an overlay and
