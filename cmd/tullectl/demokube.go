@@ -62,7 +62,7 @@ func demoKube(ctx context.Context, root string, nodes int) (err error) {
 
 	tag := kubecluster.RandomTag("demo")
 	step("installing tulle: make image (tulle:%s), imported on every node, kubectl apply -k deploy/ with that tag", tag)
-	if err := kc.InstallTulle(ctx, tag); err != nil {
+	if err := kc.InstallTulle(ctx, kubecluster.Overlay{Tag: tag}); err != nil {
 		return err
 	}
 	if err := kc.WaitTulle(ctx, 3*time.Minute); err != nil {

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,7 +60,7 @@ func TestRealCluster(t *testing.T) {
 	})
 	t.Logf("cluster up in %s", time.Since(start).Round(time.Second))
 	tag := kubecluster.RandomTag("e2e")
-	if err := c.InstallTulle(ctx, tag); err != nil {
+	if err := c.InstallTulle(ctx, kubecluster.Overlay{Tag: tag}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
@@ -738,4 +739,125 @@ func dumpLogs(t *testing.T, c *kubecluster.Cluster, dir string) {
 		t.Logf("--- %s:\n%s", strings.TrimPrefix(p, dir), b)
 		return nil
 	})
+}
+
+// TestRealClusterContainerd2 installs tulle on nodes that run containerd 2
+// with current CNI plugins, the conflist raised to cniVersion 1.1.0 in an
+// overlay (as docs/operations.md says such clusters may): pods talk across
+// nodes, and the runtime asks tulle's STATUS — while a node's tulled is
+// down the Node is NotReady with tulle's reason, and Ready once it is back.
+func TestRealClusterContainerd2(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a whole cluster: not in -short")
+	}
+	rt := kubecluster.Containerd2()
+	testenv.Require(t, kubecluster.MissingFor(rt))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	root, _ := filepath.Abs("../..")
+	dir := t.TempDir()
+	c, err := kubecluster.Start(ctx, kubecluster.Options{Nodes: 2, Dir: dir, Root: root, Logf: t.Logf, Runtime: rt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, c, dir)
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	conflist, err := os.ReadFile(filepath.Join(root, "deploy", "10-tulle.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cni11 := strings.Replace(string(conflist), `"cniVersion": "1.0.0"`, `"cniVersion": "1.1.0"`, 1)
+	if cni11 == string(conflist) {
+		t.Fatalf("deploy/10-tulle.conflist has no cniVersion 1.0.0 to raise:\n%s", conflist)
+	}
+	tag := kubecluster.RandomTag("e2e")
+	if err := c.InstallTulle(ctx, kubecluster.Overlay{Tag: tag, Conflist: cni11}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	checkNodes(t, ctx, c)
+	const ns, app, replicas = "default", "echo", 4
+	if err := c.WaitServiceAccount(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkPodAddresses(t, ctx, c, pods)
+	checkPodToPod(t, ctx, c, pods)
+
+	// STATUS: tulled killed on n1 → the plugin answers 51, containerd
+	// reports the network not ready, kubelet marks the Node NotReady with
+	// tulle's words; the kubelet restarts tulled and the Node is Ready.
+	n := c.Nodes[0]
+	pid := tulledPID(t, n)
+	killed := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	msg := waitNodeReady(t, ctx, c, n.Name, false, 60*time.Second)
+	t.Logf("%s NotReady %s after its tulled was killed: %s", n.Name, time.Since(killed).Round(100*time.Millisecond), msg)
+	if !strings.Contains(msg, "tulled is not running") {
+		t.Errorf("%s NotReady for %q, want tulle's STATUS reason", n.Name, msg)
+	}
+	waitNodeReady(t, ctx, c, n.Name, true, 90*time.Second)
+	t.Logf("%s Ready again %s after the kill", n.Name, time.Since(killed).Round(100*time.Millisecond))
+	checkPodToPod(t, ctx, c, pods)
+
+	// A kubelet restart asks the runtime's status (STATUS) at once: with
+	// tulled up, nothing changes.
+	checkKubeletRestart(t, ctx, c, ns, app)
+}
+
+// tulledPID finds the tulled process among node n's pods.
+func tulledPID(t *testing.T, n *kubecluster.Node) int {
+	t.Helper()
+	var pid int
+	filepath.WalkDir(filepath.Join("/sys/fs/cgroup/pids", n.CgroupRoot, "kubepods"), func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(p)
+		for _, f := range strings.Fields(string(b)) {
+			if comm, _ := os.ReadFile("/proc/" + f + "/comm"); strings.TrimSpace(string(comm)) == "tulled" {
+				fmt.Sscan(f, &pid)
+			}
+		}
+		return nil
+	})
+	if pid == 0 {
+		t.Fatalf("%s: no tulled process in its pods' cgroups", n.Name)
+	}
+	return pid
+}
+
+// waitNodeReady waits until the Node's Ready condition is want and returns
+// its message.
+func waitNodeReady(t *testing.T, ctx context.Context, c *kubecluster.Cluster, name string, want bool, d time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		node, err := c.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			if ok, msg := kubecluster.NodeReady(node); ok == want {
+				return msg
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: Ready is not %v after %s", name, want, d)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

@@ -71,6 +71,8 @@ type Options struct {
 	Prefix string
 	// Logf reports progress (nil: quiet).
 	Logf func(format string, args ...any)
+	// Runtime is the nodes' container runtime (default Containerd16).
+	Runtime Runtime
 }
 
 // Cluster is a running control plane and its nodes.
@@ -101,8 +103,13 @@ type Node struct {
 	proxy      *exec.Cmd
 }
 
-// Missing says what this machine lacks to run a cluster, or "".
-func Missing() string {
+// Missing says what this machine lacks to run a cluster with Debian's
+// containerd, or "".
+func Missing() string { return MissingFor(Containerd16) }
+
+// MissingFor says what this machine lacks to run a cluster on runtime r,
+// or "".
+func MissingFor(r Runtime) string {
 	if why := topo.Require(); why != "" {
 		return why
 	}
@@ -114,15 +121,13 @@ func Missing() string {
 			return b + " at " + kubetest.Bin(b) + " (tools/setup builds it)"
 		}
 	}
-	for _, t := range []string{"containerd:containerd", "runc:runc", "ctr:containerd", "nsenter:util-linux", "unshare:util-linux", "iptables:iptables", "buildah:buildah", "make:make"} {
+	if why := r.missing(); why != "" {
+		return why
+	}
+	for _, t := range []string{"nsenter:util-linux", "unshare:util-linux", "iptables:iptables", "buildah:buildah", "make:make"} {
 		name, pkg, _ := strings.Cut(t, ":")
 		if _, err := exec.LookPath(name); err != nil {
 			return fmt.Sprintf("%s (apt-get install %s)", name, pkg)
-		}
-	}
-	for _, p := range []string{"loopback", "portmap"} {
-		if _, err := os.Stat(filepath.Join(hostCNIDir, p)); err != nil {
-			return "the CNI plugin " + p + " in " + hostCNIDir + " (apt-get install containernetworking-plugins)"
 		}
 	}
 	return ""
@@ -151,7 +156,10 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 	if opt.Prefix == "" {
 		opt.Prefix = "tullek8s"
 	}
-	if why := Missing(); why != "" {
+	if opt.Runtime.ConfigVersion == 0 {
+		opt.Runtime = Containerd16
+	}
+	if why := MissingFor(opt.Runtime); why != "" {
 		return nil, errors.New("kubecluster: needs " + why)
 	}
 	lock, err := lockShared(opt.Prefix)
@@ -170,7 +178,7 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 			c = nil
 		}
 	}()
-	c.logf("control plane in %s (%s): etcd, kube-apiserver, controller-manager, scheduler", c.Control.NS, c.Control.IP4)
+	c.logf("control plane in %s (%s): etcd, kube-apiserver, controller-manager, scheduler; nodes on %s", c.Control.NS, c.Control.IP4, opt.Runtime.Name)
 	if err := c.startControlPlane(); err != nil {
 		return c, err
 	}
@@ -360,7 +368,7 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 		}
 	}
 	for _, p := range []string{"loopback", "portmap"} {
-		if err := copyFile(filepath.Join(hostCNIDir, p), filepath.Join(n.path("cni-bin"), p), 0o755); err != nil {
+		if err := copyFile(c.opt.Runtime.cniPlugin(p), filepath.Join(n.path("cni-bin"), p), 0o755); err != nil {
 			return err
 		}
 	}
@@ -384,8 +392,12 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 	for _, m := range nodeMounts {
 		fmt.Fprintf(&script, "mount --bind %q %q && ", n.path(m.name), m.path)
 	}
-	script.WriteString("mount -t tmpfs tmpfs /run/netns && exec containerd --config " + strconv.Quote(n.path("containerd.toml")))
+	script.WriteString("mount -t tmpfs tmpfs /run/netns && exec " + strconv.Quote(c.opt.Runtime.bin("containerd")) + " --config " + strconv.Quote(n.path("containerd.toml")))
 	n.containerd = exec.Command("nsenter", "--net=/run/netns/"+n.NS, "--", "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script.String())
+	if d := c.opt.Runtime.Dir; d != "" {
+		// containerd finds its shim on PATH.
+		n.containerd.Env = append(os.Environ(), "PATH="+d+":"+os.Getenv("PATH"))
+	}
 	if err := c.run(n.containerd, n.path("containerd.log")); err != nil {
 		return err
 	}
@@ -398,7 +410,7 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 		if n.containerd.ProcessState != nil {
 			return errors.New("containerd exited (see " + n.path("containerd.log") + ")")
 		}
-		return exec.Command("ctr", "--address", n.sock(), "version").Run()
+		return exec.Command(c.opt.Runtime.bin("ctr"), "--address", n.sock(), "version").Run()
 	}); err != nil {
 		return fmt.Errorf("containerd: %w", err)
 	}
@@ -419,7 +431,7 @@ func (n *Node) sock() string { return n.path("containerd.sock") }
 // Import loads a docker-archive into the node's containerd (the k8s.io
 // namespace, where kubelet's images live).
 func (n *Node) Import(archive string) error {
-	out, err := exec.Command("ctr", "--address", n.sock(), "-n", "k8s.io", "images", "import", "--no-unpack=false", archive).CombinedOutput()
+	out, err := exec.Command(n.c.opt.Runtime.bin("ctr"), "--address", n.sock(), "-n", "k8s.io", "images", "import", archive).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("import %s into %s: %w: %s", filepath.Base(archive), n.Name, err, out)
 	}
@@ -461,30 +473,7 @@ func stop(cmd *exec.Cmd, grace time.Duration) {
 func (n *Node) writeConfigs() error {
 	d := n.Dir
 	files := map[string]string{
-		"containerd.toml": fmt.Sprintf(`version = 2
-root = %q
-state = %q
-[grpc]
-  address = %q
-[plugins."io.containerd.internal.v1.opt"]
-  path = %q
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = %q
-  # root here lacks CAP_SYS_RESOURCE: lowering a score is all runc may do.
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        Root = %q
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/opt/cni/bin"
-    conf_dir = "/etc/cni/net.d"
-`, filepath.Join(d, "containerd/root"), filepath.Join(d, "containerd/state"), n.sock(), filepath.Join(d, "containerd/opt"), PauseImage, filepath.Join(d, "runc")),
+		"containerd.toml": n.c.opt.Runtime.config(n),
 		"resolv.conf": "nameserver " + n.c.Control.IP4.String() + "\n",
 		"kubelet.yaml": fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration

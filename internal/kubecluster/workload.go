@@ -31,10 +31,11 @@ const (
 	TulleDaemonSet = "tulle"
 )
 
-// InstallTulle builds tulle's image with tag (make image), imports it on
+// InstallTulle builds tulle's image with o.Tag (make image), imports it on
 // every node and applies deploy/ through a kustomize overlay that sets the
-// tag: `kubectl apply -k`, as a user installs it.
-func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
+// tag (and what else o says): `kubectl apply -k`, as a user installs it.
+func (c *Cluster) InstallTulle(ctx context.Context, o Overlay) error {
+	tag := o.Tag
 	start := time.Now()
 	archive, err := BuildTulleImage(c.opt.Root, c.opt.Dir, tag)
 	if err != nil {
@@ -48,7 +49,7 @@ func (c *Cluster) InstallTulle(ctx context.Context, tag string) error {
 		}
 	}
 	c.logf("tulle:%s imported on %d nodes in %s", tag, len(c.Nodes), time.Since(start).Round(time.Millisecond))
-	return c.ApplyTulle(ctx, Overlay{Tag: tag})
+	return c.ApplyTulle(ctx, o)
 }
 
 // Overlay is what a user's kustomize overlay of deploy/ changes.
@@ -60,6 +61,8 @@ type Overlay struct {
 	Patch string
 	// NetConf replaces net-conf.json in the ConfigMap, or "".
 	NetConf string
+	// Conflist replaces 10-tulle.conflist in the ConfigMap, or "".
+	Conflist string
 }
 
 // ApplyTulle applies deploy/ through the overlay (kubectl apply -k).
@@ -76,11 +79,18 @@ func (c *Cluster) ApplyTulle(ctx context.Context, o Overlay) error {
 	if o.Patch != "" {
 		k += "patches:\n  - target: {kind: DaemonSet, name: tulle}\n    patch: |-\n" + Indent(o.Patch, "      ")
 	}
-	if o.NetConf != "" {
-		if err := os.WriteFile(filepath.Join(dir, "net-conf.json"), []byte(o.NetConf), 0o644); err != nil {
+	var files []string
+	for _, f := range []struct{ name, body string }{{"net-conf.json", o.NetConf}, {"10-tulle.conflist", o.Conflist}} {
+		if f.body == "" {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, f.name), []byte(f.body), 0o644); err != nil {
 			return err
 		}
-		k += "configMapGenerator:\n  - name: tulle-config\n    behavior: merge\n    files: [net-conf.json]\n"
+		files = append(files, f.name)
+	}
+	if len(files) > 0 {
+		k += "configMapGenerator:\n  - name: tulle-config\n    behavior: merge\n    files: [" + strings.Join(files, ", ") + "]\n"
 	}
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
 		return err
