@@ -474,7 +474,7 @@ func (n *Node) writeConfigs() error {
 	d := n.Dir
 	files := map[string]string{
 		"containerd.toml": n.c.opt.Runtime.config(n),
-		"resolv.conf": "nameserver " + n.c.Control.IP4.String() + "\n",
+		"resolv.conf":     "nameserver " + n.c.Control.IP4.String() + "\n",
 		"kubelet.yaml": fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 containerRuntimeEndpoint: unix://%s
