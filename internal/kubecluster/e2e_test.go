@@ -744,8 +744,9 @@ func dumpLogs(t *testing.T, c *kubecluster.Cluster, dir string) {
 // TestRealClusterContainerd2 installs tulle on nodes that run containerd 2
 // with current CNI plugins, the conflist raised to cniVersion 1.1.0 in an
 // overlay (as docs/operations.md says such clusters may): pods talk across
-// nodes, and the runtime asks tulle's STATUS — while a node's tulled is
-// down the Node is NotReady with tulle's reason, and Ready once it is back.
+// nodes, and the runtime asks tulle's STATUS — while a node's tulled does
+// not answer the Node is NotReady with tulle's reason, and Ready once it
+// does again.
 func TestRealClusterContainerd2(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a whole cluster: not in -short")
@@ -798,22 +799,28 @@ func TestRealClusterContainerd2(t *testing.T) {
 	checkPodAddresses(t, ctx, c, pods)
 	checkPodToPod(t, ctx, c, pods)
 
-	// STATUS: tulled killed on n1 → the plugin answers 51, containerd
-	// reports the network not ready, kubelet marks the Node NotReady with
-	// tulle's words; the kubelet restarts tulled and the Node is Ready.
+	// STATUS: tulled hangs on n1 (SIGSTOP: its socket stops answering) →
+	// the plugin answers 51, containerd reports the network not ready and
+	// kubelet marks the Node NotReady with tulle's words; SIGCONT → Ready.
+	// (A kill would race the kubelet's restart against its 5 s status poll.)
 	n := c.Nodes[0]
 	pid := tulledPID(t, n)
-	killed := time.Now()
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+	stopped := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	msg := waitNodeReady(t, ctx, c, n.Name, false, 60*time.Second)
-	t.Logf("%s NotReady %s after its tulled was killed: %s", n.Name, time.Since(killed).Round(100*time.Millisecond), msg)
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGCONT) })
+	msg := waitNodeReady(t, ctx, c, n.Name, false, 25*time.Second)
+	t.Logf("%s NotReady %s after its tulled hung: %s", n.Name, time.Since(stopped).Round(100*time.Millisecond), msg)
 	if !strings.Contains(msg, "tulled is not running") {
 		t.Errorf("%s NotReady for %q, want tulle's STATUS reason", n.Name, msg)
 	}
-	waitNodeReady(t, ctx, c, n.Name, true, 90*time.Second)
-	t.Logf("%s Ready again %s after the kill", n.Name, time.Since(killed).Round(100*time.Millisecond))
+	resumed := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	waitNodeReady(t, ctx, c, n.Name, true, 60*time.Second)
+	t.Logf("%s Ready again %s after tulled resumed", n.Name, time.Since(resumed).Round(100*time.Millisecond))
 	checkPodToPod(t, ctx, c, pods)
 
 	// A kubelet restart asks the runtime's status (STATUS) at once: with
