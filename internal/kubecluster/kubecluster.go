@@ -34,7 +34,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,7 +82,6 @@ type Cluster struct {
 	Nodes      []*Node
 	Client     kubernetes.Interface
 	Kubeconfig string // the host's admin kubeconfig (through the relay)
-	Suffix     string
 
 	opt      Options
 	internal string // admin kubeconfig for the namespaces
@@ -171,7 +169,7 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 		lock.Close()
 		return nil, err
 	}
-	c = &Cluster{Topo: tp, Control: tp.Nodes[opt.Nodes], opt: opt, Suffix: tp.Suffix, lock: lock}
+	c = &Cluster{Topo: tp, Control: tp.Nodes[opt.Nodes], opt: opt, lock: lock}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -746,6 +744,3 @@ func RandomTag(prefix string) string {
 	rand.Read(b[:])
 	return prefix + "-" + hex.EncodeToString(b[:])
 }
-
-// InternalAddr is the API server's address inside the network.
-func (c *Cluster) InternalAddr() netip.Addr { return c.Control.IP4 }
