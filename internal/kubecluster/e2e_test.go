@@ -39,49 +39,18 @@ func TestRealCluster(t *testing.T) {
 	testenv.Require(t, kubecluster.Missing())
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	root, _ := filepath.Abs("../..")
-	dir := t.TempDir()
 	start := time.Now()
-	c, err := kubecluster.Start(ctx, kubecluster.Options{Nodes: 3, Dir: dir, Root: root, Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			dumpLogs(t, c, dir)
-			if os.Getenv("HOLD") != "" {
-				os.WriteFile("/tmp/build/hold", []byte(dir+"\n"+c.Kubeconfig), 0o644)
-				time.Sleep(10 * time.Minute)
-			}
-		}
-		if err := c.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
+	c, _ := startCluster(t, ctx, kubecluster.Options{Nodes: 3})
 	t.Logf("cluster up in %s", time.Since(start).Round(time.Second))
 	tag := kubecluster.RandomTag("e2e")
-	if err := c.InstallTulle(ctx, kubecluster.Overlay{Tag: tag}); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
-		t.Fatal(err)
-	}
+	installTulle(t, ctx, c, kubecluster.Overlay{Tag: tag})
 	t.Logf("tulle installed and ready on %d nodes after %s", len(c.Nodes), time.Since(start).Round(time.Second))
 
 	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
 	t.Run("Operate", func(t *testing.T) { checkOperate(t, ctx, c) })
 
 	const ns, app, replicas = "default", "echo", 6
-	if err := c.WaitServiceAccount(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
-		t.Fatal(err)
-	}
-	pods, err := c.Pods(ctx, ns, "app="+app)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pods := deployTestPods(t, ctx, c, ns, app, replicas)
 	if out, err := c.Kubectl(ctx, "get", "pods", "-o", "wide"); err == nil {
 		t.Logf("kubectl get pods -o wide:\n%s", out)
 	}
@@ -95,6 +64,57 @@ func TestRealCluster(t *testing.T) {
 	t.Run("BackendChange", func(t *testing.T) { checkBackendChange(t, ctx, c, tag, ns, app) })
 	t.Run("NodeRemoval", func(t *testing.T) { checkNodeRemoval(t, ctx, c) })
 	t.Run("WireGuard", func(t *testing.T) { checkWireGuard(t, ctx, c, tag, ns, app) })
+}
+
+// startCluster starts a cluster of opt (Dir, Root and Logf filled in) that
+// goes away with the test, its logs printed if the test failed; it
+// returns the cluster and the repository's root.
+func startCluster(t *testing.T, ctx context.Context, opt kubecluster.Options) (*kubecluster.Cluster, string) {
+	t.Helper()
+	root, _ := filepath.Abs("../..")
+	opt.Dir, opt.Root, opt.Logf = t.TempDir(), root, t.Logf
+	c, err := kubecluster.Start(ctx, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, c, opt.Dir)
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return c, root
+}
+
+// installTulle installs tulle through the overlay and waits until it is
+// Ready on every node.
+func installTulle(t *testing.T, ctx context.Context, c *kubecluster.Cluster, o kubecluster.Overlay) {
+	t.Helper()
+	if err := c.InstallTulle(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// deployTestPods runs replicas test pods (and their Service) and returns
+// them once Ready.
+func deployTestPods(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns, app string, replicas int) []corev1.Pod {
+	t.Helper()
+	if err := c.WaitServiceAccount(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := c.Pods(ctx, ns, "app="+app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pods
 }
 
 func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
@@ -261,14 +281,7 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 	// A datagram every 10 ms from src to dst's UDP echo and back, over the
 	// whole rollout: the longest silence is what a tulled restart costs
 	// the pods on its node.
-	watched := make(chan string, 1)
-	go func() {
-		out, err := c.PodGet(ctx, src, sv4, "/udpwatch?interval=10ms&duration=40s&target="+neturl.QueryEscape(net.JoinHostPort(dv4, fmt.Sprint(kubecluster.TestPodPort+1))))
-		if err != nil {
-			out = err.Error()
-		}
-		watched <- out
-	}()
+	watched := watchUDP(ctx, c, src, dst, 40*time.Second)
 	time.Sleep(2 * time.Second)
 	rollStart := time.Now()
 	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch}); err != nil {
@@ -357,13 +370,28 @@ func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 		t.Errorf("transfer across the rollout: %d bytes sha256 %s, want %d bytes %s", res.Bytes, res.SHA256, size, want)
 	}
 	t.Logf("%d MB streamed %s → %s across the rollout, intact", size>>20, dst.Spec.NodeName, src.Spec.NodeName)
-	var w struct{ Sent, Received, LongestGapMs int }
-	out := <-watched
-	if err := json.Unmarshal([]byte(out), &w); err != nil || w.Received == 0 {
-		t.Fatalf("UDP echo %s ↔ %s over the rollout: %s", src.Spec.NodeName, dst.Spec.NodeName, out)
+	w := <-watched
+	if w.err != nil || w.Received == 0 {
+		t.Fatalf("UDP echo %s ↔ %s over the rollout: %+v %v", src.Spec.NodeName, dst.Spec.NodeName, w.Silence, w.err)
 	}
 	t.Logf("UDP echo every 10 ms %s ↔ %s for 40 s across the rollout: %d of %d answered, longest silence %d ms",
 		src.Spec.NodeName, dst.Spec.NodeName, w.Received, w.Sent, w.LongestGapMs)
+}
+
+type watchResult struct {
+	kubecluster.Silence
+	err error
+}
+
+// watchUDP starts a UDP echo watch from src to dst for d; its result
+// arrives on the channel.
+func watchUDP(ctx context.Context, c *kubecluster.Cluster, src, dst *corev1.Pod, d time.Duration) <-chan watchResult {
+	ch := make(chan watchResult, 1)
+	go func() {
+		s, err := c.UDPWatch(ctx, src, dst, d)
+		ch <- watchResult{s, err}
+	}()
+	return ch
 }
 
 // rolloutPatch changes the DaemonSet's pod template: a rollout.
@@ -407,16 +435,7 @@ func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 	// host-gw keeps its routes in the kernel: a rollout costs the IPv4
 	// path between pods nothing.
 	src, dst := &pods[0], remotePod(pods, &pods[0])
-	sv4, _ := kubecluster.PodIPs(src)
-	dv4, _ := kubecluster.PodIPs(dst)
-	watched := make(chan string, 1)
-	go func() {
-		out, err := c.PodGet(ctx, src, sv4, "/udpwatch?interval=10ms&duration=25s&target="+neturl.QueryEscape(net.JoinHostPort(dv4, fmt.Sprint(kubecluster.TestPodPort+1))))
-		if err != nil {
-			out = err.Error()
-		}
-		watched <- out
-	}()
+	watched := watchUDP(ctx, c, src, dst, 25*time.Second)
 	time.Sleep(time.Second)
 	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {
 		t.Fatal(err)
@@ -425,10 +444,9 @@ func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "status", "daemonset/tulle", "--timeout=4m"); err != nil {
 		t.Fatal(err)
 	}
-	var w struct{ Sent, Received, LongestGapMs int }
-	out := <-watched
-	if err := json.Unmarshal([]byte(out), &w); err != nil || w.Received == 0 {
-		t.Fatalf("UDP echo %s ↔ %s over the host-gw rollout: %s", src.Spec.NodeName, dst.Spec.NodeName, out)
+	w := <-watched
+	if w.err != nil || w.Received == 0 {
+		t.Fatalf("UDP echo %s ↔ %s over the host-gw rollout: %+v %v", src.Spec.NodeName, dst.Spec.NodeName, w.Silence, w.err)
 	}
 	t.Logf("host-gw: UDP echo every 10 ms %s ↔ %s for 25 s across a rollout: %d of %d answered, longest silence %d ms",
 		src.Spec.NodeName, dst.Spec.NodeName, w.Received, w.Sent, w.LongestGapMs)
@@ -574,7 +592,7 @@ func checkPodDelete(t *testing.T, ctx context.Context, c *kubecluster.Cluster, n
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	if err := waitReady(ctx, c, ns, app, replicas); err != nil {
+	if err := c.WaitPods(ctx, ns, app, replicas, 90*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	pods, _ = c.Pods(ctx, ns, "app="+app)
@@ -588,31 +606,6 @@ func checkPodDelete(t *testing.T, ctx context.Context, c *kubecluster.Cluster, n
 		}
 	}
 	checkPodToPod(t, ctx, c, pods)
-}
-
-func waitReady(ctx context.Context, c *kubecluster.Cluster, ns, app string, replicas int) error {
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		pods, err := c.Pods(ctx, ns, "app="+app)
-		if err != nil {
-			return err
-		}
-		ready := 0
-		for _, p := range pods {
-			for _, cd := range p.Status.Conditions {
-				if cd.Type == corev1.PodReady && cd.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
-					ready++
-				}
-			}
-		}
-		if ready == replicas && len(pods) == replicas {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%d of %d pods ready after 90 s", ready, replicas)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
 }
 
 // checkKubeletRestart restarts one node's kubelet: its pods keep their
@@ -755,20 +748,7 @@ func TestRealClusterContainerd2(t *testing.T) {
 	testenv.Require(t, kubecluster.MissingFor(rt))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	root, _ := filepath.Abs("../..")
-	dir := t.TempDir()
-	c, err := kubecluster.Start(ctx, kubecluster.Options{Nodes: 2, Dir: dir, Root: root, Logf: t.Logf, Runtime: rt})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			dumpLogs(t, c, dir)
-		}
-		if err := c.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
+	c, root := startCluster(t, ctx, kubecluster.Options{Nodes: 2, Runtime: rt})
 	conflist, err := os.ReadFile(filepath.Join(root, "deploy", "10-tulle.conflist"))
 	if err != nil {
 		t.Fatal(err)
@@ -777,25 +757,10 @@ func TestRealClusterContainerd2(t *testing.T) {
 	if cni11 == string(conflist) {
 		t.Fatalf("deploy/10-tulle.conflist has no cniVersion 1.0.0 to raise:\n%s", conflist)
 	}
-	tag := kubecluster.RandomTag("e2e")
-	if err := c.InstallTulle(ctx, kubecluster.Overlay{Tag: tag, Conflist: cni11}); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.WaitTulle(ctx, 3*time.Minute); err != nil {
-		t.Fatal(err)
-	}
+	installTulle(t, ctx, c, kubecluster.Overlay{Tag: kubecluster.RandomTag("e2e"), Conflist: cni11})
 	checkNodes(t, ctx, c)
-	const ns, app, replicas = "default", "echo", 4
-	if err := c.WaitServiceAccount(ctx, ns); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.DeployTestPods(ctx, ns, app, replicas); err != nil {
-		t.Fatal(err)
-	}
-	pods, err := c.Pods(ctx, ns, "app="+app)
-	if err != nil {
-		t.Fatal(err)
-	}
+	const ns, app = "default", "echo"
+	pods := deployTestPods(t, ctx, c, ns, app, 4)
 	checkPodAddresses(t, ctx, c, pods)
 	checkPodToPod(t, ctx, c, pods)
 

@@ -530,28 +530,37 @@ func cgroupHierarchies() ([]string, error) {
 	return hs, nil
 }
 
-// makeCgroups makes the node's cgroup root in every hierarchy; cpuset's
-// needs its CPUs and memory nodes before any task can join.
+// makeCgroups makes the node's cgroup root in every hierarchy.
 func (n *Node) makeCgroups() error {
 	hs, err := cgroupHierarchies()
 	if err != nil {
 		return err
 	}
 	for _, h := range hs {
-		p := filepath.Join(h, n.CgroupRoot)
-		if err := os.MkdirAll(p, 0o755); err != nil {
-			return fmt.Errorf("cgroup %s: %w", p, err)
+		if err := makeCgroup(h, n.CgroupRoot); err != nil {
+			return err
 		}
-		if filepath.Base(h) == "cpuset" {
-			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
-				b, err := os.ReadFile(filepath.Join(h, f))
-				if err != nil {
-					return err
-				}
-				if err := os.WriteFile(filepath.Join(p, f), b, 0o644); err != nil {
-					return fmt.Errorf("cgroup %s: %w", filepath.Join(p, f), err)
-				}
-			}
+	}
+	return nil
+}
+
+// makeCgroup makes cgroup rel in hierarchy h; a cpuset one gets its
+// parent's CPUs and memory nodes, without which no task can join it.
+func makeCgroup(h, rel string) error {
+	p := filepath.Join(h, rel)
+	if err := os.MkdirAll(p, 0o755); err != nil {
+		return fmt.Errorf("cgroup %s: %w", p, err)
+	}
+	if filepath.Base(h) != "cpuset" {
+		return nil
+	}
+	for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(p), f))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(p, f), b, 0o644); err != nil {
+			return fmt.Errorf("cgroup %s: %w", filepath.Join(p, f), err)
 		}
 	}
 	return nil
@@ -564,22 +573,12 @@ func (n *Node) joinCgroup(sub string, pid int) error {
 		return err
 	}
 	for _, h := range hs {
-		p := filepath.Join(h, n.CgroupRoot, sub)
-		if err := os.MkdirAll(p, 0o755); err != nil {
+		rel := filepath.Join(n.CgroupRoot, sub)
+		if err := makeCgroup(h, rel); err != nil {
 			return err
 		}
-		if filepath.Base(h) == "cpuset" {
-			for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
-				b, err := os.ReadFile(filepath.Join(h, n.CgroupRoot, f))
-				if err != nil {
-					return err
-				}
-				if err := os.WriteFile(filepath.Join(p, f), b, 0o644); err != nil {
-					return err
-				}
-			}
-		}
-		if err := os.WriteFile(filepath.Join(p, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0o644); err != nil {
+		p := filepath.Join(h, rel, "cgroup.procs")
+		if err := os.WriteFile(p, []byte(strconv.Itoa(pid)), 0o644); err != nil {
 			return fmt.Errorf("move %d into %s: %w", pid, p, err)
 		}
 	}

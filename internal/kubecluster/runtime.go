@@ -53,29 +53,24 @@ func (r Runtime) cniPlugin(name string) string {
 
 // missing says what of the runtime this machine lacks, or "".
 func (r Runtime) missing() string {
-	if r.Dir == "" {
-		for _, t := range [][2]string{{"containerd", "containerd"}, {"runc", "runc"}, {"ctr", "containerd"}} {
-			if _, err := exec.LookPath(t[0]); err != nil {
-				return fmt.Sprintf("%s (apt-get install %s)", t[0], t[1])
-			}
-		}
-	} else if _, err := exec.LookPath("runc"); err != nil {
+	if _, err := exec.LookPath("runc"); err != nil {
 		return "runc (apt-get install runc)"
 	}
+	where := "(tools/setup builds it)"
+	if r.Dir == "" {
+		where = "(apt-get install containerd)"
+	}
 	for _, b := range []string{"containerd", "containerd-shim-runc-v2", "ctr"} {
-		if r.Dir == "" {
-			break
+		if _, err := exec.LookPath(r.bin(b)); err != nil {
+			return r.bin(b) + " " + where
 		}
-		if _, err := os.Stat(r.bin(b)); err != nil {
-			return b + " at " + r.bin(b) + " (tools/setup builds it)"
-		}
+	}
+	if r.Dir == "" {
+		where = "(apt-get install containernetworking-plugins)"
 	}
 	for _, p := range []string{"loopback", "portmap"} {
 		if _, err := os.Stat(r.cniPlugin(p)); err != nil {
-			if r.Dir == "" {
-				return "the CNI plugin " + p + " in " + hostCNIDir + " (apt-get install containernetworking-plugins)"
-			}
-			return "the CNI plugin " + p + " at " + r.cniPlugin(p) + " (tools/setup builds it)"
+			return "the CNI plugin " + r.cniPlugin(p) + " " + where
 		}
 	}
 	return ""

@@ -174,8 +174,14 @@ func (c *Cluster) DeployTestPods(ctx context.Context, ns, name string, replicas 
 	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("create service %s: %w", name, err)
 	}
-	return waitFor(ctx, 120*time.Second, func() error {
-		pods, err := c.Pods(ctx, ns, "app="+name)
+	return c.WaitPods(ctx, ns, name, replicas, 120*time.Second)
+}
+
+// WaitPods waits until the Deployment app has exactly replicas pods, all
+// Ready.
+func (c *Cluster) WaitPods(ctx context.Context, ns, app string, replicas int, d time.Duration) error {
+	return waitFor(ctx, d, func() error {
+		pods, err := c.Pods(ctx, ns, "app="+app)
 		if err != nil {
 			return err
 		}
@@ -186,7 +192,7 @@ func (c *Cluster) DeployTestPods(ctx context.Context, ns, name string, replicas 
 			}
 		}
 		if ready != replicas || len(pods) != replicas {
-			return fmt.Errorf("deployment %s: %d of %d pods ready (%d exist)%s", name, ready, replicas, len(pods), podTrouble(pods))
+			return fmt.Errorf("deployment %s: %d of %d pods ready (%d exist)%s", app, ready, replicas, len(pods), podTrouble(pods))
 		}
 		return nil
 	})
@@ -294,6 +300,29 @@ func (n *Node) Get(ctx context.Context, rawURL string) (string, error) {
 // (host:port), http (host:port) or ping (an address).
 func (c *Cluster) Probe(ctx context.Context, pod *corev1.Pod, ip, kind, target string) (string, error) {
 	return c.PodGet(ctx, pod, ip, "/probe?kind="+kind+"&target="+url.QueryEscape(target))
+}
+
+// Silence is what /udpwatch measured: datagrams sent and echoed, and the
+// longest time without an echo.
+type Silence struct {
+	Sent, Received, LongestGapMs int
+}
+
+// UDPWatch has pod from send a datagram every 10 ms for d to to's UDP echo
+// (over IPv4) and reports the answers.
+func (c *Cluster) UDPWatch(ctx context.Context, from, to *corev1.Pod, d time.Duration) (Silence, error) {
+	fv4, _ := PodIPs(from)
+	tv4, _ := PodIPs(to)
+	target := net.JoinHostPort(tv4, strconv.Itoa(TestPodPort+1))
+	out, err := c.PodGet(ctx, from, fv4, "/udpwatch?interval=10ms&duration="+d.String()+"&target="+url.QueryEscape(target))
+	var s Silence
+	if err == nil {
+		err = json.Unmarshal([]byte(out), &s)
+	}
+	if err != nil {
+		return s, fmt.Errorf("UDP echo %s → %s: %w", from.Name, target, err)
+	}
+	return s, nil
 }
 
 // PodIPs returns the pod's addresses: IPv4 first, then IPv6.
