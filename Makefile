@@ -10,7 +10,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/tulle-net/tulle/internal/version.Version=$(VERSION)
 IMAGE   ?= tulle:$(VERSION)
 
-.PHONY: all build demo demo-kube test unit fuzz bench bench-kube image clean
+.PHONY: all build demo demo-kube test unit fuzz bench bench-kube image conformance clean
 
 all: build
 
@@ -37,8 +37,18 @@ test:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	@# The real cluster (internal/kubecluster) runs after the rest, alone: it
 	@# keeps both cores busy, and the timing-bound e2e tests beside it suffered.
-	@set -o pipefail; { $(GO) test -json -count=1 -timeout 25m $$($(GO) list ./... | grep -v /internal/kubecluster); \
-		$(GO) test -json -count=1 -timeout 15m ./internal/kubecluster/...; } | $(GO) run ./tools/testsum
+	@# The upstream [sig-network] [Conformance] suite (internal/conformance,
+	@# udp backend) runs last, after the real-cluster tests, one at a time.
+	@set -o pipefail; { $(GO) test -json -count=1 -timeout 25m $$($(GO) list ./... | grep -v -e /internal/kubecluster -e /internal/conformance); \
+		$(GO) test -json -count=1 -p 1 -timeout 45m ./internal/kubecluster/... ./internal/conformance/...; } | $(GO) run ./tools/testsum
+
+## conformance: the Kubernetes project's own networking tests ([sig-network] [Conformance], then [sig-network] Netpol) against a real cluster (control plane + 2 nodes, all running tulle, cluster DNS) with BACKEND (udp, wireguard, host-gw, vxlan); JUnit and logs in conformance-out/<backend>/<suite>/, one line per suite; fails when a suite in REQUIRE fails (root).
+BACKEND ?= udp
+SUITES  ?= conformance,netpol
+REQUIRE ?= conformance
+conformance:
+	@tools/setup conformance
+	$(GO) run ./tools/conformance --backend $(BACKEND) --suites $(SUITES) --require $(REQUIRE) --out conformance-out
 
 unit:
 	$(GO) test -count=1 -short ./...

@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,10 +64,38 @@ func ensureBridge(name string, mtu int, subnets []netip.Prefix) (*netlink.Bridge
 			return nil, fmt.Errorf("bridge %s address %s: %w", name, gw.IPNet, err)
 		}
 	}
+	if err := bridgeNetfilter(br); err != nil {
+		return nil, fmt.Errorf("bridge %s: %w", name, err)
+	}
 	if err := netlink.LinkSetUp(br); err != nil {
 		return nil, fmt.Errorf("bridge %s up: %w", name, err)
 	}
 	return br, nil
+}
+
+// bridgeNetfilter makes the bridge hand the IPv4 and IPv6 packets it
+// switches between pods to the IP hooks of netfilter (the bridge's own
+// nf_call_iptables / nf_call_ip6tables, which br_netfilter honours
+// whatever the namespace's net.bridge.bridge-nf-call-* sysctls say). Pod
+// to pod on one node crosses no router: without this, a pod that reached
+// a Service's ClusterIP gets the answer of an endpoint on the same bridge
+// straight from the endpoint's address, past kube-proxy's reverse NAT,
+// and drops it; NetworkPolicy would never see such traffic either.
+func bridgeNetfilter(br *netlink.Bridge) error {
+	req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(br.Attrs().Index)
+	req.AddData(msg)
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("bridge"))
+	data := info.AddRtAttr(nl.IFLA_INFO_DATA, nil)
+	data.AddRtAttr(unix.IFLA_BR_NF_CALL_IPTABLES, []byte{1})
+	data.AddRtAttr(unix.IFLA_BR_NF_CALL_IP6TABLES, []byte{1})
+	req.AddData(info)
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		return fmt.Errorf("set nf_call_iptables and nf_call_ip6tables: %w", err)
+	}
+	return nil
 }
 
 // bridgeMAC is a stable, locally administered unicast MAC for the bridge.

@@ -411,3 +411,39 @@ func TestRepeatedAdd(t *testing.T) {
 		t.Fatalf("ADD after DEL: %v", err)
 	}
 }
+
+// TestBridgeNetfilter: the bridge hands what it switches to netfilter's
+// IP hooks by its own nf_call_iptables/ip6tables, with the namespace's
+// net.bridge.bridge-nf-call-* sysctls off (as some distributions ship
+// them), and every ADD restores them when something turned them off.
+// Pod → ClusterIP → pod on one node depends on it (kube-proxy's reverse
+// NAT); the real cluster's test checks that end to end.
+func TestBridgeNetfilter(t *testing.T) {
+	e := newEnv(t, "100.96.5.0/24")
+	if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+		testenv.Skip(t, "br_netfilter is not loaded on this machine: %v", err)
+	}
+	run(t, "ip", "netns", "exec", e.node, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0")
+	flags := func() string {
+		t.Helper()
+		return strings.TrimSpace(run(t, "ip", "netns", "exec", e.node, "sh", "-c",
+			"cat /sys/class/net/"+DefaultBridge+"/bridge/nf_call_iptables /sys/class/net/"+DefaultBridge+"/bridge/nf_call_ip6tables | tr '\\n' ' '"))
+	}
+	conf := e.conf("1.0.0", "")
+	if _, err := e.add(args(e.pod(), "c1", conf)); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if got := flags(); got != "1 1" {
+		t.Errorf("bridge nf_call_iptables, nf_call_ip6tables = %q after ADD, want \"1 1\"", got)
+	}
+	run(t, "ip", "-n", e.node, "link", "set", DefaultBridge, "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0")
+	if got := flags(); got != "0 0" {
+		t.Fatalf("could not turn the flags off to test their repair: %q", got)
+	}
+	if _, err := e.add(args(e.pod(), "c2", conf)); err != nil {
+		t.Fatalf("second ADD: %v", err)
+	}
+	if got := flags(); got != "1 1" {
+		t.Errorf("bridge flags %q after the next ADD, want \"1 1\" again", got)
+	}
+}

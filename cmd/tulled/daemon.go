@@ -389,6 +389,13 @@ func run(o *options, log *slog.Logger) error {
 	if rr, ok := store.(lease.ReadyReporter); ok {
 		st.checks = append(st.checks, rr.Ready)
 	}
+	if o.leaseStore == "kube" {
+		check := bridgeNetfilterCheck("/proc/sys/net")
+		if err := check(); err != nil {
+			log.Error("node not ready", "err", err)
+		}
+		st.checks = append(st.checks, check)
+	}
 	hl.st.Store(st)
 	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {

@@ -38,20 +38,35 @@ func buildTestImages(root, dir string) ([]string, error) {
 		return nil, err
 	}
 	var archives []string
-	for _, img := range []struct {
-		ref        string
-		entrypoint []string
-	}{
-		{TestImage, []string{"/testpod", "serve"}},
-		{PauseImage, []string{"/testpod", "pause"}},
+	for _, img := range []imageConfig{
+		{Refs: []string{TestImage}, Entrypoint: []string{"/testpod", "serve"}},
+		{Refs: []string{PauseImage, UpstreamPause}, Entrypoint: []string{"/testpod", "pause"}},
 	} {
-		p := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.ref)+".tar")
-		if err := writeDockerArchive(p, img.ref, img.entrypoint, layer); err != nil {
-			return nil, fmt.Errorf("image %s: %w", img.ref, err)
+		p, err := img.write(dir, layer)
+		if err != nil {
+			return nil, err
 		}
 		archives = append(archives, p)
 	}
 	return archives, nil
+}
+
+// imageConfig is what an image says beside its layer.
+type imageConfig struct {
+	Refs       []string // the names it is tagged with
+	Entrypoint []string
+	Cmd        []string
+	Env        []string // default PATH=/
+}
+
+// write writes the image with layer as a docker-archive in dir, named
+// after its first reference, and returns its path.
+func (img imageConfig) write(dir, layer string) (string, error) {
+	p := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(img.Refs[0])+".tar")
+	if err := writeDockerArchive(p, img, layer); err != nil {
+		return "", fmt.Errorf("image %s: %w", img.Refs[0], err)
+	}
+	return p, nil
 }
 
 // writeLayer writes a layer tar holding each source file at its name
@@ -83,10 +98,14 @@ func writeLayer(path string, files map[string]string) error {
 
 // writeDockerArchive writes the format `docker save` does (and `ctr images
 // import` reads): manifest.json, the image config, the layer.
-func writeDockerArchive(path, ref string, entrypoint []string, layer string) error {
+func writeDockerArchive(path string, img imageConfig, layer string) error {
 	lb, err := os.ReadFile(layer)
 	if err != nil {
 		return err
+	}
+	env := img.Env
+	if env == nil {
+		env = []string{"PATH=/"}
 	}
 	sum := sha256.Sum256(lb)
 	diffID := "sha256:" + hex.EncodeToString(sum[:])
@@ -94,7 +113,7 @@ func writeDockerArchive(path, ref string, entrypoint []string, layer string) err
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
 		"created":      time.Unix(0, 0).UTC().Format(time.RFC3339),
-		"config":       map[string]any{"Entrypoint": entrypoint, "Env": []string{"PATH=/"}},
+		"config":       map[string]any{"Entrypoint": img.Entrypoint, "Cmd": img.Cmd, "Env": env},
 		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{diffID}},
 	})
 	if err != nil {
@@ -102,7 +121,7 @@ func writeDockerArchive(path, ref string, entrypoint []string, layer string) err
 	}
 	csum := sha256.Sum256(config)
 	configName := hex.EncodeToString(csum[:]) + ".json"
-	manifest, err := json.Marshal([]map[string]any{{"Config": configName, "RepoTags": []string{ref}, "Layers": []string{"layer.tar"}}})
+	manifest, err := json.Marshal([]map[string]any{{"Config": configName, "RepoTags": img.Refs, "Layers": []string{"layer.tar"}}})
 	if err != nil {
 		return err
 	}

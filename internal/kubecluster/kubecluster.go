@@ -72,6 +72,16 @@ type Options struct {
 	Logf func(format string, args ...any)
 	// Runtime is the nodes' container runtime (default Containerd16).
 	Runtime Runtime
+	// ControlPlaneNode makes the control plane a node too, as kubeadm
+	// does: containerd, kubelet and kube-proxy beside the API server,
+	// registered with the control-plane role and taint, so tulle (which
+	// tolerates every taint) runs there and the API server reaches pods
+	// through it. It is the last of Cluster.Nodes.
+	ControlPlaneNode bool
+	// E2E imports the images the upstream e2e tests run (agnhost,
+	// jessie-dnsutils, busybox, pause under its upstream name, CoreDNS:
+	// MissingE2E says what that needs) on every node.
+	E2E bool
 }
 
 // Cluster is a running control plane and its nodes.
@@ -79,7 +89,10 @@ type Cluster struct {
 	API        *kubetest.Cluster
 	Topo       *topo.Topology
 	Control    *topo.Node
-	Nodes      []*Node
+	Nodes      []*Node // the workers, then the control plane's if it is one
+	// ControlNode is the control plane's node (Options.ControlPlaneNode),
+	// or nil.
+	ControlNode *Node
 	Client     kubernetes.Interface
 	Kubeconfig string // the host's admin kubeconfig (through the relay)
 
@@ -95,7 +108,9 @@ type Node struct {
 	*topo.Node
 	Dir        string
 	CgroupRoot string
-	c          *Cluster
+	// ControlPlane: the control plane's own node, tainted NoSchedule.
+	ControlPlane bool
+	c            *Cluster
 	containerd *exec.Cmd
 	kubelet    *exec.Cmd
 	proxy      *exec.Cmd
@@ -184,15 +199,40 @@ func Start(ctx context.Context, opt Options) (c *Cluster, err error) {
 	if err != nil {
 		return c, err
 	}
-	for _, tn := range tp.Nodes[:opt.Nodes] {
-		n := &Node{Node: tn, c: c, Dir: filepath.Join(opt.Dir, tn.Name), CgroupRoot: "/" + opt.Prefix + "-" + tp.Suffix + "-" + tn.Name}
+	if opt.E2E {
+		e2e, err := buildE2EImages(opt.Dir)
+		if err != nil {
+			return c, err
+		}
+		archives = append(archives, e2e...)
+	}
+	machines := tp.Nodes[:opt.Nodes]
+	if opt.ControlPlaneNode {
+		machines = tp.Nodes
+	}
+	for _, tn := range machines {
+		n := &Node{Node: tn, c: c, Dir: filepath.Join(opt.Dir, tn.Name), CgroupRoot: "/" + opt.Prefix + "-" + tp.Suffix + "-" + tn.Name, ControlPlane: tn == c.Control}
 		c.Nodes = append(c.Nodes, n)
-		c.logf("node %s (%s, %s): containerd, kubelet, kube-proxy", n.Name, n.NS, n.IP4)
+		role := "node"
+		if n.ControlPlane {
+			role, c.ControlNode = "control-plane node", n
+		}
+		c.logf("%s %s (%s, %s): containerd, kubelet, kube-proxy", role, n.Name, n.NS, n.IP4)
 		if err := n.start(ctx, archives); err != nil {
 			return c, fmt.Errorf("node %s: %w", n.Name, err)
 		}
 	}
-	return c, c.waitNodes(ctx)
+	if err := c.waitNodes(ctx); err != nil {
+		return c, err
+	}
+	if c.ControlNode != nil {
+		// kubelet may not give itself a node-role label; the installer
+		// (kubeadm) sets it, as this does.
+		if _, err := c.Kubectl(ctx, "label", "node", c.ControlNode.Name, "node-role.kubernetes.io/control-plane="); err != nil {
+			return c, err
+		}
+	}
+	return c, nil
 }
 
 func (c *Cluster) startControlPlane() error {
@@ -370,10 +410,14 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 			return err
 		}
 	}
-	for _, r := range [][]string{
-		{"ip", "-n", n.NS, "route", "add", "default", "via", c.Control.IP4.String()},
-		{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", c.Control.IP6.String()},
-	} {
+	var routes [][]string
+	if !n.ControlPlane {
+		routes = [][]string{
+			{"ip", "-n", n.NS, "route", "add", "default", "via", c.Control.IP4.String()},
+			{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", c.Control.IP6.String()},
+		}
+	}
+	for _, r := range routes {
 		if out, err := exec.Command(r[0], r[1:]...).CombinedOutput(); err != nil {
 			return fmt.Errorf("%s: %w: %s", strings.Join(r, " "), err, out)
 		}
@@ -442,9 +486,13 @@ func (n *Node) StartKubelet() error {
 	if n.kubelet != nil && n.kubelet.ProcessState == nil {
 		return fmt.Errorf("%s: kubelet already running", n.Name)
 	}
-	n.kubelet = exec.Command("nsenter", "--target", strconv.Itoa(n.containerd.Process.Pid), "--mount", "--net", "--",
+	args := []string{"--target", strconv.Itoa(n.containerd.Process.Pid), "--mount", "--net", "--",
 		kubetest.Bin("kubelet"), "--config", n.path("kubelet.yaml"), "--kubeconfig", n.c.internal,
-		"--hostname-override", n.Name, "--node-ip", n.IP4.String()+","+n.IP6.String(), "--v", "1")
+		"--hostname-override", n.Name, "--node-ip", n.IP4.String() + "," + n.IP6.String(), "--v", "1"}
+	if n.ControlPlane {
+		args = append(args, "--register-with-taints", "node-role.kubernetes.io/control-plane:NoSchedule")
+	}
+	n.kubelet = exec.Command("nsenter", args...)
 	return n.c.run(n.kubelet, n.path("kubelet.log"))
 }
 
@@ -494,7 +542,9 @@ imageGCLowThresholdPercent: 99
 localStorageCapacityIsolation: false
 registerNode: true
 nodeStatusUpdateFrequency: 5s
-`, n.sock(), n.CgroupRoot, filepath.Join(d, "resolv.conf")),
+clusterDNS: [%s]
+clusterDomain: %s
+`, n.sock(), n.CgroupRoot, filepath.Join(d, "resolv.conf"), DNSAddress, ClusterDomain),
 		"kube-proxy.yaml": fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: %q}

@@ -24,7 +24,7 @@ func TestDockerArchive(t *testing.T) {
 		t.Fatal(err)
 	}
 	archive := filepath.Join(dir, "img.tar")
-	if err := writeDockerArchive(archive, PauseImage, []string{"/testpod", "pause"}, layer); err != nil {
+	if err := writeDockerArchive(archive, imageConfig{Refs: []string{PauseImage}, Entrypoint: []string{"/testpod", "pause"}}, layer); err != nil {
 		t.Fatal(err)
 	}
 	files := readTar(t, archive)

@@ -180,8 +180,13 @@ func (c *Cluster) DeployTestPods(ctx context.Context, ns, name string, replicas 
 // WaitPods waits until the Deployment app has exactly replicas pods, all
 // Ready.
 func (c *Cluster) WaitPods(ctx context.Context, ns, app string, replicas int, d time.Duration) error {
+	return c.waitSelected(ctx, ns, "app="+app, replicas, d)
+}
+
+// waitSelected waits until exactly replicas pods match selector, all Ready.
+func (c *Cluster) waitSelected(ctx context.Context, ns, selector string, replicas int, d time.Duration) error {
 	return waitFor(ctx, d, func() error {
-		pods, err := c.Pods(ctx, ns, "app="+app)
+		pods, err := c.Pods(ctx, ns, selector)
 		if err != nil {
 			return err
 		}
@@ -192,7 +197,7 @@ func (c *Cluster) WaitPods(ctx context.Context, ns, app string, replicas int, d 
 			}
 		}
 		if ready != replicas || len(pods) != replicas {
-			return fmt.Errorf("deployment %s: %d of %d pods ready (%d exist)%s", app, ready, replicas, len(pods), podTrouble(pods))
+			return fmt.Errorf("pods %s: %d of %d ready (%d exist)%s", selector, ready, replicas, len(pods), podTrouble(pods))
 		}
 		return nil
 	})
