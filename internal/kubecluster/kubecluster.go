@@ -86,15 +86,15 @@ type Options struct {
 
 // Cluster is a running control plane and its nodes.
 type Cluster struct {
-	API        *kubetest.Cluster
-	Topo       *topo.Topology
-	Control    *topo.Node
-	Nodes      []*Node // the workers, then the control plane's if it is one
+	API     *kubetest.Cluster
+	Topo    *topo.Topology
+	Control *topo.Node
+	Nodes   []*Node // the workers, then the control plane's if it is one
 	// ControlNode is the control plane's node (Options.ControlPlaneNode),
 	// or nil.
 	ControlNode *Node
-	Client     kubernetes.Interface
-	Kubeconfig string // the host's admin kubeconfig (through the relay)
+	Client      kubernetes.Interface
+	Kubeconfig  string // the host's admin kubeconfig (through the relay)
 
 	opt      Options
 	internal string // admin kubeconfig for the namespaces
@@ -111,9 +111,9 @@ type Node struct {
 	// ControlPlane: the control plane's own node, tainted NoSchedule.
 	ControlPlane bool
 	c            *Cluster
-	containerd *exec.Cmd
-	kubelet    *exec.Cmd
-	proxy      *exec.Cmd
+	containerd   *exec.Cmd
+	kubelet      *exec.Cmd
+	proxy        *exec.Cmd
 }
 
 // Missing says what this machine lacks to run a cluster with Debian's
