@@ -19,6 +19,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/kubecluster"
@@ -43,7 +44,9 @@ func TestRealCluster(t *testing.T) {
 	c, _ := startCluster(t, ctx, kubecluster.Options{Nodes: 3})
 	t.Logf("cluster up in %s", time.Since(start).Round(time.Second))
 	tag := kubecluster.RandomTag("e2e")
-	installTulle(t, ctx, c, kubecluster.Overlay{Tag: tag})
+	// udp, not the shipped auto (host-gw here): the userspace datapath
+	// is what this test measures first; BackendChange moves to auto.
+	installTulle(t, ctx, c, kubecluster.Overlay{Tag: tag, NetConf: netConf(`{"Type":"udp","Port":8285}`)})
 	t.Logf("tulle installed and ready on %d nodes after %s", len(c.Nodes), time.Since(start).Round(time.Second))
 
 	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
@@ -58,6 +61,7 @@ func TestRealCluster(t *testing.T) {
 	t.Run("PodToPod", func(t *testing.T) { checkPodToPod(t, ctx, c, pods) })
 	t.Run("PodToHost", func(t *testing.T) { checkPodToHost(t, ctx, c, pods) })
 	t.Run("Service", func(t *testing.T) { checkService(t, ctx, c, ns, app, pods) })
+	t.Run("SameNodeService", func(t *testing.T) { checkSameNodeService(t, ctx, c, ns, pods) })
 	t.Run("RollingUpdate", func(t *testing.T) { checkRollingUpdate(t, ctx, c, tag, pods) })
 	t.Run("PodDelete", func(t *testing.T) { checkPodDelete(t, ctx, c, ns, app, replicas) })
 	t.Run("KubeletRestart", func(t *testing.T) { checkKubeletRestart(t, ctx, c, ns, app) })
@@ -259,6 +263,86 @@ func checkService(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns,
 // transfer arrives intact, and no probe fails unless one of its two nodes
 // was without a Ready tulled at the time (tulled is that node's datapath;
 // a restart keeps routes and devices, so the gap is the restart itself).
+// checkSameNodeService: a pod reaches, through a Service's ClusterIP, an
+// endpoint on its own node — the reply crosses only tulle's bridge, and
+// must still pass kube-proxy's reverse NAT — with the node namespace's
+// net.bridge.bridge-nf-call-iptables/ip6tables off (as some distributions
+// ship them): the bridge's own nf_call flags, which the CNI plugin sets,
+// carry it. With those turned off too, the same probe fails: what the
+// check relies on is really in play.
+func checkSameNodeService(t *testing.T, ctx context.Context, c *kubecluster.Cluster, ns string, pods []corev1.Pod) {
+	var from, to *corev1.Pod
+	for i := range pods {
+		for j := range pods {
+			if i != j && pods[i].Spec.NodeName == pods[j].Spec.NodeName {
+				from, to = &pods[i], &pods[j]
+			}
+		}
+	}
+	if from == nil {
+		t.Fatal("no two test pods share a node")
+	}
+	node := c.Node(from.Spec.NodeName)
+	name := kubecluster.RandomTag("hairpin")
+	if _, err := c.Kubectl(ctx, "-n", ns, "label", "pod", to.Name, "hairpin="+name); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"hairpin": name},
+			Ports: []corev1.ServicePort{{Port: kubecluster.ServicePort, TargetPort: intstr.FromInt32(kubecluster.TestPodPort)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Client.CoreV1().Services(ns).Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	sysctl := func(v string) {
+		t.Helper()
+		out, err := exec.Command("ip", "netns", "exec", node.NS, "sysctl", "-qw",
+			"net.bridge.bridge-nf-call-iptables="+v, "net.bridge.bridge-nf-call-ip6tables="+v).CombinedOutput()
+		if err != nil {
+			t.Fatalf("sysctl in %s: %v: %s", node.NS, err, out)
+		}
+	}
+	bridge := func(v string) {
+		t.Helper()
+		out, err := exec.Command("ip", "-n", node.NS, "link", "set", "tulle-br0", "type", "bridge", "nf_call_iptables", v, "nf_call_ip6tables", v).CombinedOutput()
+		if err != nil {
+			t.Fatalf("bridge flags in %s: %v: %s", node.NS, err, out)
+		}
+	}
+	sysctl("0")
+	t.Cleanup(func() { sysctl("1"); bridge("1") })
+	target := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(kubecluster.ServicePort))
+	fv4, _ := kubecluster.PodIPs(from)
+	// answered reports whether to answered through the Service within d.
+	answered := func(d time.Duration) (bool, string) {
+		var last string
+		for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			out, err := c.Probe(pctx, from, fv4, "http", target)
+			cancel()
+			var a kubecluster.Answer
+			if err == nil && json.Unmarshal([]byte(out), &a) == nil && a.Hostname == to.Name {
+				return true, ""
+			}
+			last = fmt.Sprint(out, err)
+		}
+		return false, last
+	}
+	if ok, last := answered(30 * time.Second); !ok {
+		t.Fatalf("%s → service %s → %s, both on %s, bridge-nf-call-iptables=0: no answer in 30 s (last: %s)", from.Name, target, to.Name, node.Name, last)
+	}
+	bridge("0")
+	if ok, _ := answered(5 * time.Second); ok {
+		t.Errorf("%s → service %s → %s answered with the bridge's nf_call flags off too: the check does not test what it says", from.Name, target, to.Name)
+	}
+	bridge("1")
+	if ok, last := answered(30 * time.Second); !ok {
+		t.Errorf("no answer after the bridge's flags came back (last: %s)", last)
+	}
+}
+
 func checkRollingUpdate(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag string, pods []corev1.Pod) {
 	src, dst := &pods[0], remotePod(pods, &pods[0])
 	if dst == nil {
@@ -457,10 +541,14 @@ func checkBackendChange(t *testing.T, ctx context.Context, c *kubecluster.Cluste
 
 // switchBackend applies net-conf.json with backend in an overlay and
 // restarts the DaemonSet, as docs/operations.md says to.
+// netConf is the shipped network with backend (a Backend JSON object).
+func netConf(backend string) string {
+	return `{"Network":"100.96.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64,"Backend":` + backend + `}`
+}
+
 func switchBackend(t *testing.T, ctx context.Context, c *kubecluster.Cluster, tag, backend string) {
 	t.Helper()
-	netConf := `{"Network":"100.96.0.0/12","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00:96::/56","IPv6SubnetLen":64,"Backend":` + backend + `}`
-	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch, NetConf: netConf}); err != nil {
+	if err := c.ApplyTulle(ctx, kubecluster.Overlay{Tag: tag, Patch: rolloutPatch, NetConf: netConf(backend)}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "rollout", "restart", "daemonset/tulle"); err != nil {

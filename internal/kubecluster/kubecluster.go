@@ -17,6 +17,13 @@
 //     own; kube-proxy (iptables) in the node's network namespace. A
 //     node's default route points at the control plane, as a node's
 //     points at its gateway; the control plane forwards nothing.
+//   - with Options.ControlPlaneNode, the control plane is a node too (as
+//     on kubeadm clusters): containerd, kubelet and kube-proxy in its
+//     namespace, tainted node-role.kubernetes.io/control-plane:NoSchedule,
+//     so tulle runs there and the API server reaches pods through it.
+//
+// Every kubelet gives its pods cluster DNS at DNSAddress (DeployDNS runs
+// CoreDNS there); Options.E2E adds the images the upstream e2e tests run.
 //
 // Images are never pulled: the test image and the pause image (one static
 // binary, testpod) and tulle's image (make image) are imported into each
@@ -410,11 +417,17 @@ func (n *Node) start(ctx context.Context, archives []string) error {
 			return err
 		}
 	}
-	var routes [][]string
-	if !n.ControlPlane {
+	routes := [][]string{
+		{"ip", "-n", n.NS, "route", "add", "default", "via", c.Control.IP4.String()},
+		{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", c.Control.IP6.String()},
+	}
+	if n.ControlPlane {
+		// A node has a default route (tulled finds its underlay by it);
+		// the control plane's points onto the underlay, which leads
+		// nowhere beyond the namespaces.
 		routes = [][]string{
-			{"ip", "-n", n.NS, "route", "add", "default", "via", c.Control.IP4.String()},
-			{"ip", "-n", n.NS, "-6", "route", "add", "default", "via", c.Control.IP6.String()},
+			{"ip", "-n", n.NS, "route", "add", "default", "dev", n.Link},
+			{"ip", "-n", n.NS, "-6", "route", "add", "default", "dev", n.Link},
 		}
 	}
 	for _, r := range routes {
