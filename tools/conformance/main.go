@@ -5,16 +5,21 @@
 // everything after. Each suite's JUnit report, ginkgo output and the
 // tulle pods' logs go to OUT/<backend>/<suite>/; one line per suite says
 // what passed. It exits 1 when a suite named by --require failed, 2 on
-// bad flags or a machine that lacks what a run needs.
+// bad flags or a machine that lacks what a run needs. With --report it
+// runs nothing and prints the results found under OUT as the table
+// docs/conformance.md keeps.
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -30,7 +35,15 @@ func main() {
 	procs := flag.Int("procs", 4, "ginkgo processes")
 	timeout := flag.Duration("timeout", time.Hour, "longest a suite may run")
 	root := flag.String("root", ".", "the tulle repository")
+	report := flag.Bool("report", false, "run nothing: print, as a Markdown table, every spec's result per backend from the JUnit reports under --out")
 	flag.Parse()
+	if *report {
+		if err := printReport(os.Stdout, *out); err != nil {
+			fmt.Fprintln(os.Stderr, "conformance:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	bad := func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "conformance: "+format+"\n", args...)
@@ -140,4 +153,69 @@ func skipNote(s conformance.Suite) string {
 func firstLine(s string) string {
 	l, _, _ := strings.Cut(s, "\n")
 	return l
+}
+
+// printReport writes, per suite found under out, a Markdown table: one row
+// per spec, one column per backend that ran it.
+func printReport(w io.Writer, out string) error {
+	results := map[string]map[string]*conformance.Result{} // suite → backend → result
+	paths, _ := filepath.Glob(filepath.Join(out, "*", "*", "junit_01.xml"))
+	if len(paths) == 0 {
+		return fmt.Errorf("no JUnit report under %s/<backend>/<suite>/", out)
+	}
+	for _, p := range paths {
+		res, err := conformance.ReadJUnit(p)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		suite, backend := filepath.Base(filepath.Dir(p)), filepath.Base(filepath.Dir(filepath.Dir(p)))
+		if results[suite] == nil {
+			results[suite] = map[string]*conformance.Result{}
+		}
+		res.Suite, res.Backend = suite, backend
+		results[suite][backend] = res
+	}
+	for _, s := range conformance.Suites {
+		byBackend := results[s.Name]
+		if byBackend == nil {
+			continue
+		}
+		backends := slices.Sorted(maps.Keys(byBackend))
+		states := map[string]map[string]string{} // spec → backend → state
+		for b, res := range byBackend {
+			for _, sp := range res.Specs {
+				if states[sp.Name] == nil {
+					states[sp.Name] = map[string]string{}
+				}
+				states[sp.Name][b] = sp.State
+			}
+		}
+		fmt.Fprintf(w, "### %s\n\n| spec |", s.Name)
+		for _, b := range backends {
+			fmt.Fprintf(w, " %s |", b)
+		}
+		fmt.Fprint(w, "\n|---|")
+		for range backends {
+			fmt.Fprint(w, "---|")
+		}
+		fmt.Fprint(w, "\n")
+		for _, name := range slices.Sorted(maps.Keys(states)) {
+			fmt.Fprintf(w, "| %s |", strings.ReplaceAll(name, "|", "\\|"))
+			for _, b := range backends {
+				st := states[name][b]
+				if st == "" {
+					st = "not run"
+				}
+				fmt.Fprintf(w, " %s |", st)
+			}
+			fmt.Fprint(w, "\n")
+		}
+		fmt.Fprint(w, "| **total** |")
+		for _, b := range backends {
+			p, f, sk := byBackend[b].Counts()
+			fmt.Fprintf(w, " %d passed, %d failed, %d skipped |", p, f, sk)
+		}
+		fmt.Fprint(w, "\n\n")
+	}
+	return nil
 }
