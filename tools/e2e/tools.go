@@ -1,8 +1,7 @@
 //go:build tools
 
 // Package tools records the binaries this module builds so `go mod tidy`
-// keeps them: the ginkgo CLI and agnhost (CoreDNS is ./coredns, the e2e
-// binary ./suite).
+// keeps them: the ginkgo CLI and agnhost (the e2e binary is ./suite).
 package tools
 
 import (
