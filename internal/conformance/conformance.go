@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tulle-net/tulle/internal/kubecluster"
 	"github.com/tulle-net/tulle/internal/kubetest"
@@ -265,15 +266,32 @@ func (c *Cluster) Run(ctx context.Context, s Suite, out string, procs int, timeo
 	return res, nil
 }
 
-// saveTulleLogs writes each tulle pod's log into dir (tulle-<node>.log).
+// saveTulleLogs writes each node's tulle pod log (tulle-<node>.log) and
+// tulled's status (status-<node>.json: per peer the backend and why)
+// into dir.
 func (c *Cluster) saveTulleLogs(ctx context.Context, dir string) {
-	for _, n := range c.Nodes {
-		out, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "logs", "--tail", "-1", "-l", "app.kubernetes.io/name=tulle",
-			"--field-selector", "spec.nodeName="+n.Name, "-c", "tulled")
+	pods, err := c.Client.CoreV1().Pods(kubecluster.TulleNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=tulle"})
+	if err != nil {
+		os.WriteFile(filepath.Join(dir, "tulle-logs.err"), []byte(err.Error()), 0o644)
+		return
+	}
+	for _, p := range pods.Items {
+		out, err := c.Kubectl(ctx, "-n", kubecluster.TulleNamespace, "logs", p.Name, "-c", "tulled")
 		if err != nil {
 			out = err.Error()
 		}
-		os.WriteFile(filepath.Join(dir, "tulle-"+n.Name+".log"), []byte(out), 0o644)
+		os.WriteFile(filepath.Join(dir, "tulle-"+p.Spec.NodeName+".log"), []byte(out), 0o644)
+	}
+	for _, n := range c.Nodes {
+		st, err := n.TulleStatus(ctx)
+		var b []byte
+		if err == nil {
+			b, err = json.MarshalIndent(st, "", "  ")
+		}
+		if err != nil {
+			b = []byte(err.Error())
+		}
+		os.WriteFile(filepath.Join(dir, "status-"+n.Name+".json"), b, 0o644)
 	}
 }
 
