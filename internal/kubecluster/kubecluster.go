@@ -21,6 +21,9 @@
 //     on kubeadm clusters): containerd, kubelet and kube-proxy in its
 //     namespace, tainted node-role.kubernetes.io/control-plane:NoSchedule,
 //     so tulle runs there and the API server reaches pods through it.
+//     Its default route points onto the underlay (a node has one: tulled
+//     finds its underlay by it), which leads nowhere beyond the
+//     namespaces.
 //
 // Every kubelet gives its pods cluster DNS at DNSAddress (DeployDNS runs
 // CoreDNS there); Options.E2E adds the images the upstream e2e tests run.
