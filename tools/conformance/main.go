@@ -33,7 +33,7 @@ func main() {
 	require := flag.String("require", "conformance", "suites whose failures fail the run (the others are reported)")
 	out := flag.String("out", "conformance-out", "where each suite's JUnit report and logs go (OUT/<backend>/<suite>/)")
 	procs := flag.Int("procs", 4, "ginkgo processes")
-	timeout := flag.Duration("timeout", time.Hour, "longest a suite may run")
+	timeout := flag.Duration("timeout", 2*time.Hour, "longest a suite may run (a failing Netpol suite takes about an hour here)")
 	root := flag.String("root", ".", "the tulle repository")
 	report := flag.Bool("report", false, "run nothing: print, as a Markdown table, every spec's result per backend from the JUnit reports under --out")
 	flag.Parse()
