@@ -231,8 +231,8 @@ func (r *Result) Summary() string {
 // e2e output and JUnit report in out (made if missing), then the tulle
 // pods' logs beside them.
 func (c *Cluster) Run(ctx context.Context, s Suite, out string, procs int, timeout time.Duration) (*Result, error) {
-	// Absolute: ginkgo runs in out, and the framework writes its report
-	// relative to where it runs.
+	// Absolute: ginkgo runs a precompiled suite in the binary's own
+	// directory, where a relative --report-dir would put the JUnit.
 	out, err := filepath.Abs(out)
 	if err != nil {
 		return nil, err
