@@ -259,7 +259,6 @@ func (c *Cluster) Run(ctx context.Context, s Suite, out string, procs int, timeo
 		"--dump-logs-on-failure=false", "--disable-log-dump")
 	cmd := exec.CommandContext(ctx, filepath.Join(e2e, "ginkgo"), args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Dir = out
 	fmt.Fprintf(logf, "# %s\n", strings.Join(cmd.Args, " "))
 	start := time.Now()
 	runErr := cmd.Run()

@@ -34,7 +34,9 @@ func buildTestImages(root, dir string) ([]string, error) {
 		return nil, fmt.Errorf("build testpod: %w: %s", err, out)
 	}
 	layer := filepath.Join(dir, "testpod-layer.tar")
-	if err := writeLayer(layer, map[string]string{"testpod": bin}); err != nil {
+	img := &rootfs{entries: map[string]rootEntry{}}
+	img.copy(bin, "testpod", 0o755)
+	if err := img.write(layer); err != nil {
 		return nil, err
 	}
 	var archives []string
@@ -67,33 +69,6 @@ func (img imageConfig) write(dir, layer string) (string, error) {
 		return "", fmt.Errorf("image %s: %w", img.Refs[0], err)
 	}
 	return p, nil
-}
-
-// writeLayer writes a layer tar holding each source file at its name
-// (mode 0755, root-owned).
-func writeLayer(path string, files map[string]string) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	tw := tar.NewWriter(f)
-	for name, src := range files {
-		b, err := os.ReadFile(src)
-		if err != nil {
-			return err
-		}
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o755, Size: int64(len(b)), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg}); err != nil {
-			return err
-		}
-		if _, err := tw.Write(b); err != nil {
-			return err
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	return f.Close()
 }
 
 // writeDockerArchive writes the format `docker save` does (and `ctr images

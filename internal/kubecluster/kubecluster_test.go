@@ -20,7 +20,9 @@ func TestDockerArchive(t *testing.T) {
 	bin := filepath.Join(dir, "bin")
 	os.WriteFile(bin, []byte("#!binary"), 0o755)
 	layer := filepath.Join(dir, "layer.tar")
-	if err := writeLayer(layer, map[string]string{"testpod": bin}); err != nil {
+	img := &rootfs{entries: map[string]rootEntry{}}
+	img.copy(bin, "testpod", 0o755)
+	if err := img.write(layer); err != nil {
 		t.Fatal(err)
 	}
 	archive := filepath.Join(dir, "img.tar")

@@ -25,12 +25,11 @@ type rootfs struct {
 }
 
 type rootEntry struct {
-	src      string // a host file to copy, or ""
-	body     []byte // else the content
-	link     string // a symlink's target, or ""
-	dir      bool
-	mode     os.FileMode
-	uid, gid int
+	src  string // a host file to copy, or ""
+	body []byte // else the content
+	link string // a symlink's target, or ""
+	dir  bool
+	mode os.FileMode
 }
 
 func newRootfs() *rootfs {
@@ -70,15 +69,9 @@ func (r *rootfs) file(p string, body []byte, mode os.FileMode) {
 	r.entries[merged(p)] = rootEntry{body: body, mode: mode}
 }
 
-// link makes p a symlink to target; the top-level /usr links themselves
-// keep their names.
+// link makes p a symlink to target.
 func (r *rootfs) link(p, target string) {
-	name := strings.TrimPrefix(path.Clean("/"+p), "/")
-	if !strings.Contains(name, "/") && (name == "bin" || name == "sbin" || name == "lib" || name == "lib64") {
-		r.entries[name] = rootEntry{link: target}
-		return
-	}
-	r.entries[merged(name)] = rootEntry{link: target}
+	r.entries[merged(p)] = rootEntry{link: target}
 }
 
 // has reports whether the image has p already.
@@ -185,7 +178,7 @@ func (r *rootfs) write(dst string) error {
 		if err := parents(n); err != nil {
 			return err
 		}
-		h := &tar.Header{Name: n, Mode: int64(e.mode), Uid: e.uid, Gid: e.gid, ModTime: epoch}
+		h := &tar.Header{Name: n, Mode: int64(e.mode), ModTime: epoch}
 		var body []byte
 		switch {
 		case e.dir:
