@@ -182,3 +182,67 @@ func Get(ctx context.Context, socket string) (*Status, error) {
 	}
 	return &s, nil
 }
+
+// PolicyPath is where GET returns the NetworkPolicy state of the node's
+// pods (PolicyStatus).
+const PolicyPath = "/v1/policy"
+
+// AttachPath is where the CNI plugin POSTs an Attachment on ADD (and
+// DELETEs it on DEL); a POST answers once the pod's policy rules are in
+// place.
+const AttachPath = "/v1/policy/attachments"
+
+// Attachment is a pod the CNI plugin attached on this node.
+type Attachment struct {
+	Namespace   string       `json:"namespace"`
+	Name        string       `json:"name"`
+	UID         string       `json:"uid,omitempty"`
+	ContainerID string       `json:"containerID"`
+	IPs         []netip.Addr `json:"ips"`
+}
+
+// PolicyStatus is the node's NetworkPolicy enforcement.
+type PolicyStatus struct {
+	// Enabled is false when tulled runs without NetworkPolicy
+	// (--network-policy=false, or no Kubernetes API).
+	Enabled bool `json:"enabled"`
+	// Synced is set once the rules reflect the API server's state.
+	Synced bool `json:"synced"`
+	// Applied is when the table last changed; Error why the last change
+	// failed ("" when it did not).
+	Applied time.Time `json:"applied,omitzero"`
+	Error   string    `json:"error,omitempty"`
+	// Pods are the local pods, each with what selects it and what it may do.
+	Pods []PodPolicy `json:"pods"`
+	// Problems are policy content tulled cannot enforce as written (it
+	// then allows less, never more).
+	Problems []PolicyProblem `json:"problems,omitempty"`
+}
+
+// PodPolicy is one local pod's effective policy.
+type PodPolicy struct {
+	Pod             string       `json:"pod"`
+	IPs             []netip.Addr `json:"ips"`
+	IngressIsolated bool         `json:"ingressIsolated"`
+	EgressIsolated  bool         `json:"egressIsolated"`
+	Policies        []string     `json:"policies,omitempty"`
+	// Ingress and Egress are the allow lists when isolated (empty and
+	// isolated: nothing is allowed).
+	Ingress []PolicyRule `json:"ingress,omitempty"`
+	Egress  []PolicyRule `json:"egress,omitempty"`
+}
+
+// PolicyRule is one rule of a policy as resolved: peers as addresses and
+// ranges ("any" for all), ports as protocol/number, protocol/range or
+// protocol/name (none: every port).
+type PolicyRule struct {
+	Policy string   `json:"policy"`
+	Peers  []string `json:"peers"`
+	Ports  []string `json:"ports,omitempty"`
+}
+
+// PolicyProblem is content of a policy that could not be enforced.
+type PolicyProblem struct {
+	Policy  string `json:"policy"`
+	Message string `json:"message"`
+}

@@ -1,0 +1,242 @@
+package policy
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"regexp"
+	"slices"
+	"strconv"
+
+	"sigs.k8s.io/knftables"
+)
+
+// TableName is the nftables table policy owns (family inet).
+const TableName = "tulle-policy"
+
+// Table applies Rulesets to the nftables table: the first time (and after
+// any failure) by rebuilding it whole in one transaction, then by changing
+// only what differs. Either way one transaction: the kernel never holds a
+// half-applied state, and a restart never opens a window of allow-all.
+type Table struct {
+	nft knftables.Interface
+	// last is what the kernel holds (nil: unknown; rebuild).
+	last *Ruleset
+}
+
+// NewTable returns a Table on nft, which must be for TableName (family
+// inet).
+func NewTable(nft knftables.Interface) *Table { return &Table{nft: nft} }
+
+// baseChains are the chains on the forward hook. Egress first: a drop is
+// final, an accept in one base chain leaves the packet to the next, so a
+// packet between two local pods meets the sender's egress and then the
+// receiver's ingress.
+var baseChains = map[string]knftables.BaseChainPriority{
+	chainEgress:  "filter - 2",
+	chainIngress: "filter - 1",
+}
+
+func chainObj(name string) *knftables.Chain {
+	c := &knftables.Chain{Name: name}
+	if prio, ok := baseChains[name]; ok {
+		c.Type = knftables.PtrTo(knftables.FilterType)
+		c.Hook = knftables.PtrTo(knftables.ForwardHook)
+		c.Priority = knftables.PtrTo(prio)
+	}
+	return c
+}
+
+func setObj(name string, s *Set) knftables.Object {
+	if s.Map {
+		key, val, _ := cutType(s.Type)
+		return &knftables.Map{Name: name, Type: key + " : " + val, Flags: s.Flags, Comment: knftables.PtrTo(s.Comment)}
+	}
+	return &knftables.Set{Name: name, Type: s.Type, Flags: s.Flags, Comment: knftables.PtrTo(s.Comment)}
+}
+
+func cutType(t string) (key, val string, ok bool) {
+	for i := 0; i+3 <= len(t); i++ {
+		if t[i:i+3] == " : " {
+			return t[:i], t[i+3:], true
+		}
+	}
+	return t, "", false
+}
+
+func elemObj(set string, s *Set, key, val string) *knftables.Element {
+	e := &knftables.Element{Key: []string{key}}
+	if s.Map {
+		e.Map = set
+		e.Value = []string{val}
+	} else {
+		e.Set = set
+	}
+	return e
+}
+
+// Apply makes the table hold rs.
+func (t *Table) Apply(ctx context.Context, rs *Ruleset) error {
+	tx := t.nft.NewTransaction()
+	if t.last == nil {
+		if err := t.rebuild(ctx, tx, rs); err != nil {
+			return err
+		}
+	} else {
+		diff(tx, t.last, rs)
+	}
+	if tx.NumOperations() == 0 {
+		return nil
+	}
+	if err := t.nft.Run(ctx, tx); err != nil {
+		t.last = nil
+		return fmt.Errorf("nftables table %s: %w", TableName, err)
+	}
+	t.last = rs
+	return nil
+}
+
+// Forget makes the next Apply rebuild the table (after a check found it
+// changed behind tulled's back).
+func (t *Table) Forget() { t.last = nil }
+
+// rebuild writes rs into tx from nothing: the table is flushed (rules and
+// elements) and refilled, and what it held beyond rs deleted.
+func (t *Table) rebuild(ctx context.Context, tx *knftables.Transaction, rs *Ruleset) error {
+	tx.Add(&knftables.Table{Comment: knftables.PtrTo("tulle: Kubernetes NetworkPolicy")})
+	tx.Flush(&knftables.Table{})
+	var stale []knftables.Object
+	for _, kind := range []string{"chains", "sets", "maps"} {
+		names, err := t.nft.List(ctx, kind)
+		if err != nil && !knftables.IsNotFound(err) {
+			return fmt.Errorf("list %s of table %s: %w", kind, TableName, err)
+		}
+		for _, n := range names {
+			switch {
+			case kind == "chains" && rs.Chains[n] == nil:
+				stale = append(stale, &knftables.Chain{Name: n})
+			case kind == "sets" && (rs.Sets[n] == nil || rs.Sets[n].Map):
+				stale = append(stale, &knftables.Set{Name: n})
+			case kind == "maps" && (rs.Sets[n] == nil || !rs.Sets[n].Map):
+				stale = append(stale, &knftables.Map{Name: n})
+			}
+		}
+	}
+	diff(tx, &Ruleset{Sets: map[string]*Set{}, Chains: map[string][]string{}}, rs)
+	// Chains first: their (flushed) rules were the sets' last users.
+	for _, o := range stale {
+		tx.Delete(o)
+	}
+	return nil
+}
+
+// diff writes into tx what turns the table from old into rs, in an order
+// the kernel accepts: objects before what refers to them, references gone
+// before what they referred to.
+func diff(tx *knftables.Transaction, old, rs *Ruleset) {
+	setNames := slices.Sorted(maps.Keys(rs.Sets))
+	chainNames := slices.Sorted(maps.Keys(rs.Chains))
+	for _, n := range setNames {
+		if old.Sets[n] == nil {
+			tx.Add(setObj(n, rs.Sets[n]))
+		}
+	}
+	for _, n := range chainNames {
+		if _, ok := old.Chains[n]; !ok {
+			tx.Add(chainObj(n))
+		}
+	}
+	for _, n := range chainNames {
+		prev, had := old.Chains[n]
+		if had && slices.Equal(prev, rs.Chains[n]) {
+			continue
+		}
+		if had {
+			tx.Flush(chainObj(n))
+		}
+		for _, r := range rs.Chains[n] {
+			tx.Add(&knftables.Rule{Chain: n, Rule: r})
+		}
+	}
+	for _, n := range setNames {
+		s := rs.Sets[n]
+		var prev map[string]string
+		if o := old.Sets[n]; o != nil {
+			prev = o.Elems
+		}
+		for _, k := range slices.Sorted(maps.Keys(prev)) {
+			if v, ok := s.Elems[k]; !ok || v != prev[k] {
+				tx.Delete(elemObj(n, s, k, prev[k]))
+			}
+		}
+		for _, k := range slices.Sorted(maps.Keys(s.Elems)) {
+			if v, ok := prev[k]; !ok || v != s.Elems[k] {
+				tx.Add(elemObj(n, s, k, s.Elems[k]))
+			}
+		}
+	}
+	for _, n := range slices.Sorted(maps.Keys(old.Chains)) {
+		if _, ok := rs.Chains[n]; !ok {
+			tx.Flush(chainObj(n))
+			tx.Delete(chainObj(n))
+		}
+	}
+	for _, n := range slices.Sorted(maps.Keys(old.Sets)) {
+		if rs.Sets[n] == nil {
+			tx.Delete(setObj(n, old.Sets[n]))
+		}
+	}
+}
+
+// Check reports whether the kernel's table still has every chain and set
+// of the last Apply (something may have flushed or deleted it).
+func (t *Table) Check(ctx context.Context) error {
+	if t.last == nil {
+		return nil
+	}
+	for _, kind := range []string{"chains", "sets", "maps"} {
+		names, err := t.nft.List(ctx, kind)
+		if err != nil {
+			return fmt.Errorf("list %s of table %s: %w", kind, TableName, err)
+		}
+		have := map[string]bool{}
+		for _, n := range names {
+			have[n] = true
+		}
+		for n, s := range t.last.Sets {
+			if (kind == "maps") == s.Map && kind != "chains" && !have[n] {
+				return fmt.Errorf("table %s lost %s %s", TableName, kind, n)
+			}
+		}
+		if kind == "chains" {
+			for n := range t.last.Chains {
+				if !have[n] {
+					return fmt.Errorf("table %s lost chain %s", TableName, n)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+var packetsRE = regexp.MustCompile(`counter packets (\d+)`)
+
+// Dropped returns the packets each drop chain has dropped since the table
+// was created: "ingress", "egress" (denied by policy) and "unattached"
+// (a local address no pod holds).
+func (t *Table) Dropped(ctx context.Context) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	for reason, chain := range map[string]string{"ingress": chainInDrop, "egress": chainEgDrop, "unattached": chainUnattDrop} {
+		rules, err := t.nft.ListRules(ctx, chain)
+		if err != nil {
+			return nil, fmt.Errorf("list chain %s: %w", chain, err)
+		}
+		for _, r := range rules {
+			if m := packetsRE.FindStringSubmatch(r.Rule); m != nil {
+				n, _ := strconv.ParseUint(m[1], 10, 64)
+				out[reason] += n
+			}
+		}
+	}
+	return out, nil
+}
