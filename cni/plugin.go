@@ -103,6 +103,9 @@ func Add(args *skel.CmdArgs) (result types.Result, err error) {
 				return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
 			}
 		}
+		if err := attachPolicy(c, args, res); err != nil {
+			return nil, err
+		}
 		return res.GetAsVersion(c.CNIVersion)
 	}
 
@@ -163,6 +166,9 @@ func Add(args *skel.CmdArgs) (result types.Result, err error) {
 		if err := ensureMasq(c.Name, sub); err != nil {
 			return nil, types.NewError(types.ErrInternal, "masquerade", err.Error())
 		}
+	}
+	if err := attachPolicy(c, args, res); err != nil {
+		return nil, err
 	}
 	return res.GetAsVersion(c.CNIVersion)
 }
@@ -269,6 +275,7 @@ func Del(args *skel.CmdArgs) error {
 		}
 	}
 	errs = append(errs, delLink(hostVethName(args.ContainerID, args.IfName)))
+	detachPolicy(c, args.ContainerID)
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrInternal, "detach pod", err.Error())
 	}

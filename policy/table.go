@@ -240,3 +240,18 @@ func (t *Table) Dropped(ctx context.Context) (map[string]uint64, error) {
 	}
 	return out, nil
 }
+
+// Cleanup deletes the table (tulled cleanup): every pod is unpoliced
+// after it. No table, or no nft, is nothing to remove.
+func Cleanup(ctx context.Context) error {
+	nft, err := knftables.New(knftables.InetFamily, TableName)
+	if err != nil {
+		return nil // no nftables: nothing of ours can be there
+	}
+	tx := nft.NewTransaction()
+	tx.Delete(&knftables.Table{})
+	if err := nft.Run(ctx, tx); err != nil && !knftables.IsNotFound(err) {
+		return fmt.Errorf("delete nftables table %s: %w", TableName, err)
+	}
+	return nil
+}

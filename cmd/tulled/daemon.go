@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/knftables"
 
 	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/udp"
@@ -28,6 +29,7 @@ import (
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/lease/kube"
 	"github.com/tulle-net/tulle/lease/local"
+	"github.com/tulle-net/tulle/policy"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -159,9 +161,18 @@ type store interface {
 	lease.Lookuper
 }
 
-func openStore(o *options, log *slog.Logger) (store, error) {
+func openStore(o *options, client kubernetes.Interface, log *slog.Logger) (store, error) {
 	if o.leaseStore == "local" {
 		return local.New(local.Options{Dir: o.leaseDir, Net: o.net, TTL: o.leaseTTL, Logger: log})
+	}
+	return kube.New(kube.Options{Client: client, Net: o.net, Mode: kube.Mode(o.kubeMode), Namespace: o.kubeNS, TTL: o.leaseTTL, Logger: log})
+}
+
+// kubeClient returns the Kubernetes client of --lease-store kube (nil with
+// the local store).
+func kubeClient(o *options) (kubernetes.Interface, error) {
+	if o.leaseStore != "kube" {
+		return nil, nil
 	}
 	var cfg *rest.Config
 	var err error
@@ -174,14 +185,15 @@ func openStore(o *options, log *slog.Logger) (store, error) {
 		return nil, badConfig("kubernetes client config (--kubeconfig, or in-cluster): %v", err)
 	}
 	cfg.UserAgent = "tulled"
-	// Protobuf: Nodes are a fraction of their JSON size to transfer and decode.
+	// Protobuf: Nodes and Pods are a fraction of their JSON size to
+	// transfer and decode.
 	cfg.ContentType = "application/vnd.kubernetes.protobuf"
 	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, badConfig("kubernetes client: %v", err)
 	}
-	return kube.New(kube.Options{Client: client, Net: o.net, Mode: kube.Mode(o.kubeMode), Namespace: o.kubeNS, TTL: o.leaseTTL, Logger: log})
+	return client, nil
 }
 
 func networks(c *netconf.Config) []netip.Prefix {
@@ -256,7 +268,11 @@ func run(o *options, log *slog.Logger) error {
 	}
 	// Health and metrics before the lease (a store that is slow to answer
 	// keeps /readyz at "starting"), once the configuration is known good.
-	store, err := openStore(o, log)
+	client, err := kubeClient(o)
+	if err != nil {
+		return err
+	}
+	store, err := openStore(o, client, log)
 	if err != nil {
 		return err
 	}
@@ -396,6 +412,24 @@ func run(o *options, log *slog.Logger) error {
 		}
 		st.checks = append(st.checks, check)
 	}
+	var pol *policy.Controller
+	switch {
+	case client == nil:
+		log.Info("NetworkPolicy not enforced: it needs --lease-store kube")
+	case !o.networkPolicy:
+		log.Warn("NetworkPolicy not enforced: --network-policy=false; policies in the cluster do nothing on this node")
+	default:
+		nft, err := knftables.New(knftables.InetFamily, policy.TableName)
+		if err != nil {
+			dev.Close()
+			tr.Close()
+			return fmt.Errorf("NetworkPolicy needs nftables (--network-policy=false turns it off): %w", err)
+		}
+		pol = policy.New(policy.Options{Client: client, Node: o.node, Subnets: l.Subnets(), NFT: nft,
+			StateFile: filepath.Join(o.runDir, "attachments.json"), Logger: log})
+		st.policy = pol
+		st.checks = append(st.checks, pol.Ready)
+	}
 	hl.st.Store(st)
 	srv, err := serveStatus(filepath.Join(o.runDir, api.SocketName), st, log)
 	if err != nil {
@@ -410,6 +444,9 @@ func run(o *options, log *slog.Logger) error {
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	wg.Go(func() { router.Run(runCtx, kick) })
+	if pol != nil {
+		wg.Go(func() { cancel(pol.Run(runCtx)) })
+	}
 	wg.Go(func() {
 		cancel(watchPeers(runCtx, store, o.node, local, l, peers, router, programmed{vx, uvx, wgNode}, kickRouter, st, log))
 	})
@@ -600,7 +637,14 @@ func cleanup(o *options, log *slog.Logger) error {
 	if err := wireguard.CleanupDevice(o.wgDevice); err != nil {
 		errs = append(errs, err)
 	}
-	store, err := openStore(o, log)
+	if err := policy.Cleanup(context.Background()); err != nil {
+		errs = append(errs, err)
+	}
+	client, err := kubeClient(o)
+	var store store
+	if err == nil {
+		store, err = openStore(o, client, log)
+	}
 	if err == nil {
 		if l, ok, err := store.Lookup(context.Background(), o.node); err != nil {
 			errs = append(errs, err)

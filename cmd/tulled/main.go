@@ -65,6 +65,8 @@ type options struct {
 	httpAddr  string
 	logFormat string
 	version   bool
+	// networkPolicy enforces NetworkPolicy (with --lease-store kube).
+	networkPolicy bool
 
 	net *netconf.Config
 	pub netip.Addr
@@ -122,6 +124,7 @@ flags:
 	fs.StringVar(&o.logFormat, "log-format", "text", "text or json (client-go's logs go the same way)")
 	fs.StringVar(&o.httpAddr, "http-addr", "127.0.0.1:9107", "address for /healthz, /readyz and /metrics (empty: off)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	fs.BoolVar(&o.networkPolicy, "network-policy", true, "enforce Kubernetes NetworkPolicy on this node's pods (with --lease-store kube; needs nft)")
 	fs.StringVar(&o.wgKey, "wireguard-key", "/var/lib/tulle/wireguard.key", "WireGuard private key file (Backend.Type wireguard; created, mode 0600, when missing)")
 	fs.StringVar(&o.wgDevice, "wireguard-device", wireguard.DeviceName, "WireGuard device for Backend.Mode kernel/auto (created where the kernel has WireGuard; an existing device of this name, of any implementation, is configured as it is)")
 	fs.DurationVar(&o.wgRekey, "wireguard-rekey-after", wireguard.DefaultTimers.RekeyAfterTime, "renew WireGuard sessions this node initiated after this long (the protocol's 2m; shorter to exercise rekeying)")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -77,6 +78,8 @@ var (
 	descPeerBytes  = prometheus.NewDesc("tulle_backend_bytes_total", "IP bytes through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
 	descPeerFrames = prometheus.NewDesc("tulle_backend_frames_total", "Frames through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
 	descDatagrams  = prometheus.NewDesc("tulle_backend_datagrams_total", "UDP datagrams sent and received by a userspace backend.", []string{"backend", "direction"}, nil)
+	descPolicyDrop = prometheus.NewDesc("tulle_policy_dropped_packets_total", "Packets NetworkPolicy dropped on this node: ingress or egress denied, or from/to a local address no attached pod holds (unattached).", []string{"reason"}, nil)
+	descIsolated   = prometheus.NewDesc("tulle_policy_isolated_pods", "Local pods a NetworkPolicy isolates, by direction.", []string{"direction"}, nil)
 	descDrops      = prometheus.NewDesc("tulle_drops_total", "Packets, datagrams or frames dropped, by component and reason.", []string{"component", "reason"}, nil)
 	descEvents     = prometheus.NewDesc("tulle_events_total", "Other counted events, by component.", []string{"component", "event"}, nil)
 	descPeers      = prometheus.NewDesc("tulle_peers", "Peers by the backend serving them (none: unreachable).", []string{"backend"}, nil)
@@ -103,6 +106,26 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
 	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	if st.policy != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if d, err := st.policy.Dropped(ctx); err == nil {
+			for reason, v := range d {
+				counter(descPolicyDrop, v, reason)
+			}
+		}
+		cancel()
+		var in, eg float64
+		for _, p := range st.policy.Status().Pods {
+			if p.IngressIsolated {
+				in++
+			}
+			if p.EgressIsolated {
+				eg++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, in, "ingress")
+		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, eg, "egress")
 	}
 	dp := st.ctr.Snapshot()
 	counter(descBytes, dp["tx_bytes"], "tx")

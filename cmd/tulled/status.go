@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/version"
 	"github.com/tulle-net/tulle/lease"
+	"github.com/tulle-net/tulle/policy"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
@@ -33,9 +35,11 @@ type status struct {
 	wg     *wg // nil unless WireGuard is configured
 	// rotate rotates the WireGuard key and republishes it (nil without
 	// WireGuard).
-	rotate  func() (wireguard.Key, error)
-	wgPort  uint16
-	peers   *tunnel.PeerTable
+	rotate func() (wireguard.Key, error)
+	wgPort uint16
+	peers  *tunnel.PeerTable
+	// policy enforces NetworkPolicy (nil when off).
+	policy  *policy.Controller
 	mtu     func() int
 	started time.Time
 	// checks report, live, why the node cannot forward (device, routes,
@@ -179,6 +183,10 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 			json.NewEncoder(w).Encode(api.RotatedKey{PublicKey: k.Public().String(), Fingerprint: k.Public().Fingerprint()})
 		})
 	}
+	if st, ok := h.(*status); ok {
+		mux.HandleFunc(api.PolicyPath, st.servePolicy)
+		mux.HandleFunc(api.AttachPath, st.serveAttach)
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
@@ -193,4 +201,50 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 		}
 	}()
 	return srv, nil
+}
+
+// servePolicy answers GET /v1/policy: the node's NetworkPolicy state.
+func (s *status) servePolicy(w http.ResponseWriter, r *http.Request) {
+	doc := api.PolicyStatus{}
+	if s.policy != nil {
+		doc = s.policy.Status()
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(doc)
+}
+
+// attachTimeout bounds how long an ADD waits for its pod's rules; the
+// runtime retries an ADD that fails.
+const attachTimeout = 30 * time.Second
+
+// serveAttach takes the CNI plugin's attachments: POST (ADD) answers once
+// the pod's rules are in place, DELETE ?containerID= (DEL) forgets one.
+// Without NetworkPolicy both succeed at once.
+func (s *status) serveAttach(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodPost:
+		var a api.Attachment
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&a); err != nil {
+			http.Error(w, "attachment: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if s.policy == nil {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), attachTimeout)
+		defer cancel()
+		if err := s.policy.Attach(ctx, a); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	case http.MethodDelete:
+		if id := r.URL.Query().Get("containerID"); s.policy != nil && id != "" {
+			s.policy.Detach(id)
+		}
+		w.WriteHeader(http.StatusNoContent)
+	default:
+		http.Error(w, "POST or DELETE", http.StatusMethodNotAllowed)
+	}
 }

@@ -6,12 +6,16 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"time"
 )
@@ -128,9 +132,11 @@ type RotatedKey struct {
 	Fingerprint string `json:"fingerprint"`
 }
 
-func client(socket string) *http.Client {
+func client(socket string) *http.Client { return clientTimeout(socket, 10*time.Second) }
+
+func clientTimeout(socket string, timeout time.Duration) *http.Client {
 	return &http.Client{
-		Timeout: 10 * time.Second,
+		Timeout: timeout,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
@@ -245,4 +251,71 @@ type PolicyRule struct {
 type PolicyProblem struct {
 	Policy  string `json:"policy"`
 	Message string `json:"message"`
+}
+
+// ErrUnreachable is returned when no tulled answers on the socket.
+var ErrUnreachable = errors.New("tulled not reachable")
+
+// Attach tells the tulled at socket about a pod the CNI plugin attached,
+// and returns once the pod's NetworkPolicy rules are in place (or at once
+// when tulled enforces none).
+func Attach(ctx context.Context, socket string, a Attachment) error {
+	b, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://tulled"+AttachPath, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	return do(clientTimeout(socket, 40*time.Second), req, socket)
+}
+
+// Detach tells the tulled at socket that a container's pod is gone.
+func Detach(ctx context.Context, socket, containerID string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodDelete, "http://tulled"+AttachPath+"?containerID="+url.QueryEscape(containerID), nil)
+	if err != nil {
+		return err
+	}
+	return do(client(socket), req, socket)
+}
+
+func do(c *http.Client, req *http.Request, socket string) error {
+	resp, err := c.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return fmt.Errorf("%w at %s: %v", ErrUnreachable, socket, err)
+		}
+		return fmt.Errorf("tulled at %s: %w", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		var b [512]byte
+		n, _ := io.ReadFull(resp.Body, b[:])
+		return fmt.Errorf("tulled at %s: %s: %s", socket, resp.Status, strings.TrimSpace(string(b[:n])))
+	}
+	return nil
+}
+
+// GetPolicy fetches the node's NetworkPolicy state.
+func GetPolicy(ctx context.Context, socket string) (*PolicyStatus, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tulled"+PolicyPath, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client(socket).Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("tulled at %s: %s", socket, resp.Status)
+	}
+	var s PolicyStatus
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
+	}
+	return &s, nil
 }
