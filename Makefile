@@ -73,6 +73,7 @@ bench-kube: build
 ## BIN=bin/<dir> (inside the tree) keeps a build apart from others running at once.
 image: build
 	@b=$$(command -v buildah || command -v podman) || { echo "make image: needs buildah or podman (apt-get install buildah)"; exit 1; }; \
+	$(GO) run ./tools/imagelayer -o $(BIN)/nft-layer.tar && \
 	$$b build --layers=false -f Containerfile -t $(IMAGE) --build-arg VERSION=$(VERSION) --build-arg BIN=$(BIN) .
 
 clean:

@@ -57,6 +57,10 @@ func TestImage(t *testing.T) {
 	if err != nil || !strings.Contains(string(got), version) {
 		t.Errorf("the image's tulled --version: %q, %v; want %s", got, err, version)
 	}
+	// tulled's nft (NetworkPolicy) runs from the image's own libraries.
+	if got, err := exec.Command("chroot", dir, "/usr/sbin/nft", "--version").CombinedOutput(); err != nil || !strings.Contains(string(got), "nftables") {
+		t.Errorf("the image's nft --version: %q, %v", got, err)
+	}
 	cfg, _ := exec.Command("buildah", "inspect", "--format", "{{.OCIv1.Config.Entrypoint}}", image).Output()
 	if !strings.Contains(string(cfg), "/usr/local/bin/tulled") {
 		t.Errorf("entrypoint %q", cfg)

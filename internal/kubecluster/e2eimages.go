@@ -2,6 +2,7 @@ package kubecluster
 
 import (
 	"fmt"
+	"github.com/tulle-net/tulle/internal/rootfs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -77,23 +78,23 @@ func buildE2EImages(dir string) ([]string, error) {
 	var archives []string
 
 	// agnhost, laid out as upstream's Dockerfile lays it out.
-	a := newRootfs()
-	a.copy(filepath.Join(e2e, "agnhost"), "agnhost", 0o755)
-	a.link("agnhost-2", "agnhost")
-	a.copy(filepath.Join(e2e, "localhost.crt"), "localhost.crt", 0o644)
-	a.copy(filepath.Join(e2e, "localhost.key"), "localhost.key", 0o644)
-	a.dir("uploads", 0o755)
-	a.file("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nuser-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n"), 0o644)
-	a.file("etc/group", []byte("root:x:0:\nuser-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n"), 0o644)
-	a.dir("home/user-defined-in-image", 0o755)
+	a := rootfs.New()
+	a.Copy(filepath.Join(e2e, "agnhost"), "agnhost", 0o755)
+	a.Link("agnhost-2", "agnhost")
+	a.Copy(filepath.Join(e2e, "localhost.crt"), "localhost.crt", 0o644)
+	a.Copy(filepath.Join(e2e, "localhost.key"), "localhost.key", 0o644)
+	a.Dir("uploads", 0o755)
+	a.File("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nuser-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n"), 0o644)
+	a.File("etc/group", []byte("root:x:0:\nuser-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n"), 0o644)
+	a.Dir("home/user-defined-in-image", 0o755)
 	for _, p := range agnhostPrograms {
-		if err := a.program(p); err != nil {
+		if err := a.Program(p); err != nil {
 			return nil, err
 		}
 	}
-	a.link("bin/sh", "bash")
-	a.link("usr/bin/nc", "nc.openbsd")
-	a.link("usr/local/bin/iperf", "/usr/bin/iperf")
+	a.Link("bin/sh", "bash")
+	a.Link("usr/bin/nc", "nc.openbsd")
+	a.Link("usr/local/bin/iperf", "/usr/bin/iperf")
 	if err := busyboxApplets(a); err != nil {
 		return nil, err
 	}
@@ -107,9 +108,9 @@ func buildE2EImages(dir string) ([]string, error) {
 	archives = append(archives, p)
 
 	// busybox: the static busybox and its applets, sh included.
-	b := newRootfs()
-	b.file("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644)
-	b.file("etc/group", []byte("root:x:0:\n"), 0o644)
+	b := rootfs.New()
+	b.File("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644)
+	b.File("etc/group", []byte("root:x:0:\n"), 0o644)
 	if err := busyboxApplets(b); err != nil {
 		return nil, err
 	}
@@ -122,8 +123,8 @@ func buildE2EImages(dir string) ([]string, error) {
 	archives = append(archives, p)
 
 	// CoreDNS: one static binary.
-	c := newRootfs()
-	c.copy(filepath.Join(e2e, "coredns"), "coredns", 0o755)
+	c := rootfs.New()
+	c.Copy(filepath.Join(e2e, "coredns"), "coredns", 0o755)
 	if p, err = writeImage(dir, "coredns", c, imageConfig{Refs: []string{CoreDNSImage}, Entrypoint: []string{"/coredns"}}); err != nil {
 		return nil, err
 	}
@@ -133,8 +134,8 @@ func buildE2EImages(dir string) ([]string, error) {
 // busyboxApplets puts busybox (Debian's static build, or the dynamic one
 // with its libraries) in the image with a link for each applet the image
 // has no program for.
-func busyboxApplets(r *rootfs) error {
-	if err := r.program("/usr/bin/busybox"); err != nil {
+func busyboxApplets(r *rootfs.Layer) error {
+	if err := r.Program("/usr/bin/busybox"); err != nil {
 		return err
 	}
 	out, err := exec.Command("/usr/bin/busybox", "--list-full").Output()
@@ -142,16 +143,16 @@ func busyboxApplets(r *rootfs) error {
 		return fmt.Errorf("busybox --list-full: %w", err)
 	}
 	for _, l := range strings.Fields(string(out)) {
-		if !r.has(l) {
-			r.link(l, "/usr/bin/busybox")
+		if !r.Has(l) {
+			r.Link(l, "/usr/bin/busybox")
 		}
 	}
 	return nil
 }
 
-func writeImage(dir, name string, r *rootfs, img imageConfig) (string, error) {
+func writeImage(dir, name string, r *rootfs.Layer, img imageConfig) (string, error) {
 	layer := filepath.Join(dir, name+"-layer.tar")
-	if err := r.write(layer); err != nil {
+	if err := r.Write(layer); err != nil {
 		return "", fmt.Errorf("image %s: %w", name, err)
 	}
 	defer os.Remove(layer)

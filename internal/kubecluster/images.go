@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/tulle-net/tulle/internal/rootfs"
 	"io"
 	"os"
 	"os/exec"
@@ -34,9 +35,9 @@ func buildTestImages(root, dir string) ([]string, error) {
 		return nil, fmt.Errorf("build testpod: %w: %s", err, out)
 	}
 	layer := filepath.Join(dir, "testpod-layer.tar")
-	img := &rootfs{entries: map[string]rootEntry{}}
-	img.copy(bin, "testpod", 0o755)
-	if err := img.write(layer); err != nil {
+	img := rootfs.Empty()
+	img.Copy(bin, "testpod", 0o755)
+	if err := img.Write(layer); err != nil {
 		return nil, err
 	}
 	var archives []string

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"github.com/tulle-net/tulle/internal/rootfs"
 	"io"
 	"os"
 	"path/filepath"
@@ -20,9 +21,9 @@ func TestDockerArchive(t *testing.T) {
 	bin := filepath.Join(dir, "bin")
 	os.WriteFile(bin, []byte("#!binary"), 0o755)
 	layer := filepath.Join(dir, "layer.tar")
-	img := &rootfs{entries: map[string]rootEntry{}}
-	img.copy(bin, "testpod", 0o755)
-	if err := img.write(layer); err != nil {
+	img := rootfs.Empty()
+	img.Copy(bin, "testpod", 0o755)
+	if err := img.Write(layer); err != nil {
 		t.Fatal(err)
 	}
 	archive := filepath.Join(dir, "img.tar")

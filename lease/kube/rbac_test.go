@@ -110,8 +110,8 @@ func TestRBAC(t *testing.T) {
 	}
 	// Without the binding the user could not even read Nodes; check the
 	// binding is what grants it.
-	if _, err := limited.CoreV1().Namespaces().List(ctx, metav1.ListOptions{}); err == nil {
-		t.Fatal("the tulled user can list namespaces: RBAC is not in force")
+	if _, err := limited.CoreV1().Secrets("kube-system").List(ctx, metav1.ListOptions{}); err == nil {
+		t.Fatal("the tulled user can list secrets: RBAC is not in force")
 	}
 	never := []access{
 		{"update", "coordination.k8s.io", "leases", "", "kube-system", "kube-controller-manager", false},
@@ -120,7 +120,13 @@ func TestRBAC(t *testing.T) {
 		{"create", "coordination.k8s.io", "leases", "", "kube-node-lease", "", false},
 		{"delete", "coordination.k8s.io", "leases", "", "kube-system", "kube-scheduler", false},
 		{"get", "", "secrets", "", "tulle-system", "", false},
-		{"list", "", "pods", "", "", "", false},
+		{"list", "", "secrets", "", "", "", false},
+		{"create", "", "pods", "", "x", "", false},
+		{"update", "", "pods", "", "x", "p", false},
+		{"delete", "", "pods", "", "x", "p", false},
+		{"update", "", "namespaces", "", "", "x", false},
+		{"create", "networking.k8s.io", "networkpolicies", "", "x", "", false},
+		{"delete", "networking.k8s.io", "networkpolicies", "", "x", "np", false},
 		{"update", "", "nodes", "", "", "n1", false},
 		{"patch", "", "nodes", "", "", "n1", false},
 		{"delete", "", "nodes", "", "", "n1", false},
@@ -130,6 +136,12 @@ func TestRBAC(t *testing.T) {
 		{"list", "", "nodes", "", "", "", true},
 		{"watch", "", "nodes", "", "", "", true},
 		{"patch", "", "nodes", "status", "", "n1", true},
+	}
+	// NetworkPolicy: read pods, namespaces and policies, cluster-wide.
+	for _, r := range []struct{ group, resource string }{{"", "pods"}, {"", "namespaces"}, {"networking.k8s.io", "networkpolicies"}} {
+		for _, v := range []string{"get", "list", "watch"} {
+			nodes = append(nodes, access{v, r.group, r.resource, "", "", "", true})
+		}
 	}
 	checkAccess(t, "rbac.yaml", append(append(slices.Clone(never), nodes...),
 		access{"get", "coordination.k8s.io", "leases", "", "tulle-system", "", false},

@@ -1,4 +1,8 @@
-package kubecluster
+// Package rootfs assembles image layers from this machine's own files:
+// no registry can be reached, so images (tulle's own, the test images)
+// are made of the programs Debian installed here, with their shared
+// libraries. It writes tar layers and touches nothing else.
+package rootfs
 
 import (
 	"archive/tar"
@@ -14,13 +18,13 @@ import (
 	"time"
 )
 
-// rootfs assembles an image layer from this machine's own files, since no
+// Layer assembles an image layer from this machine's own files, since no
 // registry can be reached: programs Debian installed here, each with the
 // shared libraries its loader needs (as ldd lists them), and the image's
 // own files, links and directories. The layout is Debian 12's merged /usr
 // (/bin, /sbin, /lib and /lib64 link into /usr), so a program or library
 // lands where the host has it and its loader finds it there.
-type rootfs struct {
+type Layer struct {
 	entries map[string]rootEntry // by path in the image, without a leading /
 }
 
@@ -32,23 +36,27 @@ type rootEntry struct {
 	mode os.FileMode
 }
 
-func newRootfs() *rootfs {
-	r := &rootfs{entries: map[string]rootEntry{}}
+// New returns a layer with the directories and files every image has.
+func New() *Layer {
+	r := Empty()
 	for _, d := range []string{"usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "etc", "root", "dev", "proc", "sys", "run", "var"} {
-		r.dir(d, 0o755)
+		r.Dir(d, 0o755)
 	}
-	r.dir("tmp", 0o1777)
+	r.Dir("tmp", 0o1777)
 	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
-		r.link(l, "usr/"+l)
+		r.Link(l, "usr/"+l)
 	}
 	// Mount points the runtime binds over, present as in any image.
 	for _, f := range []string{"etc/hosts", "etc/hostname", "etc/resolv.conf"} {
-		r.file(f, nil, 0o644)
+		r.File(f, nil, 0o644)
 	}
 	// glibc's resolver: files, then DNS (the pod's resolv.conf).
-	r.file("etc/nsswitch.conf", []byte("passwd: files\ngroup: files\nhosts: files dns\n"), 0o644)
+	r.File("etc/nsswitch.conf", []byte("passwd: files\ngroup: files\nhosts: files dns\n"), 0o644)
 	return r
 }
+
+// Empty returns a layer with nothing in it.
+func Empty() *Layer { return &Layer{entries: map[string]rootEntry{}} }
 
 // merged maps p to where it is under merged /usr.
 func merged(p string) string {
@@ -61,40 +69,40 @@ func merged(p string) string {
 	return p
 }
 
-func (r *rootfs) dir(p string, mode os.FileMode) {
+func (r *Layer) Dir(p string, mode os.FileMode) {
 	r.entries[merged(p)] = rootEntry{dir: true, mode: mode}
 }
 
-func (r *rootfs) file(p string, body []byte, mode os.FileMode) {
+func (r *Layer) File(p string, body []byte, mode os.FileMode) {
 	r.entries[merged(p)] = rootEntry{body: body, mode: mode}
 }
 
-// link makes p a symlink to target.
-func (r *rootfs) link(p, target string) {
+// Link makes p a symlink to target.
+func (r *Layer) Link(p, target string) {
 	r.entries[merged(p)] = rootEntry{link: target}
 }
 
-// has reports whether the image has p already.
-func (r *rootfs) has(p string) bool {
+// Has reports whether the image has p already.
+func (r *Layer) Has(p string) bool {
 	_, ok := r.entries[merged(p)]
 	return ok
 }
 
-// copy puts the host file src at p (its content, symlinks followed).
-func (r *rootfs) copy(src, p string, mode os.FileMode) {
+// Copy puts the host file src at p (its content, symlinks followed).
+func (r *Layer) Copy(src, p string, mode os.FileMode) {
 	r.entries[merged(p)] = rootEntry{src: src, mode: mode}
 }
 
-// program copies the host program at hostPath to the same path in the
+// Program copies the host program at hostPath to the same path in the
 // image, with every shared library ldd says it loads (and the loader).
-func (r *rootfs) program(hostPath string) error {
+func (r *Layer) Program(hostPath string) error {
 	real, err := filepath.EvalSymlinks(hostPath)
 	if err != nil {
 		return fmt.Errorf("image program %s: %w (apt-get install the package that has it)", hostPath, err)
 	}
-	r.copy(real, hostPath, 0o755)
+	r.Copy(real, hostPath, 0o755)
 	if real != hostPath {
-		r.copy(real, real, 0o755)
+		r.Copy(real, real, 0o755)
 	}
 	libs, err := sharedLibs(real)
 	if err != nil {
@@ -106,8 +114,8 @@ func (r *rootfs) program(hostPath string) error {
 		if err != nil {
 			return err
 		}
-		if !r.has(filepath.Join(dir, filepath.Base(l))) {
-			r.copy(l, filepath.Join(dir, filepath.Base(l)), 0o755)
+		if !r.Has(filepath.Join(dir, filepath.Base(l))) {
+			r.Copy(l, filepath.Join(dir, filepath.Base(l)), 0o755)
 		}
 	}
 	return nil
@@ -139,8 +147,8 @@ func sharedLibs(prog string) ([]string, error) {
 	return libs, nil
 }
 
-// write writes the layer as a tar, parents before children.
-func (r *rootfs) write(dst string) error {
+// Write writes the layer as a tar, parents before children.
+func (r *Layer) Write(dst string) error {
 	names := make([]string, 0, len(r.entries))
 	for n := range r.entries {
 		names = append(names, n)

@@ -1,4 +1,4 @@
-package kubecluster
+package rootfs
 
 import (
 	"os"
@@ -17,16 +17,16 @@ import (
 func TestRootfs(t *testing.T) {
 	testenv.Require(t, rootOnly())
 	testenv.RequireTools(t, "ldd", "tar", "chroot")
-	r := newRootfs()
-	if err := r.program("/usr/bin/bash"); err != nil {
+	r := New()
+	if err := r.Program("/usr/bin/bash"); err != nil {
 		t.Fatal(err)
 	}
-	r.link("bin/sh", "bash")
-	r.file("etc/greeting", []byte("hello from the image\n"), 0o644)
-	r.dir("uploads", 0o755)
+	r.Link("bin/sh", "bash")
+	r.File("etc/greeting", []byte("hello from the image\n"), 0o644)
+	r.Dir("uploads", 0o755)
 	dir := t.TempDir()
 	layer := filepath.Join(dir, "layer.tar")
-	if err := r.write(layer); err != nil {
+	if err := r.Write(layer); err != nil {
 		t.Fatal(err)
 	}
 	root := filepath.Join(dir, "root")
@@ -46,7 +46,7 @@ func TestRootfs(t *testing.T) {
 			t.Errorf("/%s → %q (%v), want usr/%s", l, dst, err, l)
 		}
 	}
-	if err := newRootfs().program("/usr/bin/no-such-program"); err == nil || !strings.Contains(err.Error(), "no-such-program") {
+	if err := New().Program("/usr/bin/no-such-program"); err == nil || !strings.Contains(err.Error(), "no-such-program") {
 		t.Errorf("missing program: %v", err)
 	}
 }
