@@ -65,8 +65,8 @@ const (
 	chainUnattDrop = "unattached-drop"
 )
 
-func localSet(f family) string   { return "local-" + f.name }
-func subnetSet(f family) string  { return "subnets-" + f.name }
+func localSet(f family) string  { return "local-" + f.name }
+func subnetSet(f family) string { return "subnets-" + f.name }
 func vmapName(dir string, f family) string {
 	return map[string]string{dirIn: "ingress-", dirEg: "egress-"}[dir] + f.name
 }
@@ -96,8 +96,8 @@ func policyTypes(p *networkingv1.NetworkPolicy) (in, eg bool) {
 
 // compiler holds one Compile's state.
 type compiler struct {
-	s       *State
-	rs      *Ruleset
+	s      *State
+	rs     *Ruleset
 	report *api.PolicyStatus
 	rules  []ruleReport
 }
