@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 
@@ -55,6 +56,25 @@ func TestRealNFT(t *testing.T) {
 			if err := NewTable(nft).Apply(ctx, rs); err != nil {
 				t.Fatalf("step %d rebuild: %v", i, err)
 			}
+		}
+		// A restart that finds a pod gone: the rebuilt table holds
+		// nothing of it (no stale element, no stale chain).
+		st := state(pols...)
+		delete(st.Local, podA.IPs[0])
+		delete(st.Local, podA.IPs[1])
+		rs, _ := Compile(st)
+		if err := NewTable(nft).Apply(ctx, rs); err != nil {
+			t.Fatalf("rebuild without a: %v", err)
+		}
+		els, err := nft.ListElements(ctx, "set", "local-v4")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(els) != 1 || els[0].Key[0] != "100.64.1.3" {
+			t.Errorf("local-v4 after rebuilding without a: %v", els)
+		}
+		if chains, _ := nft.List(ctx, "chains"); slices.Contains(chains, podChain(podA, dirIn)) {
+			t.Errorf("a's chain outlived the rebuild: %v", chains)
 		}
 		if _, err := tbl.Dropped(ctx); err != nil {
 			t.Fatalf("dropped: %v", err)

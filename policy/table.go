@@ -100,33 +100,15 @@ func (t *Table) Apply(ctx context.Context, rs *Ruleset) error {
 // changed behind tulled's back).
 func (t *Table) Forget() { t.last = nil }
 
-// rebuild writes rs into tx from nothing: the table is flushed (rules and
-// elements) and refilled, and what it held beyond rs deleted.
+// rebuild writes rs into tx from nothing: the table is deleted and made
+// anew inside the transaction, so the kernel goes from the old table to
+// the new one at once (kernel and knftables' fake agree on deletion,
+// unlike on what flushing a table keeps).
 func (t *Table) rebuild(ctx context.Context, tx *knftables.Transaction, rs *Ruleset) error {
+	tx.Add(&knftables.Table{})
+	tx.Delete(&knftables.Table{})
 	tx.Add(&knftables.Table{Comment: knftables.PtrTo("tulle: Kubernetes NetworkPolicy")})
-	tx.Flush(&knftables.Table{})
-	var stale []knftables.Object
-	for _, kind := range []string{"chains", "sets", "maps"} {
-		names, err := t.nft.List(ctx, kind)
-		if err != nil && !knftables.IsNotFound(err) {
-			return fmt.Errorf("list %s of table %s: %w", kind, TableName, err)
-		}
-		for _, n := range names {
-			switch {
-			case kind == "chains" && rs.Chains[n] == nil:
-				stale = append(stale, &knftables.Chain{Name: n})
-			case kind == "sets" && (rs.Sets[n] == nil || rs.Sets[n].Map):
-				stale = append(stale, &knftables.Set{Name: n})
-			case kind == "maps" && (rs.Sets[n] == nil || !rs.Sets[n].Map):
-				stale = append(stale, &knftables.Map{Name: n})
-			}
-		}
-	}
 	diff(tx, &Ruleset{Sets: map[string]*Set{}, Chains: map[string][]string{}}, rs)
-	// Chains first: their (flushed) rules were the sets' last users.
-	for _, o := range stale {
-		tx.Delete(o)
-	}
 	return nil
 }
 

@@ -2,7 +2,11 @@
 // (internal/kubecluster): a pod's HTTP server that probes other addresses
 // on request, and, as "testpod pause", the sandbox's pause process.
 //
-//	testpod [serve] [--port 8080]  serve HTTP on every address
+//	testpod [serve] [--port 8080] [--also 9090,…] [--first-dial host:port]
+//	                               serve HTTP on every address (on --port and
+//	                               each --also port); with --first-dial, first
+//	                               try one TCP connection (300 ms) and report
+//	                               it at /first
 //	testpod pause                  sleep until SIGTERM/SIGINT, reaping children
 //
 // Endpoints (all GET):
@@ -16,6 +20,7 @@
 //	                  fast as possible)
 //	/fetch?url=U      GET U and answer {"bytes":…,"sha256":…} of its body,
 //	                  or 502 with how far it got
+//	/first            what --first-dial found: "connected …" or "failed: …"
 //	/udpwatch?target=T&interval=I&duration=D  send a numbered datagram to
 //	                  T's UDP echo every I for D; answer {"sent","received",
 //	                  "longestGapMs"}: the longest time without an echo
@@ -37,6 +42,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -56,8 +62,33 @@ func main() {
 	}
 	fs := flag.NewFlagSet("testpod", flag.ExitOnError)
 	port := fs.Int("port", 8080, "HTTP port")
+	also := fs.String("also", "", "more HTTP ports, comma-separated")
+	firstDial := fs.String("first-dial", "", "host:port to connect to once, before serving (the pod's first packet)")
 	fs.Parse(args)
-	srv := &http.Server{Addr: fmt.Sprintf(":%d", *port), Handler: newMux(), ReadHeaderTimeout: 10 * time.Second}
+	if *firstDial != "" {
+		// Before anything else: the pod's very first packet.
+		c, err := net.DialTimeout("tcp", *firstDial, 300*time.Millisecond)
+		if err != nil {
+			firstResult = "failed: " + err.Error()
+		} else {
+			firstResult = "connected " + c.LocalAddr().String() + " -> " + c.RemoteAddr().String()
+			c.Close()
+		}
+	}
+	mux := newMux()
+	for _, p := range strings.Split(*also, ",") {
+		if p == "" {
+			continue
+		}
+		extra := &http.Server{Addr: ":" + p, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := extra.ListenAndServe(); err != nil {
+				fmt.Fprintln(os.Stderr, "testpod:", err)
+				os.Exit(1)
+			}
+		}()
+	}
+	srv := &http.Server{Addr: fmt.Sprintf(":%d", *port), Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	if err := echo(*port + 1); err != nil {
 		fmt.Fprintln(os.Stderr, "testpod:", err)
 		os.Exit(1)
@@ -83,8 +114,12 @@ func newMux() *http.ServeMux {
 	mux.HandleFunc("/stream", stream)
 	mux.HandleFunc("/fetch", fetch)
 	mux.HandleFunc("/udpwatch", udpWatch)
+	mux.HandleFunc("/first", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, firstResult) })
 	return mux
 }
+
+// firstResult is what --first-dial found (set before serving).
+var firstResult = "no --first-dial"
 
 // echo answers every datagram on port with itself.
 func echo(port int) error {
