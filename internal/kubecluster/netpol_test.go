@@ -76,7 +76,7 @@ func TestNetworkPolicy(t *testing.T) {
 		// everything; the except cuts b out of this peer only.
 		np.apply(t, "block", map[string]string{"role": "client"}, networkingv1.NetworkPolicySpec{
 			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
-			Egress: []networkingv1.NetworkPolicyEgressRule{{To: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: a4 + "/0", Except: []string{b4 + "/32"}}}}}}})
+			Egress:      []networkingv1.NetworkPolicyEgressRule{{To: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: a4 + "/0", Except: []string{b4 + "/32"}}}}}}})
 		np.expect(t, every, a4, 8080, true)
 		np.expect(t, every, b4, 9090, false)
 	})
@@ -230,7 +230,9 @@ func (n *netpol) apply(t *testing.T, name string, sel map[string]string, spec ne
 	if _, err := n.c.Client.NetworkingV1().NetworkPolicies(n.ns).Create(n.ctx, pol, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create policy %s: %v", name, err)
 	}
-	t.Cleanup(func() { n.c.Client.NetworkingV1().NetworkPolicies(n.ns).Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	t.Cleanup(func() {
+		n.c.Client.NetworkingV1().NetworkPolicies(n.ns).Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
 }
 
 func (n *netpol) deleteAll(t *testing.T) {
