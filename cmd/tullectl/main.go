@@ -2,6 +2,7 @@
 //
 //	tullectl status [--run-dir DIR] [-o table|json]  a running tulled's lease, peers and counters
 //	tullectl version
+//	tullectl policy [--run-dir DIR] [NS/POD]  which NetworkPolicies select the node's pods, what they allow
 //	tullectl rotate-key [--run-dir DIR]  a new WireGuard key for the node, published at once
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
@@ -36,6 +37,7 @@ func usage() {
 
 commands:
   status       show a running tulled's lease, peers, traffic and counters (-o json for scripts)
+  policy       show which NetworkPolicies select this node's pods and what each pod may send and receive
   rotate-key   give a running tulled a new WireGuard key (sessions carry on)
   install-cni  copy the CNI plugin and conflist into the host's CNI directories (the DaemonSet's init container)
   leases       list the leases in a local lease store
@@ -57,6 +59,8 @@ func main() {
 		err = status(ctx, args)
 	case "rotate-key":
 		err = rotateKey(ctx, args)
+	case "policy":
+		err = policyCmd(ctx, args)
 	case "install-cni":
 		err = installCNI(args)
 	case "version", "--version":
