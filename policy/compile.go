@@ -239,6 +239,16 @@ func (c *compiler) podChains(pod *Pod, pols []*networkingv1.NetworkPolicy) {
 		}
 		name := podChain(pod, dir)
 		rules := []string{"ct state invalid goto " + dropChain(dir)}
+		// A pod reaching itself through a Service (hairpin: kube-proxy
+		// sends it back to its own address) is not traffic between pods:
+		// no policy has to allow it, as in Cilium.
+		self := "saddr"
+		if dir == dirEg {
+			self = "daddr"
+		}
+		for _, a := range addrs {
+			rules = append(rules, fmt.Sprintf("%s %s %s accept", familyOf(a).match, self, a))
+		}
 		rules = append(rules, jumps...)
 		c.rs.Chains[name] = append(rules, "goto "+dropChain(dir))
 		for _, a := range addrs {

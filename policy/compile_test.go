@@ -121,7 +121,7 @@ func TestCompile(t *testing.T) {
 		}},
 		{"deny all ingress: a jump to an empty policy chain, then the drop", []*networkingv1.NetworkPolicy{denyAll}, func(t *testing.T, rs *Ruleset) {
 			chain := podChain(podA, dirIn)
-			want := []string{"ct state invalid goto ingress-drop", "jump " + pk(denyAll) + "-in", "goto ingress-drop"}
+			want := []string{"ct state invalid goto ingress-drop", "ip saddr 100.64.1.2 accept", "ip6 saddr fd00:64:1::2 accept", "jump " + pk(denyAll) + "-in", "goto ingress-drop"}
 			if !slices.Equal(rs.Chains[chain], want) {
 				t.Errorf("pod chain = %q, want %q", rs.Chains[chain], want)
 			}
@@ -159,7 +159,7 @@ func TestCompile(t *testing.T) {
 			if got := rs.Chains[pk(nothing)+"-in"]; len(got) != 0 {
 				t.Errorf("policy chain = %q, want no rule", got)
 			}
-			if len(rs.Chains[podChain(podA, dirIn)]) != 3 {
+			if len(rs.Chains[podChain(podA, dirIn)]) != 5 {
 				t.Errorf("a is not isolated: %q", rs.Chains[podChain(podA, dirIn)])
 			}
 		}},
