@@ -10,7 +10,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/tulle-net/tulle/internal/version.Version=$(VERSION)
 IMAGE   ?= tulle:$(VERSION)
 
-.PHONY: all build demo demo-kube test unit fuzz bench bench-kube image conformance clean
+.PHONY: all build demo demo-kube test unit fuzz bench bench-kube bench-policy image conformance clean
 
 all: build
 
@@ -68,6 +68,10 @@ bench: build
 KUBE_NODES ?= 5000
 bench-kube: build
 	TULLED=$(CURDIR)/$(BIN)/tulled KUBE_NODES=$(KUBE_NODES) $(GO) test -run '^$$' -bench KubePeers -benchtime 1x -timeout 30m -v ./bench/ | grep -v '^=== '
+
+## bench-policy: NetworkPolicy's cost on the forward path (50 policies vs none, interleaved) and a real tulled's change-to-enforcement time and memory with POLICY_PODS (1000) pods and POLICY_COUNT (200) policies (root, iperf3, nft, kube-apiserver).
+bench-policy: build
+	TULLED=$(CURDIR)/$(BIN)/tulled $(GO) test -run '^$$' -bench 'Policy(Path|Change)' -benchtime 1x -timeout 20m -v ./bench/ | grep -v '^=== '
 
 ## image: the OCI image (Containerfile) with buildah or podman, whichever is installed.
 ## BIN=bin/<dir> (inside the tree) keeps a build apart from others running at once.

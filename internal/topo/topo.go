@@ -177,6 +177,10 @@ var (
 	routedLinks = "eth0"
 )
 
+// Router returns the namespace of the router in front of the routed
+// nodes ("" before the first).
+func (t *Topology) Router() string { return t.router }
+
 // AddRoutedNode adds a node behind a router: its own /24 (198.19.k.0/24,
 // fd00:199:k::/64) on a link to the router, which also sits on the bridge.
 // Every bridged node routes the routed range through the router.
