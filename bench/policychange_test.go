@@ -176,6 +176,10 @@ func createPolicyWorld(b *testing.B, c kubernetes.Interface, nc *netconf.Config,
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("ns%d", i), Labels: map[string]string{"team": fmt.Sprint(i % 3)}}}, metav1.CreateOptions{}); err != nil {
 			b.Fatal(err)
 		}
+		// No controller-manager here to make it.
+		if _, err := c.CoreV1().ServiceAccounts(fmt.Sprintf("ns%d", i)).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
 	}
 	work := make(chan int)
 	var wg sync.WaitGroup
