@@ -40,7 +40,7 @@ test:
 	@# The upstream [sig-network] [Conformance] suite (internal/conformance,
 	@# udp backend) runs last, after the real-cluster tests, one at a time.
 	@set -o pipefail; { $(GO) test -json -count=1 -timeout 25m $$($(GO) list ./... | grep -v -e /internal/kubecluster -e /internal/conformance); \
-		$(GO) test -json -count=1 -p 1 -timeout 45m ./internal/kubecluster/... ./internal/conformance/...; } | $(GO) run ./tools/testsum
+		$(GO) test -json -count=1 -p 1 -timeout 60m ./internal/kubecluster/... ./internal/conformance/...; } | $(GO) run ./tools/testsum
 
 ## conformance: the Kubernetes project's own networking tests ([sig-network] [Conformance], then [sig-network] Netpol) against a real cluster (control plane + 2 nodes, all running tulle, cluster DNS) with BACKEND (udp, wireguard, host-gw, vxlan); JUnit and logs in conformance-out/<backend>/<suite>/, one line per suite; fails when a suite in REQUIRE fails (root).
 BACKEND ?= udp

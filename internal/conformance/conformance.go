@@ -49,6 +49,14 @@ var Suites = []Suite{
 	{Name: "netpol", Focus: `\[sig-network\] Netpol`},
 }
 
+// NetpolCI is the part of the Netpol suite CI runs beside the
+// conformance specs (the whole suite takes some 40 minutes on two cores,
+// `make conformance` runs it): the API specs, and dataplane specs that
+// between them cover pod and namespace selectors together, default deny,
+// egress denied at the client, UDP ports, a pod's label changing, ipBlock,
+// named ports and TCP ports.
+var NetpolCI = Suite{Name: "netpol-ci", Focus: `\[sig-network\] Netpol (API should support creating NetworkPolicy API|NetworkPolicy between server and client (should enforce policy based on PodSelector and NamespaceSelector|should support a 'default-deny-all' policy|should support denying of egress traffic on the client side|should allow ingress access from updated pod|should allow egress access to server in CIDR block|should allow ingress access from namespace on one named port|should enforce policy based on Ports|should deny ingress from pods on other namespaces)|\[LinuxOnly\] NetworkPolicy between server and client using UDP should enforce policy based on Ports)`}
+
 // SuiteByName returns the suite called name (or the first whose name
 // starts with name + "-": "conformance" is sig-network-conformance).
 func SuiteByName(name string) (Suite, bool) {

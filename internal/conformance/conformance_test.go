@@ -16,14 +16,15 @@ import (
 // [Conformance]` specs against a real cluster with tulle on the udp
 // backend (the control plane a tulle node): each spec is a subtest here,
 // so a failure names the upstream test and says what it saw. This is what
-// CI runs; `make conformance` runs it for any backend, and the Netpol
+// CI runs, with part of the Netpol suite on the same cluster (NetpolCI);
+// `make conformance` runs either for any backend, and the whole Netpol
 // suite.
 func TestSigNetworkConformance(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a whole cluster and the upstream suite: not in -short")
 	}
 	testenv.Require(t, Missing())
-	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Minute)
 	defer cancel()
 	root, _ := filepath.Abs("../..")
 	start := time.Now()
@@ -64,6 +65,31 @@ func TestSigNetworkConformance(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(out, "e2e.log"))
 		t.Errorf("%d specs passed, want all 45 of [sig-network] [Conformance] (v1.34); e2e output:\n%s", p, tail(string(b), 200))
 	}
+
+	// NetworkPolicy on the same cluster: part of the Netpol suite (the
+	// whole runs through make conformance).
+	t.Run("Netpol", func(t *testing.T) {
+		out := t.TempDir()
+		res, err := c.Run(ctx, NetpolCI.ForMachine(), out, 4, 25*time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Log(res.Summary(), "in", res.Duration.Round(time.Second))
+		if res.Setup != "" {
+			t.Errorf("suite setup failed: %s", res.Setup)
+		}
+		for _, sp := range res.Specs {
+			t.Run(sp.Name, func(t *testing.T) {
+				if sp.State != "passed" {
+					t.Errorf("%s after %s:\n%s", sp.State, sp.Duration.Round(time.Millisecond), sp.Failure)
+				}
+			})
+		}
+		if p, _, _ := res.Counts(); p < 11 {
+			b, _ := os.ReadFile(filepath.Join(out, "e2e.log"))
+			t.Errorf("%d specs passed, want the 11 NetpolCI names; e2e output:\n%s", p, tail(string(b), 200))
+		}
+	})
 }
 
 func tail(s string, lines int) string {
