@@ -24,6 +24,9 @@ import (
 type Ruleset struct {
 	Sets   map[string]*Set
 	Chains map[string][]string
+	// Counters are named counters (name → comment): the drops by reason,
+	// and per policy the packets it denied (see podChains).
+	Counters map[string]string
 }
 
 // Set is a set or, with Map, a verdict map.
@@ -105,7 +108,7 @@ type compiler struct {
 // Compile turns the state into the table's content and a report of what
 // each local pod is allowed, and of what could not be enforced.
 func Compile(s *State) (*Ruleset, *api.PolicyStatus) {
-	c := &compiler{s: s, rs: &Ruleset{Sets: map[string]*Set{}, Chains: map[string][]string{}}, report: &api.PolicyStatus{Enabled: true}}
+	c := &compiler{s: s, rs: &Ruleset{Sets: map[string]*Set{}, Chains: map[string][]string{}, Counters: map[string]string{}}, report: &api.PolicyStatus{Enabled: true}}
 	c.base()
 	local := s.localPods()
 	type sel struct {
@@ -199,10 +202,19 @@ func (c *compiler) base() {
 		}
 		c.rs.Chains[chain] = rules
 	}
-	c.rs.Chains[chainEgDrop] = []string{"counter drop"}
-	c.rs.Chains[chainInDrop] = []string{"counter drop"}
-	c.rs.Chains[chainUnattDrop] = []string{"counter drop"}
+	for reason, chain := range DropChains {
+		c.rs.Counters[chain] = "packets dropped: " + reason
+		c.rs.Chains[chain] = []string{fmt.Sprintf("counter name %q drop", chain)}
+	}
 }
+
+// DropChains are the drop chains by reason; each counts into the named
+// counter of its own name.
+var DropChains = map[string]string{"ingress": chainInDrop, "egress": chainEgDrop, "unattached": chainUnattDrop}
+
+// PolicyCounterPrefix begins the names of the per-policy drop counters;
+// their comment is "<namespace>/<name> <direction>".
+const PolicyCounterPrefix = "pol-"
 
 func podChain(p *Pod, dir string) string { return "pod-" + id(p.Key()) + "-" + dir }
 func polChain(p *networkingv1.NetworkPolicy, dir string) string {
@@ -250,6 +262,16 @@ func (c *compiler) podChains(pod *Pod, pols []*networkingv1.NetworkPolicy) {
 			rules = append(rules, fmt.Sprintf("%s %s %s accept", familyOf(a).match, self, a))
 		}
 		rules = append(rules, jumps...)
+		// Every policy isolating the pod counts what it denies: a drop
+		// counts once per policy that isolates the pod (bounded labels:
+		// policies, never pods or addresses).
+		for _, p := range pols {
+			if in, eg := policyTypes(p); dir == dirIn && in || dir == dirEg && eg {
+				ctr := polChain(p, dir) + "-denied"
+				c.rs.Counters[ctr] = policyKey(p) + " " + map[string]string{dirIn: "ingress", dirEg: "egress"}[dir]
+				rules = append(rules, fmt.Sprintf("counter name %q", ctr))
+			}
+		}
 		c.rs.Chains[name] = append(rules, "goto "+dropChain(dir))
 		for _, a := range addrs {
 			c.rs.Sets[vmapName(dir, familyOf(a))].Elems[a.String()] = "goto " + name

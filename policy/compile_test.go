@@ -121,7 +121,7 @@ func TestCompile(t *testing.T) {
 		}},
 		{"deny all ingress: a jump to an empty policy chain, then the drop", []*networkingv1.NetworkPolicy{denyAll}, func(t *testing.T, rs *Ruleset) {
 			chain := podChain(podA, dirIn)
-			want := []string{"ct state invalid goto ingress-drop", "ip saddr 100.64.1.2 accept", "ip6 saddr fd00:64:1::2 accept", "jump " + pk(denyAll) + "-in", "goto ingress-drop"}
+			want := []string{"ct state invalid goto ingress-drop", "ip saddr 100.64.1.2 accept", "ip6 saddr fd00:64:1::2 accept", "jump " + pk(denyAll) + "-in", `counter name "` + pk(denyAll) + `-in-denied"`, "goto ingress-drop"}
 			if !slices.Equal(rs.Chains[chain], want) {
 				t.Errorf("pod chain = %q, want %q", rs.Chains[chain], want)
 			}
@@ -136,6 +136,9 @@ func TestCompile(t *testing.T) {
 			}
 			if _, ok := rs.Chains[podChain(podA, dirEg)]; ok {
 				t.Error("an ingress policy isolates egress")
+			}
+			if c := rs.Counters[pk(denyAll)+"-in-denied"]; c != "x/deny ingress" {
+				t.Errorf("per-policy counter comment %q, want the policy and direction", c)
 			}
 		}},
 		{"namespace and pod selector together: y/c only, not the hostNetwork pod", []*networkingv1.NetworkPolicy{fromC}, func(t *testing.T, rs *Ruleset) {
@@ -159,7 +162,7 @@ func TestCompile(t *testing.T) {
 			if got := rs.Chains[pk(nothing)+"-in"]; len(got) != 0 {
 				t.Errorf("policy chain = %q, want no rule", got)
 			}
-			if len(rs.Chains[podChain(podA, dirIn)]) != 5 {
+			if len(rs.Chains[podChain(podA, dirIn)]) != 6 {
 				t.Errorf("a is not isolated: %q", rs.Chains[podChain(podA, dirIn)])
 			}
 		}},

@@ -510,7 +510,7 @@ func (c *Controller) Ready() error {
 	return nil
 }
 
-// Dropped returns the packets the table dropped, by reason.
-func (c *Controller) Dropped(ctx context.Context) (map[string]uint64, error) {
+// Dropped returns the packets the table dropped, by reason and policy.
+func (c *Controller) Dropped(ctx context.Context) (Drops, error) {
 	return c.table.Dropped(ctx)
 }

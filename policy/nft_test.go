@@ -76,8 +76,15 @@ func TestRealNFT(t *testing.T) {
 		if chains, _ := nft.List(ctx, "chains"); slices.Contains(chains, podChain(podA, dirIn)) {
 			t.Errorf("a's chain outlived the rebuild: %v", chains)
 		}
-		if _, err := tbl.Dropped(ctx); err != nil {
+		d, err := tbl.Dropped(ctx)
+		if err != nil {
 			t.Fatalf("dropped: %v", err)
+		}
+		if _, ok := d.ByReason["unattached"]; !ok {
+			t.Errorf("drops by reason: %v", d.ByReason)
+		}
+		if _, ok := d.ByPolicy["x/p2 egress"]; !ok {
+			t.Errorf("drops by policy: %v, want x/p2 egress (b is local and isolated by it)", d.ByPolicy)
 		}
 		return nil
 	})

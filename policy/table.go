@@ -4,9 +4,8 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"regexp"
 	"slices"
-	"strconv"
+	"strings"
 
 	"sigs.k8s.io/knftables"
 )
@@ -108,7 +107,7 @@ func (t *Table) rebuild(ctx context.Context, tx *knftables.Transaction, rs *Rule
 	tx.Add(&knftables.Table{})
 	tx.Delete(&knftables.Table{})
 	tx.Add(&knftables.Table{Comment: knftables.PtrTo("tulle: Kubernetes NetworkPolicy")})
-	diff(tx, &Ruleset{Sets: map[string]*Set{}, Chains: map[string][]string{}}, rs)
+	diff(tx, &Ruleset{}, rs)
 	return nil
 }
 
@@ -118,6 +117,11 @@ func (t *Table) rebuild(ctx context.Context, tx *knftables.Transaction, rs *Rule
 func diff(tx *knftables.Transaction, old, rs *Ruleset) {
 	setNames := slices.Sorted(maps.Keys(rs.Sets))
 	chainNames := slices.Sorted(maps.Keys(rs.Chains))
+	for _, n := range slices.Sorted(maps.Keys(rs.Counters)) {
+		if _, ok := old.Counters[n]; !ok {
+			tx.Add(&knftables.Counter{Name: n, Comment: knftables.PtrTo(rs.Counters[n])})
+		}
+	}
 	for _, n := range setNames {
 		if old.Sets[n] == nil {
 			tx.Add(setObj(n, rs.Sets[n]))
@@ -168,6 +172,11 @@ func diff(tx *knftables.Transaction, old, rs *Ruleset) {
 			tx.Delete(setObj(n, old.Sets[n]))
 		}
 	}
+	for _, n := range slices.Sorted(maps.Keys(old.Counters)) {
+		if _, ok := rs.Counters[n]; !ok {
+			tx.Delete(&knftables.Counter{Name: n})
+		}
+	}
 }
 
 // Check reports whether the kernel's table still has every chain and set
@@ -176,10 +185,22 @@ func (t *Table) Check(ctx context.Context) error {
 	if t.last == nil {
 		return nil
 	}
-	for _, kind := range []string{"chains", "sets", "maps"} {
+	for _, kind := range []string{"chains", "sets", "maps", "counters"} {
 		names, err := t.nft.List(ctx, kind)
 		if err != nil {
 			return fmt.Errorf("list %s of table %s: %w", kind, TableName, err)
+		}
+		if kind == "counters" {
+			have := map[string]bool{}
+			for _, n := range names {
+				have[n] = true
+			}
+			for n := range t.last.Counters {
+				if !have[n] {
+					return fmt.Errorf("table %s lost counter %s", TableName, n)
+				}
+			}
+			continue
 		}
 		have := map[string]bool{}
 		for _, n := range names {
@@ -201,26 +222,39 @@ func (t *Table) Check(ctx context.Context) error {
 	return nil
 }
 
-var packetsRE = regexp.MustCompile(`counter packets (\d+)`)
+// Drops are the packets the table dropped: by reason ("ingress",
+// "egress": denied by policy; "unattached": a local address no pod
+// holds), and by policy ("<namespace>/<name> <direction>", counting each
+// drop once per policy isolating the pod).
+type Drops struct {
+	ByReason map[string]uint64
+	ByPolicy map[string]uint64
+}
 
-// Dropped returns the packets each drop chain has dropped since the table
-// was created: "ingress", "egress" (denied by policy) and "unattached"
-// (a local address no pod holds).
-func (t *Table) Dropped(ctx context.Context) (map[string]uint64, error) {
-	out := map[string]uint64{}
-	for reason, chain := range map[string]string{"ingress": chainInDrop, "egress": chainEgDrop, "unattached": chainUnattDrop} {
-		rules, err := t.nft.ListRules(ctx, chain)
-		if err != nil {
-			return nil, fmt.Errorf("list chain %s: %w", chain, err)
+// Dropped reads the table's counters (since it was last rebuilt).
+func (t *Table) Dropped(ctx context.Context) (Drops, error) {
+	d := Drops{ByReason: map[string]uint64{}, ByPolicy: map[string]uint64{}}
+	ctrs, err := t.nft.ListCounters(ctx)
+	if err != nil {
+		return d, fmt.Errorf("list counters of table %s: %w", TableName, err)
+	}
+	reasons := map[string]string{}
+	for r, c := range DropChains {
+		reasons[c] = r
+	}
+	for _, c := range ctrs {
+		var n uint64
+		if c.Packets != nil {
+			n = *c.Packets
 		}
-		for _, r := range rules {
-			if m := packetsRE.FindStringSubmatch(r.Rule); m != nil {
-				n, _ := strconv.ParseUint(m[1], 10, 64)
-				out[reason] += n
-			}
+		switch {
+		case reasons[c.Name] != "":
+			d.ByReason[reasons[c.Name]] += n
+		case strings.HasPrefix(c.Name, PolicyCounterPrefix) && c.Comment != nil:
+			d.ByPolicy[*c.Comment] += n
 		}
 	}
-	return out, nil
+	return d, nil
 }
 
 // Cleanup deletes the table (tulled cleanup): every pod is unpoliced

@@ -71,23 +71,24 @@ func serveHTTP(addr string, h *health, log *slog.Logger) (*http.Server, error) {
 type collector struct{ h *health }
 
 var (
-	descBuild      = prometheus.NewDesc("tulle_build_info", "tulled's build: version and Go toolchain.", []string{"version", "goversion"}, nil)
-	descReady      = prometheus.NewDesc("tulle_ready", "1 when the node forwards with a healthy store (as /readyz).", nil, nil)
-	descBytes      = prometheus.NewDesc("tulle_datapath_bytes_total", "IP bytes through tulled's datapath.", []string{"direction"}, nil)
-	descFrames     = prometheus.NewDesc("tulle_datapath_frames_total", "Frames through tulled's datapath (a super-packet counts once).", []string{"direction"}, nil)
-	descPeerBytes  = prometheus.NewDesc("tulle_backend_bytes_total", "IP bytes through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
-	descPeerFrames = prometheus.NewDesc("tulle_backend_frames_total", "Frames through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
-	descDatagrams  = prometheus.NewDesc("tulle_backend_datagrams_total", "UDP datagrams sent and received by a userspace backend.", []string{"backend", "direction"}, nil)
-	descPolicyDrop = prometheus.NewDesc("tulle_policy_dropped_packets_total", "Packets NetworkPolicy dropped on this node: ingress or egress denied, or from/to a local address no attached pod holds (unattached).", []string{"reason"}, nil)
-	descIsolated   = prometheus.NewDesc("tulle_policy_isolated_pods", "Local pods a NetworkPolicy isolates, by direction.", []string{"direction"}, nil)
-	descDrops      = prometheus.NewDesc("tulle_drops_total", "Packets, datagrams or frames dropped, by component and reason.", []string{"component", "reason"}, nil)
-	descEvents     = prometheus.NewDesc("tulle_events_total", "Other counted events, by component.", []string{"component", "event"}, nil)
-	descPeers      = prometheus.NewDesc("tulle_peers", "Peers by the backend serving them (none: unreachable).", []string{"backend"}, nil)
-	descExpiry     = prometheus.NewDesc("tulle_lease_expiry_timestamp_seconds", "When the node's lease expires unless renewed (Unix time).", nil, nil)
-	descRenewals   = prometheus.NewDesc("tulle_lease_renewals_total", "Lease renewals, by result.", []string{"result"}, nil)
-	descSnapshots  = prometheus.NewDesc("tulle_store_snapshots_total", "Peer snapshots received from the lease store.", nil, nil)
-	descMTU        = prometheus.NewDesc("tulle_mtu_bytes", "The TUN (and pod) MTU.", nil, nil)
-	descBatch      = prometheus.NewDesc("tulle_datapath_batch_frames", "Frames moved per TUN read (tx) or per receive (rx).", []string{"direction"}, nil)
+	descBuild        = prometheus.NewDesc("tulle_build_info", "tulled's build: version and Go toolchain.", []string{"version", "goversion"}, nil)
+	descReady        = prometheus.NewDesc("tulle_ready", "1 when the node forwards with a healthy store (as /readyz).", nil, nil)
+	descBytes        = prometheus.NewDesc("tulle_datapath_bytes_total", "IP bytes through tulled's datapath.", []string{"direction"}, nil)
+	descFrames       = prometheus.NewDesc("tulle_datapath_frames_total", "Frames through tulled's datapath (a super-packet counts once).", []string{"direction"}, nil)
+	descPeerBytes    = prometheus.NewDesc("tulle_backend_bytes_total", "IP bytes through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
+	descPeerFrames   = prometheus.NewDesc("tulle_backend_frames_total", "Frames through the datapath by the backend serving the peer.", []string{"backend", "direction"}, nil)
+	descDatagrams    = prometheus.NewDesc("tulle_backend_datagrams_total", "UDP datagrams sent and received by a userspace backend.", []string{"backend", "direction"}, nil)
+	descPolicyDrop   = prometheus.NewDesc("tulle_policy_dropped_packets_total", "Packets NetworkPolicy dropped on this node: ingress or egress denied, or from/to a local address no attached pod holds (unattached).", []string{"reason"}, nil)
+	descPolicyDenied = prometheus.NewDesc("tulle_policy_denied_packets_total", "Packets denied to or from a local pod, counted once for each NetworkPolicy isolating that pod (only policies selecting a local pod appear).", []string{"policy", "direction"}, nil)
+	descIsolated     = prometheus.NewDesc("tulle_policy_isolated_pods", "Local pods a NetworkPolicy isolates, by direction.", []string{"direction"}, nil)
+	descDrops        = prometheus.NewDesc("tulle_drops_total", "Packets, datagrams or frames dropped, by component and reason.", []string{"component", "reason"}, nil)
+	descEvents       = prometheus.NewDesc("tulle_events_total", "Other counted events, by component.", []string{"component", "event"}, nil)
+	descPeers        = prometheus.NewDesc("tulle_peers", "Peers by the backend serving them (none: unreachable).", []string{"backend"}, nil)
+	descExpiry       = prometheus.NewDesc("tulle_lease_expiry_timestamp_seconds", "When the node's lease expires unless renewed (Unix time).", nil, nil)
+	descRenewals     = prometheus.NewDesc("tulle_lease_renewals_total", "Lease renewals, by result.", []string{"result"}, nil)
+	descSnapshots    = prometheus.NewDesc("tulle_store_snapshots_total", "Peer snapshots received from the lease store.", nil, nil)
+	descMTU          = prometheus.NewDesc("tulle_mtu_bytes", "The TUN (and pod) MTU.", nil, nil)
+	descBatch        = prometheus.NewDesc("tulle_datapath_batch_frames", "Frames moved per TUN read (tx) or per receive (rx).", []string{"direction"}, nil)
 )
 
 func (c *collector) Describe(chan<- *prometheus.Desc) {} // unchecked: the label sets follow the counters
@@ -110,8 +111,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if st.policy != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if d, err := st.policy.Dropped(ctx); err == nil {
-			for reason, v := range d {
+			for reason, v := range d.ByReason {
 				counter(descPolicyDrop, v, reason)
+			}
+			for pol, v := range d.ByPolicy {
+				name, dir, _ := strings.Cut(pol, " ")
+				counter(descPolicyDenied, v, name, dir)
 			}
 		}
 		cancel()
