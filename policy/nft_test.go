@@ -95,4 +95,13 @@ func TestRealNFT(t *testing.T) {
 	if err != nil || !strings.Contains(out, "hook forward") {
 		t.Fatalf("table: %v\n%s", err, out)
 	}
+	// tulled cleanup: the table goes; a second cleanup finds nothing to do.
+	for i := range 2 {
+		if err := n.Do(func() error { return Cleanup(context.Background()) }); err != nil {
+			t.Fatalf("cleanup %d: %v", i+1, err)
+		}
+	}
+	if out, err := n.Run("nft", "list", "tables"); err != nil || strings.Contains(out, TableName) {
+		t.Errorf("after cleanup: %v\n%s", err, out)
+	}
 }
