@@ -290,8 +290,7 @@ func (c *compiler) podChains(pod *Pod, pols []*networkingv1.NetworkPolicy) {
 	c.report.Pods = append(c.report.Pods, rep)
 }
 
-// nsSelector returns the selector of a namespaceSelector, cached per
-// Compile.
+// selector converts an API label selector.
 func selector(ls *metav1.LabelSelector) (labels.Selector, error) {
 	return metav1.LabelSelectorAsSelector(ls)
 }

@@ -78,9 +78,7 @@ func elemObj(set string, s *Set, key, val string) *knftables.Element {
 func (t *Table) Apply(ctx context.Context, rs *Ruleset) error {
 	tx := t.nft.NewTransaction()
 	if t.last == nil {
-		if err := t.rebuild(ctx, tx, rs); err != nil {
-			return err
-		}
+		rebuild(tx, rs)
 	} else {
 		diff(tx, t.last, rs)
 	}
@@ -103,12 +101,11 @@ func (t *Table) Forget() { t.last = nil }
 // anew inside the transaction, so the kernel goes from the old table to
 // the new one at once (kernel and knftables' fake agree on deletion,
 // unlike on what flushing a table keeps).
-func (t *Table) rebuild(ctx context.Context, tx *knftables.Transaction, rs *Ruleset) error {
+func rebuild(tx *knftables.Transaction, rs *Ruleset) {
 	tx.Add(&knftables.Table{})
 	tx.Delete(&knftables.Table{})
 	tx.Add(&knftables.Table{Comment: knftables.PtrTo("tulle: Kubernetes NetworkPolicy")})
 	diff(tx, &Ruleset{}, rs)
-	return nil
 }
 
 // diff writes into tx what turns the table from old into rs, in an order
