@@ -71,7 +71,7 @@ bench-kube: build
 
 ## bench-policy: NetworkPolicy's cost on the forward path (50 policies vs none, interleaved) and a real tulled's change-to-enforcement time and memory with POLICY_PODS (1000) pods and POLICY_COUNT (200) policies (root, iperf3, nft, kube-apiserver).
 bench-policy: build
-	TULLED=$(CURDIR)/$(BIN)/tulled $(GO) test -run '^$$' -bench 'Policy(Path|Change)' -benchtime 1x -timeout 20m -v ./bench/ | grep -v '^=== '
+	TULLED=$(CURDIR)/$(BIN)/tulled $(GO) test -run '^$$' -bench 'Policy(Path|SameNode|Change)' -benchtime 1x -timeout 20m -v ./bench/ | grep -v '^=== '
 
 ## image: the OCI image (Containerfile) with buildah or podman, whichever is installed.
 ## BIN=bin/<dir> (inside the tree) keeps a build apart from others running at once.

@@ -197,3 +197,95 @@ func connectTimes(from, to *topo.Node, n int) (p50, p99 float64, err error) {
 	slices.Sort(ts)
 	return percentile(ts, 50), percentile(ts, 99), nil
 }
+
+// BenchmarkPolicySameNode measures the same-node path: two pods on one
+// bridge (the topology's bridge namespace stands for a node's tulle-br0),
+// plain (no br_netfilter on the bridge, no table), with br_netfilter and
+// the policy table holding no policy, and with the receiver isolated by
+// 50 policies; interleaved, 3 rounds. The first step is what seeing
+// bridged traffic in the inet forward hook costs at all — the most a
+// bridge-family table could save.
+func BenchmarkPolicySameNode(b *testing.B) {
+	if why := topo.Require(); why != "" {
+		b.Skip(why)
+	}
+	for _, tool := range []string{"iperf3", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			b.Skip("needs " + tool)
+		}
+	}
+	tp, err := topo.New(topo.Options{Nodes: 2, Prefix: "tlpols"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { tp.Close() })
+	client, server := tp.Nodes[0], tp.Nodes[1]
+	bridge := &topo.Node{Name: "bridge", NS: tp.Bridge}
+	setup := func(name string) {
+		flag := "1"
+		if name == "plain" {
+			flag = "0"
+		}
+		if out, err := bridge.Run("ip", "link", "set", "br0", "type", "bridge", "nf_call_iptables", flag, "nf_call_ip6tables", flag); err != nil {
+			b.Fatal(out, err)
+		}
+		var st *policy.State
+		switch name {
+		case "plain":
+			if err := bridge.Do(func() error { return policy.Cleanup(context.Background()) }); err != nil {
+				b.Fatal(err)
+			}
+			return
+		case "br_netfilter":
+			st = pathState(client.IP4, server.IP4, 0)
+		default:
+			st = pathState(client.IP4, server.IP4, 50)
+		}
+		// Both pods are local here.
+		st.Local[client.IP4] = st.Pods[1]
+		rs, _ := policy.Compile(st)
+		if err := bridge.Do(func() error {
+			nft, err := knftables.New(knftables.InetFamily, policy.TableName)
+			if err != nil {
+				return err
+			}
+			return policy.NewTable(nft).Apply(context.Background(), rs)
+		}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	srv, err := startIperf3Server(context.Background(), server, 5201)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.stop()
+	names := []string{"plain", "br_netfilter", "50 policies"}
+	gbps, rtt, conn := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
+	for b.Loop() {
+		for round := range 3 {
+			for _, name := range names {
+				setup(name)
+				res, err := runIperf3(context.Background(), client, iperf3Run{Dst: server.IP4, Port: 5201, Duration: 3 * time.Second, Streams: 1})
+				if err != nil {
+					b.Fatal(err)
+				}
+				p50, _, err := echoRTT(client, server, 2000)
+				if err != nil {
+					b.Fatal(err)
+				}
+				c50, _, err := connectTimes(client, server, 300)
+				if err != nil {
+					b.Fatal(err)
+				}
+				gbps[name], rtt[name], conn[name] = append(gbps[name], res.Gbps()), append(rtt[name], p50), append(conn[name], c50)
+				b.Logf("round %d, %-12s: %.2f Gbit/s, RTT p50 %.1f µs, connect p50 %.1f µs", round+1, name, res.Gbps(), p50, c50)
+			}
+		}
+	}
+	med := func(x []float64) float64 { s := slices.Clone(x); slices.Sort(s); return s[len(s)/2] }
+	for _, name := range names[1:] {
+		b.Logf("median of 3, %s vs plain: %.3f× throughput, %.3f× RTT, %.3f× connect", name, med(gbps[name])/med(gbps["plain"]), med(rtt[name])/med(rtt["plain"]), med(conn[name])/med(conn["plain"]))
+	}
+	b.ReportMetric(med(gbps["br_netfilter"])/med(gbps["plain"]), "brnf-throughput-ratio")
+	b.ReportMetric(med(gbps["50 policies"])/med(gbps["plain"]), "policy-throughput-ratio")
+}
