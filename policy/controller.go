@@ -352,7 +352,8 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 		}
 	}
 	key := a.Namespace + "/" + a.Name
-	if err := c.knowPod(ctx, a.Namespace, a.Name, types.UID(a.UID)); err != nil {
+	uid, err := c.knowPod(ctx, a.Namespace, a.Name, types.UID(a.UID))
+	if err != nil {
 		return err
 	}
 	c.mu.Lock()
@@ -362,7 +363,7 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 		}
 	}
 	for _, ip := range a.IPs {
-		c.attached[ip.Unmap()] = attachment{Namespace: a.Namespace, Name: a.Name, UID: types.UID(a.UID), ContainerID: a.ContainerID}
+		c.attached[ip.Unmap()] = attachment{Namespace: a.Namespace, Name: a.Name, UID: uid, ContainerID: a.ContainerID}
 	}
 	c.saveStateLocked()
 	c.gen++
@@ -389,29 +390,31 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 }
 
 // knowPod makes sure the pod's labels are known: from the informer when
-// it has this pod (same UID), else from the API server.
-func (c *Controller) knowPod(ctx context.Context, ns, name string, uid types.UID) error {
+// it has this pod (same UID), else from the API server. It returns the
+// UID the API server knows the pod by: a static pod's mirror has one of
+// its own, not the one the kubelet gives the runtime.
+func (c *Controller) knowPod(ctx context.Context, ns, name string, uid types.UID) (types.UID, error) {
 	key := ns + "/" + name
 	if o, ok, _ := c.pods.GetStore().GetByKey(key); ok {
 		if p := o.(*corev1.Pod); uid == "" || p.UID == uid {
-			return nil
+			return p.UID, nil
 		}
 	}
 	p, err := c.opt.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return fmt.Errorf("pod %s: not found in the API server", key)
+		return "", fmt.Errorf("pod %s: not found in the API server", key)
 	}
 	if err != nil {
-		return fmt.Errorf("read pod %s (its labels decide its policy): %w", key, err)
+		return "", fmt.Errorf("read pod %s (its labels decide its policy): %w", key, err)
 	}
-	if uid != "" && p.UID != uid {
-		return fmt.Errorf("pod %s: UID %s in the API server, the runtime attached %s", key, p.UID, uid)
+	if _, mirror := p.Annotations[corev1.MirrorPodAnnotationKey]; uid != "" && p.UID != uid && !mirror {
+		return "", fmt.Errorf("pod %s: UID %s in the API server, the runtime attached %s", key, p.UID, uid)
 	}
 	s, _ := slim(p)
 	c.mu.Lock()
 	c.fetched[key] = s.(*corev1.Pod)
 	c.mu.Unlock()
-	return nil
+	return p.UID, nil
 }
 
 // Detach forgets a container's attachment (CNI DEL).

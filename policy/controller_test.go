@@ -113,6 +113,21 @@ func TestAttach(t *testing.T) {
 		}
 	}
 
+	// A static pod: the kubelet attaches it under its own UID, the API
+	// server holds a mirror with another.
+	mirror := apiPod("x", "static", "m", "n1", map[string]string{"app": "a"})
+	mirror.Annotations = map[string]string{corev1.MirrorPodAnnotationKey: "hash"}
+	if _, err := client.CoreV1().Pods("x").Create(ctx, mirror, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sip := netip.MustParseAddr("100.64.1.8")
+	if err := c.Attach(actx, api.Attachment{Namespace: "x", Name: "static", UID: "hash", ContainerID: "c6", IPs: []netip.Addr{sip}}); err != nil {
+		t.Fatalf("static pod: %v", err)
+	}
+	if !hasElem(nft, "ingress-v4", sip.String()) {
+		t.Fatalf("the static pod is not isolated:\n%s", nft.Dump())
+	}
+
 	// A restart: the table as it was, then rebuilt with the attachment
 	// from the state file, before any pod status names the address.
 	stop()
