@@ -10,6 +10,7 @@ import (
 	"os"
 	"reflect"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -127,7 +128,7 @@ func slim(obj any) (any, error) {
 	case *corev1.Namespace:
 		return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: o.Name, UID: o.UID, Labels: o.Labels}}, nil
 	case *networkingv1.NetworkPolicy:
-		return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, Generation: o.Generation}, Spec: o.Spec}, nil
+		return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion}, Spec: o.Spec}, nil
 	}
 	return obj, nil
 }
@@ -356,6 +357,9 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 	if err != nil {
 		return err
 	}
+	if err := c.policiesCurrent(ctx, a.Namespace); err != nil {
+		return err
+	}
 	c.mu.Lock()
 	for ip, old := range c.attached {
 		if old.ContainerID == a.ContainerID && !slices.Contains(a.IPs, ip) {
@@ -415,6 +419,50 @@ func (c *Controller) knowPod(ctx context.Context, ns, name string, uid types.UID
 	c.fetched[key] = s.(*corev1.Pod)
 	c.mu.Unlock()
 	return p.UID, nil
+}
+
+// policiesCurrent waits until the informer holds every NetworkPolicy of
+// namespace ns as the API server has it now: a policy created just before
+// the pod (and not yet seen by the informer) must meet the pod's first
+// packet too.
+func (c *Controller) policiesCurrent(ctx context.Context, ns string) error {
+	list, err := c.opt.Client.NetworkingV1().NetworkPolicies(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("list NetworkPolicies of namespace %s: %w", ns, err)
+	}
+	for {
+		behind := ""
+		for _, want := range list.Items {
+			o, ok, _ := c.policies.GetStore().GetByKey(ns + "/" + want.Name)
+			if !ok || !atLeast(o.(*networkingv1.NetworkPolicy), &want) {
+				behind = want.Name
+				break
+			}
+		}
+		if behind == "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("NetworkPolicy %s/%s not yet seen by tulled: %w", ns, behind, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// atLeast reports whether the cached policy is the listed one or newer
+// (resource versions compare as numbers, as etcd's revisions do; when
+// either is not a number, only the same version counts).
+func atLeast(have, want *networkingv1.NetworkPolicy) bool {
+	if have.UID != want.UID {
+		return false
+	}
+	h, err1 := strconv.ParseUint(have.ResourceVersion, 10, 64)
+	w, err2 := strconv.ParseUint(want.ResourceVersion, 10, 64)
+	if err1 != nil || err2 != nil {
+		return have.ResourceVersion == want.ResourceVersion
+	}
+	return h >= w
 }
 
 // Detach forgets a container's attachment (CNI DEL).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -58,18 +59,27 @@ func waitFor(t *testing.T, what string, f func() bool) {
 	t.Fatalf("%s: not within 5 s", what)
 }
 
+// hasElem reports whether set or map holds key, read under the fake's
+// lock (the controller writes it meanwhile).
 func hasElem(nft *knftables.Fake, set, key string) bool {
-	tbl := nft.Table
-	if tbl == nil {
-		return false
-	}
-	if s := tbl.Sets[set]; s != nil {
-		return s.FindElement(key) != nil
-	}
-	if m := tbl.Maps[set]; m != nil {
-		return m.FindElement(key) != nil
+	for _, kind := range []string{"set", "map"} {
+		els, err := nft.ListElements(context.Background(), kind, set)
+		if err != nil {
+			continue
+		}
+		for _, e := range els {
+			if len(e.Key) == 1 && e.Key[0] == key {
+				return true
+			}
+		}
 	}
 	return false
+}
+
+// hasSet reports whether the table holds set.
+func hasSet(nft *knftables.Fake, set string) bool {
+	names, _ := nft.List(context.Background(), "sets")
+	return slices.Contains(names, set)
 }
 
 // TestAttach: the CNI plugin's ADD returns once the pod's rules are in the
@@ -128,6 +138,24 @@ func TestAttach(t *testing.T) {
 		t.Fatalf("the static pod is not isolated:\n%s", nft.Dump())
 	}
 
+	// A policy created just before its pod: the pod's ADD returns with it
+	// in force, whatever the informer had seen.
+	late := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "late"},
+		Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "late"}}, PolicyTypes: egress}}
+	if _, err := client.NetworkingV1().NetworkPolicies("x").Create(ctx, late, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.CoreV1().Pods("x").Create(ctx, apiPod("x", "late", "l", "n1", map[string]string{"app": "late"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	lip := netip.MustParseAddr("100.64.1.9")
+	if err := c.Attach(actx, api.Attachment{Namespace: "x", Name: "late", UID: "uid-l", ContainerID: "c7", IPs: []netip.Addr{lip}}); err != nil {
+		t.Fatal(err)
+	}
+	if !hasElem(nft, "egress-v4", lip.String()) {
+		t.Fatalf("a policy created before its pod is not in force when ADD returns:\n%s", nft.Dump())
+	}
+
 	// A restart: the table as it was, then rebuilt with the attachment
 	// from the state file, before any pod status names the address.
 	stop()
@@ -169,7 +197,7 @@ func TestPolicyFollowsAPI(t *testing.T) {
 	if _, err := client.CoreV1().Pods("x").Update(ctx, b, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "label change applied", func() bool { return nft.Table.Sets[peers] == nil })
+	waitFor(t, "label change applied", func() bool { return !hasSet(nft, peers) })
 	st := c.Status()
 	if len(st.Pods) != 1 || !st.Pods[0].IngressIsolated || st.Pods[0].Policies[0] != "x/from-b" {
 		t.Errorf("status: %+v", st.Pods)
