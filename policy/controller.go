@@ -426,9 +426,15 @@ func (c *Controller) knowPod(ctx context.Context, ns, name string, uid types.UID
 // the pod (and not yet seen by the informer) must meet the pod's first
 // packet too.
 func (c *Controller) policiesCurrent(ctx context.Context, ns string) error {
-	list, err := c.opt.Client.NetworkingV1().NetworkPolicies(ns).List(ctx, metav1.ListOptions{})
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	list, err := c.opt.Client.NetworkingV1().NetworkPolicies(ns).List(lctx, metav1.ListOptions{})
+	cancel()
 	if err != nil {
-		return fmt.Errorf("list NetworkPolicies of namespace %s: %w", ns, err)
+		// The API server away: the last known policies are the best there
+		// is, as for every other pod (a sandbox recreated meanwhile must
+		// still come up).
+		c.log.Warn("cannot check the namespace's NetworkPolicies with the API server; the pod gets the last known ones", "namespace", ns, "err", err)
+		return nil
 	}
 	for {
 		behind := ""
