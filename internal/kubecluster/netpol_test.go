@@ -33,7 +33,8 @@ func TestNetworkPolicy(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	c, _ := startCluster(t, ctx, kubecluster.Options{Nodes: 2})
-	installTulle(t, ctx, c, kubecluster.Overlay{Tag: kubecluster.RandomTag("np"), NetConf: netConf(`{"Type":"udp","Port":8285}`)})
+	tag := kubecluster.RandomTag("np")
+	installTulle(t, ctx, c, kubecluster.Overlay{Tag: tag, NetConf: netConf(`{"Type":"udp","Port":8285}`)})
 	ns := "np"
 	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"np": "yes"}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -138,6 +139,27 @@ func TestNetworkPolicy(t *testing.T) {
 			}
 		}
 	})
+	// Peers are matched by source address, which every backend keeps:
+	// the same policy across nodes over each of them (tulled restarts with
+	// the new net-conf, rules in place throughout).
+	for _, be := range []struct{ name, conf string }{
+		{"vxlan", `{"Type":"vxlan"}`}, {"host-gw", `{"Type":"host-gw"}`}, {"wireguard", `{"Type":"wireguard","Port":51820,"Mode":"auto"}`},
+	} {
+		t.Run("Backend/"+be.name, func(t *testing.T) {
+			np.apply(t, "clients-only", map[string]string{"app": "a"}, networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "client"}}}}}}})
+			np.apply(t, "b-egress", map[string]string{"app": "b"}, networkingv1.NetworkPolicySpec{
+				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}})
+			switchBackend(t, ctx, c, tag, be.conf)
+			waitPeersBackend(t, ctx, c.Node(n1), be.name, 1)
+			np.expect(t, []*corev1.Pod{cli2}, a4, 8080, true)
+			np.expect(t, []*corev1.Pod{cli2}, a6, 8080, true)
+			np.expect(t, []*corev1.Pod{srvB}, a4, 8080, false)
+			// b's egress is denied on its own node, whatever carries it.
+			np.expect(t, []*corev1.Pod{srvB}, mustV4(cli1), 8080, false)
+			np.expect(t, []*corev1.Pod{cli2}, mustV4(cli1), 8080, true)
+		})
+	}
 	t.Run("RestartWithoutWindow", func(t *testing.T) {
 		np.apply(t, "a-deny", map[string]string{"app": "a"}, networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}})
 		np.expect(t, []*corev1.Pod{cli1}, a4, 8080, false)
