@@ -45,7 +45,7 @@ test:
 ## conformance: the Kubernetes project's own networking tests ([sig-network] [Conformance], then [sig-network] Netpol) against a real cluster (control plane + 2 nodes, all running tulle, cluster DNS) with BACKEND (udp, wireguard, host-gw, vxlan); JUnit and logs in conformance-out/<backend>/<suite>/, one line per suite; fails when a suite in REQUIRE fails (root).
 BACKEND ?= udp
 SUITES  ?= conformance,netpol
-REQUIRE ?= conformance
+REQUIRE ?= conformance,netpol
 conformance:
 	@tools/setup conformance
 	$(GO) run ./tools/conformance --backend $(BACKEND) --suites $(SUITES) --require $(REQUIRE) --out conformance-out
