@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -70,6 +71,9 @@ type Controller struct {
 	appliedCh chan struct{}
 	synced    bool
 	status    api.PolicyStatus
+
+	// attachSeconds is how long ADDs waited for their rules.
+	attachSeconds prometheus.Histogram
 }
 
 type attachment struct {
@@ -94,6 +98,9 @@ func New(opt Options) *Controller {
 	c := &Controller{opt: opt, log: opt.Logger.With("component", "policy"), table: NewTable(opt.NFT), kick: make(chan struct{}, 1),
 		attached: map[netip.Addr]attachment{}, fetched: map[string]*corev1.Pod{}, appliedCh: make(chan struct{})}
 	c.status.Enabled = true
+	c.attachSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tulle_policy_attach_seconds",
+		Help:    "How long a pod's CNI ADD waited for its NetworkPolicy rules (lookup, transaction).",
+		Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}})
 	c.loadState()
 	f := informers.NewSharedInformerFactoryWithOptions(opt.Client, 0, informers.WithTransform(slim))
 	c.pods = f.Core().V1().Pods().Informer()
@@ -353,6 +360,7 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 		}
 	}
 	key := a.Namespace + "/" + a.Name
+	start := time.Now()
 	uid, err := c.knowPod(ctx, a.Namespace, a.Name, types.UID(a.UID))
 	if err != nil {
 		return err
@@ -382,7 +390,8 @@ func (c *Controller) Attach(ctx context.Context, a api.Attachment) error {
 		done, ch := c.applied >= want, c.appliedCh
 		c.mu.Unlock()
 		if done {
-			c.log.Debug("pod attached; its rules are in place", "pod", key, "ips", a.IPs)
+			c.attachSeconds.Observe(time.Since(start).Seconds())
+			c.log.Debug("pod attached; its rules are in place", "pod", key, "ips", a.IPs, "took", time.Since(start))
 			return nil
 		}
 		select {
@@ -566,6 +575,9 @@ func (c *Controller) Ready() error {
 	}
 	return nil
 }
+
+// AttachSeconds is the histogram of ADD waits (a prometheus.Collector).
+func (c *Controller) AttachSeconds() prometheus.Histogram { return c.attachSeconds }
 
 // Dropped returns the packets the table dropped, by reason and policy.
 func (c *Controller) Dropped(ctx context.Context) (Drops, error) {

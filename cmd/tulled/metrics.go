@@ -129,6 +129,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 				eg++
 			}
 		}
+		st.policy.AttachSeconds().Collect(ch)
 		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, in, "ingress")
 		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, eg, "egress")
 	}

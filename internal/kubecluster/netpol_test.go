@@ -138,6 +138,14 @@ func TestNetworkPolicy(t *testing.T) {
 				t.Errorf("pod %s (window=%s): first packet to %s: %q, want %s", p.Name, tc.label, target, out, tc.want)
 			}
 		}
+		// What waiting for the rules costs an ADD, as n1's tulled counts it.
+		if m, err := c.Node(n1).Get(ctx, "http://127.0.0.1:9107/metrics"); err == nil {
+			for _, l := range strings.Split(m, "\n") {
+				if strings.HasPrefix(l, "tulle_policy_attach_seconds_sum") || strings.HasPrefix(l, "tulle_policy_attach_seconds_count") {
+					t.Log(l)
+				}
+			}
+		}
 	})
 	// Peers are matched by source address, which every backend keeps:
 	// the same policy across nodes over each of them (tulled restarts with
