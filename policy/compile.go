@@ -124,10 +124,14 @@ func Compile(s *State) (*Ruleset, *api.PolicyStatus) {
 	for _, p := range pols {
 		ps, err := metav1.LabelSelectorAsSelector(&p.Spec.PodSelector)
 		if err != nil {
-			// The API validates selectors; one that still fails selects
-			// nothing (and is reported), never everything.
-			c.problem(p, "podSelector: %v", err)
-			continue
+			// The API validates selectors; one that still fails isolates
+			// every pod of its namespace, both ways, and allows nothing:
+			// less, never more (reported).
+			c.problem(p, "podSelector: %v; isolating every pod of the namespace, allowing nothing", err)
+			ps = labels.Everything()
+			q := *p
+			q.Spec = networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}}
+			p = &q
 		}
 		in, eg := policyTypes(p)
 		var pods []*Pod

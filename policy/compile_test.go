@@ -106,6 +106,9 @@ func TestCompile(t *testing.T) {
 		From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: sel(map[string]string{"ns": "y"})}},
 	}}})
 
+	badSel := pol("x", "bad", nil, networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{}}})
+	badSel.Spec.PodSelector = metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "app", Operator: "Sometimes"}}}
+
 	for _, tc := range []struct {
 		name  string
 		pols  []*networkingv1.NetworkPolicy
@@ -187,6 +190,18 @@ func TestCompile(t *testing.T) {
 		{"hostNetwork pods are never peers", []*networkingv1.NetworkPolicy{hostSel}, func(t *testing.T, rs *Ruleset) {
 			if got := elems(rs, pk(hostSel)+"-in0-v4"); !slices.Equal(got, []string{"100.64.2.2"}) {
 				t.Errorf("peers = %v", got)
+			}
+		}},
+		{"a selector that cannot be parsed isolates its namespace, allows nothing", []*networkingv1.NetworkPolicy{badSel}, func(t *testing.T, rs *Ruleset) {
+			for _, p := range []*Pod{podA, podB} {
+				for _, dir := range []string{dirIn, dirEg} {
+					if _, ok := rs.Chains[podChain(p, dir)]; !ok {
+						t.Errorf("%s not isolated (%s)", p.Key(), dir)
+					}
+				}
+			}
+			if got := rs.Chains[pk(badSel)+"-in"]; len(got) != 0 {
+				t.Errorf("policy chain %q, want no rule", got)
 			}
 		}},
 	} {
