@@ -414,10 +414,17 @@ func run(o *options, log *slog.Logger) error {
 	}
 	var pol *policy.Controller
 	switch {
-	case client == nil:
-		log.Info("NetworkPolicy not enforced: it needs --lease-store kube")
-	case !o.networkPolicy:
-		log.Warn("NetworkPolicy not enforced: --network-policy=false; policies in the cluster do nothing on this node")
+	case client == nil || !o.networkPolicy:
+		if client == nil {
+			log.Info("NetworkPolicy not enforced: it needs --lease-store kube")
+		} else {
+			log.Warn("NetworkPolicy not enforced: --network-policy=false; policies in the cluster do nothing on this node")
+		}
+		// Rules of an earlier run with it on would go stale (and cut off
+		// every new pod): they go.
+		if err := policy.Cleanup(ctx); err != nil {
+			log.Warn("remove the NetworkPolicy table of an earlier run", "err", err)
+		}
 	default:
 		nft, err := knftables.New(knftables.InetFamily, policy.TableName)
 		if err != nil {
