@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/topo"
 )
 
 // Figure keys, the stable names in results.json.
@@ -278,8 +280,12 @@ func peakRSSMiB(pids []int) float64 {
 // With within > 0 it stops early when that time is up (at least 20
 // exchanges count).
 func measureRTT(ctx context.Context, env *Env, p Path, n int, within time.Duration) (p50, p99 float64, err error) {
-	a, b := env.Topo.Nodes[0], env.Topo.Nodes[1]
-	ln, err := b.Listen(net.JoinHostPort(p.Dst.String(), "0"))
+	return echoRTT(ctx, env.Topo.Nodes[0], env.Topo.Nodes[1], p.Dst, n, within)
+}
+
+// echoRTT is measureRTT between two nodes: from a to dst, an address of b.
+func echoRTT(ctx context.Context, a, b *topo.Node, dst netip.Addr, n int, within time.Duration) (p50, p99 float64, err error) {
+	ln, err := b.Listen(net.JoinHostPort(dst.String(), "0"))
 	if err != nil {
 		return 0, 0, err
 	}

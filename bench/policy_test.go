@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -73,7 +72,7 @@ func BenchmarkPolicyPath(b *testing.B) {
 					b.Fatal(err)
 				}
 				f.gbps = append(f.gbps, res.Gbps())
-				p50, p99, err := echoRTT(client, server, 2000)
+				p50, p99, err := echoRTT(context.Background(), client, server, server.IP4, 2000, 0)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -122,47 +121,6 @@ func pathState(client, server netip.Addr, n int) *policy.State {
 				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": from}}}}}}}})
 	}
 	return st
-}
-
-// echoRTT is the round trip of one byte on an open TCP connection, in µs.
-func echoRTT(from, to *topo.Node, n int) (p50, p99 float64, err error) {
-	ln, err := to.Listen(net.JoinHostPort(to.IP4.String(), "0"))
-	if err != nil {
-		return 0, 0, err
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	c, err := from.Dial(ctx, ln.Addr().String())
-	if err != nil {
-		return 0, 0, err
-	}
-	defer c.Close()
-	c.(*net.TCPConn).SetNoDelay(true)
-	var buf [1]byte
-	var rtts []float64
-	for i := range n + 10 {
-		start := time.Now()
-		if _, err := c.Write(buf[:]); err != nil {
-			return 0, 0, err
-		}
-		if _, err := io.ReadFull(c, buf[:]); err != nil {
-			return 0, 0, err
-		}
-		if i >= 10 {
-			rtts = append(rtts, float64(time.Since(start).Nanoseconds())/1e3)
-		}
-	}
-	slices.Sort(rtts)
-	return percentile(rtts, 50), percentile(rtts, 99), nil
 }
 
 // connectTimes is how long opening a TCP connection takes, in µs: its SYN
@@ -269,7 +227,7 @@ func BenchmarkPolicySameNode(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				p50, _, err := echoRTT(client, server, 2000)
+				p50, _, err := echoRTT(context.Background(), client, server, server.IP4, 2000, 0)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -169,24 +169,31 @@ func RotateKey(ctx context.Context, socket string) (*RotatedKey, error) {
 
 // Get fetches the status from the socket at path.
 func Get(ctx context.Context, socket string) (*Status, error) {
-	c := client(socket)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tulled"+StatusPath, nil)
-	if err != nil {
+	var st Status
+	if err := getJSON(ctx, socket, StatusPath, &st); err != nil {
 		return nil, err
 	}
-	resp, err := c.Do(req)
+	return &st, nil
+}
+
+// getJSON decodes the document GET path answers into v.
+func getJSON(ctx context.Context, socket, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tulled"+path, nil)
 	if err != nil {
-		return nil, fmt.Errorf("tulled status at %s: %w", socket, err)
+		return err
+	}
+	resp, err := client(socket).Do(req)
+	if err != nil {
+		return fmt.Errorf("tulled at %s: %w", socket, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("tulled status at %s: %s", socket, resp.Status)
+		return fmt.Errorf("tulled at %s: %s", socket, resp.Status)
 	}
-	var s Status
-	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
-		return nil, fmt.Errorf("tulled status at %s: %w", socket, err)
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		return fmt.Errorf("tulled at %s: %w", socket, err)
 	}
-	return &s, nil
+	return nil
 }
 
 // PolicyPath is where GET returns the NetworkPolicy state of the node's
@@ -301,21 +308,9 @@ func do(c *http.Client, req *http.Request, socket string) error {
 
 // GetPolicy fetches the node's NetworkPolicy state.
 func GetPolicy(ctx context.Context, socket string) (*PolicyStatus, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://tulled"+PolicyPath, nil)
-	if err != nil {
+	var ps PolicyStatus
+	if err := getJSON(ctx, socket, PolicyPath, &ps); err != nil {
 		return nil, err
 	}
-	resp, err := client(socket).Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("tulled at %s: %s", socket, resp.Status)
-	}
-	var s PolicyStatus
-	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
-		return nil, fmt.Errorf("tulled at %s: %w", socket, err)
-	}
-	return &s, nil
+	return &ps, nil
 }

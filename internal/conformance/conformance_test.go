@@ -48,19 +48,7 @@ func TestSigNetworkConformance(t *testing.T) {
 	if res.Setup != "" {
 		t.Errorf("suite setup failed: %s", res.Setup)
 	}
-	for _, sp := range res.Specs {
-		t.Run(sp.Name, func(t *testing.T) {
-			switch sp.State {
-			case "passed":
-			case "skipped":
-				// An upstream spec that skips itself on this cluster is a
-				// harness gap to close, not a pass.
-				t.Errorf("skipped itself: %s", sp.Failure)
-			default:
-				t.Errorf("failed after %s:\n%s", sp.Duration.Round(time.Millisecond), sp.Failure)
-			}
-		})
-	}
+	specSubtests(t, res)
 	if p, _, _ := res.Counts(); p < 45 {
 		b, _ := os.ReadFile(filepath.Join(out, "e2e.log"))
 		t.Errorf("%d specs passed, want all 45 of [sig-network] [Conformance] (v1.34); e2e output:\n%s", p, tail(string(b), 200))
@@ -78,18 +66,30 @@ func TestSigNetworkConformance(t *testing.T) {
 		if res.Setup != "" {
 			t.Errorf("suite setup failed: %s", res.Setup)
 		}
-		for _, sp := range res.Specs {
-			t.Run(sp.Name, func(t *testing.T) {
-				if sp.State != "passed" {
-					t.Errorf("%s after %s:\n%s", sp.State, sp.Duration.Round(time.Millisecond), sp.Failure)
-				}
-			})
-		}
+		specSubtests(t, res)
 		if p, _, _ := res.Counts(); p < 11 {
 			b, _ := os.ReadFile(filepath.Join(out, "e2e.log"))
 			t.Errorf("%d specs passed, want the 11 NetpolCI names; e2e output:\n%s", p, tail(string(b), 200))
 		}
 	})
+}
+
+// specSubtests makes each spec of res a subtest that fails unless it
+// passed.
+func specSubtests(t *testing.T, res *Result) {
+	for _, sp := range res.Specs {
+		t.Run(sp.Name, func(t *testing.T) {
+			switch sp.State {
+			case "passed":
+			case "skipped":
+				// An upstream spec that skips itself on this cluster is a
+				// harness gap to close, not a pass.
+				t.Errorf("skipped itself: %s", sp.Failure)
+			default:
+				t.Errorf("failed after %s:\n%s", sp.Duration.Round(time.Millisecond), sp.Failure)
+			}
+		})
+	}
 }
 
 func tail(s string, lines int) string {
