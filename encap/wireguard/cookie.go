@@ -64,31 +64,65 @@ func consumeCookieReply(msg []byte, peerPub Key, lastMAC1 [16]byte) ([16]byte, e
 	return c, nil
 }
 
-// rateLimiter bounds handshakes per source address while under load: a
-// token bucket per address (x/time/rate), at most maxEntries addresses
-// remembered (the table is emptied when full: a flood of new addresses
-// forgets old ones rather than growing memory).
+// rateLimiter bounds handshakes per source while under load, as
+// wireguard-go's ratelimiter does: a token bucket (x/time/rate) per IPv4
+// address or IPv6 /64 (one host holds a whole /64), swept of buckets idle
+// for limiterIdle once per limiterIdle. A full bucket and a forgotten one
+// allow the same, so the sweep forgets nothing that matters. At most
+// maxEntries sources are tracked; past that, new sources are refused
+// until the sweep frees room, so a flood of sources neither grows memory
+// nor resets the buckets of the sources already limited.
 type rateLimiter struct {
 	mu      sync.Mutex
-	buckets map[netip.Addr]*rate.Limiter
+	buckets map[netip.Prefix]*bucket
+	swept   time.Time
+}
+
+type bucket struct {
+	lim  *rate.Limiter
+	last time.Time
 }
 
 const (
-	handshakeRate  = 20 // per second per address, under load
+	handshakeRate  = 20 // per second per source, under load
 	handshakeBurst = 5
-	maxEntries     = 4096
+	limiterIdle    = time.Second
+	maxEntries     = 1 << 16
 )
+
+// source is the rate limiter's key for a: an IPv4 address or an IPv6 /64.
+func source(a netip.Addr) netip.Prefix {
+	a = a.Unmap()
+	if a.Is4() {
+		return netip.PrefixFrom(a, 32)
+	}
+	p, _ := a.Prefix(64)
+	return p
+}
 
 func (r *rateLimiter) allow(a netip.Addr, now time.Time) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.buckets == nil || len(r.buckets) >= maxEntries {
-		r.buckets = map[netip.Addr]*rate.Limiter{}
+	if r.buckets == nil {
+		r.buckets = map[netip.Prefix]*bucket{}
 	}
-	l := r.buckets[a]
-	if l == nil {
-		l = rate.NewLimiter(handshakeRate, handshakeBurst)
-		r.buckets[a] = l
+	if now.Sub(r.swept) >= limiterIdle {
+		for k, b := range r.buckets {
+			if now.Sub(b.last) >= limiterIdle {
+				delete(r.buckets, k)
+			}
+		}
+		r.swept = now
 	}
-	return l.AllowN(now, 1)
+	k := source(a)
+	b := r.buckets[k]
+	if b == nil {
+		if len(r.buckets) >= maxEntries {
+			return false
+		}
+		b = &bucket{lim: rate.NewLimiter(handshakeRate, handshakeBurst)}
+		r.buckets[k] = b
+	}
+	b.last = now
+	return b.lim.AllowN(now, 1)
 }

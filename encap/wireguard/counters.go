@@ -21,6 +21,7 @@ const (
 	DropReplay                         // transport messages already received or behind the replay window
 	DropExpired                        // transport messages on a session past its lifetime
 	DropNotIP                          // decrypted packets that are not IPv4/IPv6 or are shorter than their header says
+	DropAllowedIPs                     // packets outside the peer's subnets: decrypted ones from a source its key may not send from, frames to a destination its key does not own
 	DropMAC1                           // handshake messages whose mac1 is not for this node's key
 	DropUnknownKey                     // initiations from a static key that is no peer's
 	DropStaleHandshake                 // initiations replayed (old timestamp) or too frequent (flood)
@@ -41,7 +42,7 @@ const (
 var counterNames = [numCounters]string{
 	DatagramsOut: "wg_datagrams_out", DatagramsIn: "wg_datagrams_in", DropSend: "wg_drop_send", DropNoPeer: "wg_drop_no_peer",
 	Staged: "wg_staged", DropStaged: "wg_drop_staged", DropMalformed: "wg_drop_malformed", DropUnknownIndex: "wg_drop_unknown_index",
-	DropAuth: "wg_drop_auth", DropReplay: "wg_drop_replay", DropExpired: "wg_drop_expired", DropNotIP: "wg_drop_not_ip",
+	DropAuth: "wg_drop_auth", DropReplay: "wg_drop_replay", DropExpired: "wg_drop_expired", DropNotIP: "wg_drop_not_ip", DropAllowedIPs: "wg_drop_allowed_ips",
 	DropMAC1: "wg_drop_mac1", DropUnknownKey: "wg_drop_unknown_key", DropStaleHandshake: "wg_drop_stale_handshake",
 	DropHandshakeQueue: "wg_drop_handshake_queue", DropRateLimited: "wg_drop_rate_limited", CookiesSent: "wg_cookies_sent",
 	CookiesReceived: "wg_cookies_received", HandshakesSent: "wg_handshakes_sent", HandshakesCompleted: "wg_handshakes_completed",

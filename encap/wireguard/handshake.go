@@ -44,20 +44,35 @@ func (t *Transport) handshakes() {
 			t.handle(&m)
 		case p := <-t.kicks:
 			p.kickPending.Store(false)
-			t.initiate(p, false, p.offerPending.Swap(false))
+			t.initiate(p, false)
 		case <-tk.C:
 			t.runTimers(s)
 		}
 	}
 }
 
-// handle processes one handshake message. Under load (the queue an
-// eighth full), a message without a valid cookie MAC is answered with a
-// cookie reply and dropped, and each source is rate-limited.
+// underLoadAfter is how long the node stays under load after its
+// handshake queue drains below the mark (wireguard-go's UnderLoadAfterTime):
+// a flood that pauses does not find the gate open.
+const underLoadAfter = time.Second
+
+// underLoad reports whether handshakes are under load: the queue an
+// eighth full now, or within underLoadAfter of it.
+func (t *Transport) underLoad(now int64) bool {
+	if len(t.hsq) >= handshakeQueue/8 {
+		t.underLoadUntil.Store(now + int64(underLoadAfter))
+		return true
+	}
+	return now < t.underLoadUntil.Load()
+}
+
+// handle processes one handshake message. Under load (see underLoad), a
+// message without a valid cookie MAC is answered with a cookie reply and
+// dropped, and each source is rate-limited.
 func (t *Transport) handle(m *hsMessage) {
 	msg := m.buf[:m.n]
 	now := time.Now()
-	if msg[0] != typeCookie && len(t.hsq) >= handshakeQueue/8 {
+	if msg[0] != typeCookie && t.underLoad(mono()) {
 		if !validMAC2(msg, t.cookies.cookie(m.src, now)) {
 			var reply [cookieSize]byte
 			t.cookies.createCookieReply(reply[:], msg, m.km, m.src, now)
@@ -113,8 +128,12 @@ func (t *Transport) consumeInitiation(m *hsMessage, now time.Time) {
 		return
 	}
 	p.lastTimestamp, p.lastConsumed = in.timestamp, mnow
-	kp := &keypair{peer: p, created: mnow, remote: in.hs.remoteIndex}
-	kp.local = t.newIndex(kp)
+	kp := &keypair{created: mnow, remote: in.hs.remoteIndex}
+	kp.peer.Store(p)
+	// The index is reserved until the keys are set: a transport message
+	// meeting it in between finds no session, never a keypair without
+	// ciphers.
+	kp.local = t.newIndex(reservation)
 	send, recv, err := createResponse(resp[:], &in.hs, p.pub, t.cfg.PresharedKey, kp.local)
 	if err != nil {
 		t.index.Delete(kp.local)
@@ -123,15 +142,17 @@ func (t *Transport) consumeInitiation(m *hsMessage, now time.Time) {
 		return
 	}
 	kp.send, kp.recv = sessionAEAD(send), sessionAEAD(recv)
+	t.index.Store(kp.local, kp)
 	putMACs(resp[:], p.mac1Key, p.cookieLocked(mnow))
 	copy(p.lastMAC1[:], resp[60:76])
 	p.installLocked(kp)
+	p.lastInit = mnow
 	p.mu.Unlock()
 	src := m.src
 	p.endpoint.Store(&src)
 	p.lastRecv.Store(mnow)
 	t.write(m.sock, m.src, resp[:])
-	p.lastSent.Store(mnow)
+	p.sent(mnow)
 	t.ctr.Add(HandshakesCompleted, 1)
 }
 
@@ -157,7 +178,8 @@ func (t *Transport) consumeResponse(m *hsMessage) {
 		t.ctr.Add(DropAuth, 1)
 		return
 	}
-	kp := &keypair{peer: p, created: mnow, initiator: true, local: idx, remote: remote, send: sessionAEAD(send), recv: sessionAEAD(recv)}
+	kp := &keypair{created: mnow, initiator: true, local: idx, remote: remote, send: sessionAEAD(send), recv: sessionAEAD(recv)}
+	kp.peer.Store(p)
 	kp.confirmed.Store(true)
 	t.index.Store(idx, kp)
 	p.installLocked(kp)
@@ -185,7 +207,7 @@ func (t *Transport) consumeCookie(m *hsMessage) {
 	case *peer:
 		p = x
 	case *keypair:
-		p = x.peer
+		p = x.peer.Load()
 	default:
 		t.ctr.Add(DropUnknownIndex, 1)
 		return
@@ -209,23 +231,21 @@ func (p *peer) cookieLocked(mnow int64) *[16]byte {
 	return &p.cookie
 }
 
-// initiate sends an initiation to p. A first try is skipped while the
-// last initiation is younger than RekeyTimeout (its retry is due then) —
-// unless that one was only an offer (offer: a handshake nobody's packet
-// waits for, made when a peer appears) and this one has data waiting:
-// an offer the peer was not ready for never delays traffic.
-func (t *Transport) initiate(p *peer, retry, offer bool) {
+// initiate sends an initiation to p. A first try is skipped while our
+// last handshake message (an initiation, or a response to the peer's) is
+// younger than RekeyTimeout: a second initiation would replace the one in
+// flight, whose answer would then meet a forgotten index, while the
+// peer's flood limit drops the second; the retry of the first is due at
+// RekeyTimeout anyway.
+func (t *Transport) initiate(p *peer, retry bool) {
 	mnow := mono()
 	var msg [initiationSize]byte
 	p.mu.Lock()
 	st := p.static.Load()
 	recent := p.lastInit != 0 && mnow-p.lastInit < int64(t.timers.RekeyTimeout)
-	if p.removed || !st.ok || (!retry && recent && (offer || !p.offered)) {
+	if p.removed || !st.ok || (!retry && recent) {
 		p.mu.Unlock()
 		return
-	}
-	if !retry {
-		p.offered = offer
 	}
 	if p.attempt == 0 {
 		p.attempt = mnow
@@ -245,7 +265,7 @@ func (t *Transport) initiate(p *peer, retry, offer bool) {
 	p.retryAt = mnow + int64(t.timers.RekeyTimeout) + int64(randUint32()%334)*int64(time.Millisecond)
 	p.mu.Unlock()
 	t.write(nil, *p.endpoint.Load(), msg[:])
-	p.lastSent.Store(mnow)
+	p.sent(mnow)
 	t.ctr.Add(HandshakesSent, 1)
 }
 
@@ -297,23 +317,25 @@ func (t *Transport) runTimers(s *sender) {
 		}
 		p.mu.Unlock()
 		if retry {
-			t.initiate(p, true, false)
+			t.initiate(p, true)
 		}
 		usable := cur.usable(mnow, T)
-		lastSent, lastData := p.lastSent.Load(), p.lastDataRecv.Load()
+		un := p.unanswered.Load()
 		switch {
-		case usable && lastData > lastSent && mnow-lastData >= int64(T.KeepaliveTimeout):
+		case usable && un != 0 && mnow-un >= int64(T.KeepaliveTimeout):
+			// Passive keepalive: data came and nothing went back for
+			// KeepaliveTimeout since the first of it.
 			s.keepalive(p, cur)
-		case t.cfg.PersistentKeepalive > 0 && mnow-lastSent >= int64(t.cfg.PersistentKeepalive):
+		case t.cfg.PersistentKeepalive > 0 && mnow-p.lastSent.Load() >= int64(t.cfg.PersistentKeepalive):
 			if usable {
 				s.keepalive(p, cur)
 			} else {
-				t.initiate(p, false, false)
+				t.initiate(p, false)
 			}
 		}
 		if ws := p.waitingSince.Load(); ws != 0 && mnow-ws >= int64(T.KeepaliveTimeout+T.RekeyTimeout) {
 			p.waitingSince.Store(0)
-			t.initiate(p, false, false)
+			t.initiate(p, false)
 		}
 	}
 }

@@ -316,7 +316,7 @@ func TestKeyRotation(t *testing.T) {
 		pp.mu.Lock()
 		pp.lastInit = 0
 		pp.mu.Unlock()
-		n.tr.initiate(pp, false, false)
+		n.tr.initiate(pp, false)
 		for deadline := time.Now().Add(5 * time.Second); n.ctr.Get(HandshakesCompleted) == before; time.Sleep(5 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				m := map[string]uint64{}
@@ -343,7 +343,7 @@ func TestStagingBounded(t *testing.T) {
 	a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
 	var peers []PeerConfig
 	for i := range 300 {
-		peers = append(peers, PeerConfig{Name: fmt.Sprint("silent", i), Key: mustKey(t).Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i))})
+		peers = append(peers, PeerConfig{Name: fmt.Sprint("silent", i), Key: mustKey(t).Public(), Endpoint: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), Subnets: testNets})
 	}
 	a.tr.SetPeers(peers)
 	pkt := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 60000)

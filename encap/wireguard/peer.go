@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -13,15 +14,20 @@ import (
 )
 
 // peer is one remote node: its key, where it is, its sessions and the
-// timestamps the timers read.
+// timestamps the timers read. Its name, key, configured endpoint and
+// allowed subnets never change: SetPeers makes a new peer that takes the
+// sessions over when one of them does.
 type peer struct {
 	t           *Transport
 	name        string
 	pub         Key
 	cfgEndpoint netip.AddrPort
-	endpoint    atomic.Pointer[netip.AddrPort]
-	mac1Key     [32]byte
-	static      atomic.Pointer[staticDH]
+	// allowed are its subnets (WireGuard's allowed IPs): what its key may
+	// send from, and what is sealed for its key.
+	allowed  []netip.Prefix
+	endpoint atomic.Pointer[netip.AddrPort]
+	mac1Key  [32]byte
+	static   atomic.Pointer[staticDH]
 
 	// cur is the session data is sent with (lock-free on the hot path).
 	cur atomic.Pointer[keypair]
@@ -33,8 +39,11 @@ type peer struct {
 	prev, next *keypair
 	hs         handshake // our initiation in flight
 	attempt    int64     // mono: when the current handshake attempt began (0: none)
-	lastInit   int64     // mono: when our last initiation left
-	retryAt    int64     // mono: when it is retransmitted
+	// lastInit is when our last handshake message left: an initiation,
+	// or a response (answering counts as sending one, as in wireguard-go:
+	// no initiation of ours crosses a handshake just made).
+	lastInit int64
+	retryAt  int64 // mono: when the initiation in flight is retransmitted
 	// Responder state: the greatest initiation timestamp consumed and
 	// when (replay and flood protection).
 	lastTimestamp [12]byte
@@ -44,13 +53,14 @@ type peer struct {
 	lastMAC1      [16]byte
 	staged        []tunnel.Frame
 	removed       bool
-	offered       bool // the initiation in flight is an offer (see initiate)
 
-	kickPending   atomic.Bool
-	offerPending  atomic.Bool  // the pending kick is an offer
-	lastSent      atomic.Int64 // mono: any message sent
-	lastRecv      atomic.Int64 // mono: any authenticated message received
-	lastDataRecv  atomic.Int64 // mono: a data message received
+	kickPending atomic.Bool
+	lastSent    atomic.Int64 // mono: any message sent
+	lastRecv    atomic.Int64 // mono: any authenticated message received
+	// unanswered is when the first data message arrived since this node
+	// last sent anything (0: none): a passive keepalive answers it after
+	// KeepaliveTimeout. Later data does not push it back.
+	unanswered    atomic.Int64
 	waitingSince  atomic.Int64 // mono: first data sent since the last message received (0: none)
 	lastHandshake atomic.Int64 // mono: last session established (0: never)
 }
@@ -64,7 +74,7 @@ type staticDH struct {
 }
 
 func newPeer(t *Transport, c PeerConfig, km *keyMaterial) *peer {
-	p := &peer{t: t, name: c.Name, pub: c.Key, cfgEndpoint: c.Endpoint,
+	p := &peer{t: t, name: c.Name, pub: c.Key, cfgEndpoint: c.Endpoint, allowed: slices.Clone(c.Subnets),
 		mac1Key: blake2s.Sum256(append([]byte(labelMAC1), c.Key[:]...))}
 	ep := c.Endpoint
 	p.endpoint.Store(&ep)
@@ -77,14 +87,20 @@ func (p *peer) setStatic(km *keyMaterial) {
 	p.static.Store(&staticDH{km: km, ss: ss, ok: err == nil})
 }
 
-// takeOver moves the sessions of old (the same key at another configured
-// endpoint) to p.
+// takeOver moves the sessions of old (the same node under a new key,
+// endpoint, name or subnets) to p, which is not published yet, with the
+// frames staged for a session. With the same key the handshake in flight
+// and the timers' state move too; a handshake made for another key is
+// dropped.
 func (p *peer) takeOver(old *peer) {
 	old.mu.Lock()
 	defer old.mu.Unlock()
+	// p is reachable by the handshake's index from the swap below on.
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	for _, kp := range []*keypair{old.prev, old.cur.Load(), old.next} {
 		if kp != nil {
-			kp.peer = p
+			kp.peer.Store(p)
 		}
 	}
 	p.prev, p.next = old.prev, old.next
@@ -94,8 +110,38 @@ func (p *peer) takeOver(old *peer) {
 	old.prev, old.next = nil, nil
 	old.cur.Store(nil)
 	old.removed = true
-	if old.hs.state != hsNone {
-		p.t.index.Delete(old.hs.localIndex)
+	p.staged, old.staged = old.staged, nil
+	if old.pub == p.pub {
+		if old.hs.state != hsNone && p.t.index.CompareAndSwap(old.hs.localIndex, old, p) {
+			p.hs, p.attempt, p.retryAt = old.hs, old.attempt, old.retryAt
+		}
+		p.lastInit, p.cookie, p.cookieAt, p.lastMAC1 = old.lastInit, old.cookie, old.cookieAt, old.lastMAC1
+		p.endpoint.Store(old.endpoint.Load())
+		for _, v := range []struct{ to, from *atomic.Int64 }{{&p.lastSent, &old.lastSent}, {&p.lastRecv, &old.lastRecv},
+			{&p.unanswered, &old.unanswered}, {&p.waitingSince, &old.waitingSince}} {
+			v.to.Store(v.from.Load())
+		}
+	} else if old.hs.state != hsNone {
+		p.t.index.CompareAndDelete(old.hs.localIndex, old)
+	}
+	old.hs = handshake{}
+}
+
+// allows reports whether a lies in the peer's subnets.
+func (p *peer) allows(a netip.Addr) bool {
+	for _, n := range p.allowed {
+		if n.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// sent records that a message left for the peer.
+func (p *peer) sent(now int64) {
+	p.lastSent.Store(now)
+	if p.unanswered.Load() != 0 {
+		p.unanswered.Store(0)
 	}
 }
 
@@ -126,19 +172,9 @@ func (p *peer) wipeLocked() {
 }
 
 // kick asks the handshake goroutine for an initiation because data waits
-// for a session (rate-limited there), without blocking the caller.
+// for a session (at most one per RekeyTimeout: see initiate), without
+// blocking the caller.
 func (p *peer) kick() {
-	p.offerPending.Store(false)
-	p.request()
-}
-
-// offer asks for an initiation nobody waits for yet: a new peer.
-func (p *peer) offer() {
-	p.offerPending.Store(true)
-	p.request()
-}
-
-func (p *peer) request() {
 	if p.kickPending.Swap(true) {
 		return
 	}
@@ -175,8 +211,16 @@ func (p *peer) stage(f *tunnel.Frame) {
 		p.staged = p.staged[1:]
 	}
 	p.staged = append(p.staged, c)
+	// A session installed (and the staged frames flushed) after the
+	// caller found none: flush again, or this frame would wait for the
+	// next handshake. Sessions are installed under p.mu, so either this
+	// sees it or the installer sees this frame.
+	ready := p.cur.Load().canSend(mono(), &p.t.timers)
 	p.mu.Unlock()
 	p.t.ctr.Add(Staged, 1)
+	if ready {
+		p.flushStaged()
+	}
 }
 
 // dropStagedLocked gives up staged frames (counted) and their memory.
@@ -199,40 +243,39 @@ func (p *peer) flushStaged() {
 		return
 	}
 	var n int64
-	for _, f := range fs {
-		n += int64(len(f.Buf))
+	for i := range fs {
+		n += int64(len(fs[i].Buf))
+		fs[i].Addr = p.cfgEndpoint // staged for a peer this one took over
 	}
 	p.t.stagedBytes.Add(-n)
 	p.t.Send(fs)
 }
 
 // installLocked makes kp a session of p: an initiator's is used at once,
-// a responder's once confirmed. A responder session still waiting for
-// confirmation when our own initiation completes (the two crossed) stays
-// receivable as the previous one: the peer may be sending on it.
+// a responder's once confirmed. When our own initiation completes while
+// a responder session waits for confirmation (the two handshakes
+// crossed), all three stay receivable: the current one (the peer sends
+// on it until our response reaches it), the new one, and the waiting one
+// (the peer's next); wireguard-go drops the current one there, and with
+// it whatever the peer still had in flight.
 func (p *peer) installLocked(kp *keypair) {
 	idx := &p.t.index
 	if kp.initiator {
 		if p.prev != nil {
 			idx.CompareAndDelete(p.prev.local, p.prev)
 		}
-		if p.next != nil {
-			if cur := p.cur.Load(); cur != nil {
-				idx.CompareAndDelete(cur.local, cur)
-			}
-			p.prev, p.next = p.next, nil
-		} else {
-			p.prev = p.cur.Load()
-		}
+		p.prev = p.cur.Load()
 		p.cur.Store(kp)
+		p.attempt = 0
 	} else {
+		// Not a handshake of ours: its retry budget runs on until a
+		// session is confirmed (see confirm).
 		if p.next != nil {
 			idx.CompareAndDelete(p.next.local, p.next)
 		}
 		p.next = kp
 	}
 	p.lastHandshake.Store(kp.created)
-	p.attempt = 0
 }
 
 // rotateLocked makes kp the current session, the current the previous.
@@ -250,7 +293,25 @@ func (p *peer) confirm(kp *keypair) {
 	promoted := p.next == kp
 	if promoted {
 		p.next = nil
-		p.rotateLocked(kp)
+		if cur := p.cur.Load(); cur != nil && cur.initiator && cur.created > kp.created {
+			// Crossed handshakes: our own, newer session stays
+			// current (its rekey timers run on it); the peer's stays
+			// receivable.
+			if p.prev != nil {
+				p.t.index.CompareAndDelete(p.prev.local, p.prev)
+			}
+			p.prev = kp
+		} else {
+			p.rotateLocked(kp)
+		}
+		// A confirmed session completes the handshake (wireguard-go's
+		// timersHandshakeComplete): our own initiation in flight, if
+		// any, is not retried.
+		if p.hs.state != hsNone {
+			p.t.index.CompareAndDelete(p.hs.localIndex, p)
+			p.hs = handshake{}
+		}
+		p.attempt = 0
 	}
 	p.mu.Unlock()
 	if promoted {

@@ -108,13 +108,13 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 	if kp == nil || r.lastIdx != idx {
 		v, _ := t.index.Load(idx)
 		if kp, _ = v.(*keypair); kp == nil {
+			// Dropped, as wireguard-go does, and no handshake offered:
+			// the source is not authenticated, so an off-path attacker
+			// could spoof a peer's address and force handshakes. A peer
+			// still sending on a session this node lost (it restarted)
+			// is offered one anyway: tulled offers every peer a
+			// handshake when it starts.
 			ctr.Add(DropUnknownIndex, 1)
-			// A peer still sending on a session this node no longer has
-			// (it restarted): offer a new one (at most one initiation per
-			// RekeyTimeout) rather than wait for the peer's timers.
-			if p := t.peers.Load().byEndpoint[src]; p != nil {
-				p.kick()
-			}
 			return
 		}
 		r.lastIdx, r.lastKP = idx, kp
@@ -137,7 +137,7 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 		ctr.Add(DropReplay, 1)
 		return
 	}
-	p := kp.peer
+	p := kp.peer.Load()
 	p.lastRecv.Store(now)
 	p.waitingSince.Store(0)
 	if *p.endpoint.Load() != src {
@@ -155,10 +155,18 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 		ctr.Add(KeepalivesReceived, 1)
 		return
 	}
-	p.lastDataRecv.Store(now)
+	if p.unanswered.Load() == 0 {
+		p.unanswered.CompareAndSwap(0, now)
+	}
 	n := ipLen(pt)
 	if n == 0 {
 		ctr.Add(DropNotIP, 1)
+		return
+	}
+	if !p.allows(innerAddr(pt[:n], false)) {
+		// Its key may speak only for its subnets (WireGuard's
+		// cryptokey routing).
+		ctr.Add(DropAllowedIPs, 1)
 		return
 	}
 	r.pend = append(r.pend, pending{off: base + HeaderLen, n: n, p: p})
@@ -189,6 +197,24 @@ func ipLen(b []byte) int {
 		return 0
 	}
 	return n
+}
+
+// innerAddr returns the source (or, with dst, the destination) address of
+// the IP packet b, or the zero Addr when b is too short for its header.
+func innerAddr(b []byte, dst bool) netip.Addr {
+	switch {
+	case len(b) >= 20 && b[0]>>4 == 4:
+		if dst {
+			return netip.AddrFrom4([4]byte(b[16:20]))
+		}
+		return netip.AddrFrom4([4]byte(b[12:16]))
+	case len(b) >= 40 && b[0]>>4 == 6:
+		if dst {
+			return netip.AddrFrom16([16]byte(b[24:40]))
+		}
+		return netip.AddrFrom16([16]byte(b[8:24]))
+	}
+	return netip.Addr{}
 }
 
 // emit hands out the next decrypted packet, merged with the TCP segments

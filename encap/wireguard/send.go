@@ -45,8 +45,13 @@ func (s *sender) send(frames []tunnel.Frame) error {
 			ctr.Add(DropNoPeer, 1)
 			continue
 		}
+		if !p.allows(innerAddr(f.Packet(), true)) {
+			// Sealed only for the key that owns the destination.
+			ctr.Add(DropAllowedIPs, 1)
+			continue
+		}
 		kp := p.cur.Load()
-		if !kp.usable(now, &t.timers) || kp.nonce.Load() >= rejectAfterMessages-tunnel.MaxPacket {
+		if !kp.canSend(now, &t.timers) {
 			p.stage(f)
 			p.kick()
 			continue
@@ -65,8 +70,10 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		if err := s.seal(sk, s.addrs.Get(ep), kp, &segs); err != nil {
 			return err
 		}
-		p.lastSent.Store(now)
-		p.waitingSince.CompareAndSwap(0, now)
+		p.sent(now)
+		if p.waitingSince.Load() == 0 {
+			p.waitingSince.CompareAndSwap(0, now)
+		}
 		if kp.initiator && (now-kp.created >= int64(t.timers.RekeyAfterTime) || kp.nonce.Load() >= t.timers.RekeyAfterMessages) {
 			p.kick()
 		}
@@ -150,7 +157,7 @@ func (s *sender) keepalive(p *peer, kp *keypair) error {
 	m := s.b.Room()
 	n := s.message(m, kp, 0)
 	s.b.Commit(sk, s.addrs.Get(ep), n, n)
-	p.lastSent.Store(mono())
+	p.sent(mono())
 	s.t.ctr.Add(KeepalivesSent, 1)
 	return s.flush()
 }

@@ -26,6 +26,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -116,8 +117,10 @@ type PeerConfig struct {
 	// Endpoint is where its handshakes and data go, and the Addr its
 	// frames carry in the datapath (whatever address it roams to).
 	Endpoint netip.AddrPort
-	// Subnets are its allowed IPs: the kernel device routes and admits
-	// them; the userspace transport leaves that check to the datapath.
+	// Subnets are its allowed IPs, bound to its key: a packet its key
+	// decrypts must come from one of them, and a packet is sealed for its
+	// key only when it goes to one of them (the kernel device routes and
+	// admits them alike).
 	Subnets []netip.Prefix
 }
 
@@ -131,6 +134,9 @@ type Transport struct {
 	socks  udpsock.Sockets
 
 	keys atomic.Pointer[keyMaterial]
+	// underLoadUntil (mono): the node stays under load (cookies asked
+	// for, sources rate-limited) for a second after its queue drains.
+	underLoadUntil atomic.Int64
 	// prevKeys is the identity before the last rotation: initiations
 	// made with it (from peers that have not learned the new key yet)
 	// are still answered until prevUntil (mono).
@@ -156,6 +162,7 @@ type peerSnapshot struct {
 	byKey      map[Key]*peer
 	byEndpoint map[netip.AddrPort]*peer
 	list       []*peer
+	refused    []PeerStatus // peers SetPeers would not take, with why
 }
 
 var _ tunnel.Transport = (*Transport)(nil)
@@ -240,40 +247,60 @@ func (t *Transport) SetPrivateKey(k Key) {
 	}
 }
 
+// EndKeyGrace stops answering initiations to the key before the last
+// rotation now, rather than when its grace ends: after that key leaked,
+// nobody may handshake with it. Peers that have not learned the new key
+// yet wait until they do.
+func (t *Transport) EndKeyGrace() {
+	t.prevUntil.Store(0)
+	t.prevKeys.Store(nil)
+}
+
 // previousKeys returns the identity before the last rotation while its
 // grace lasts.
 func (t *Transport) previousKeys() *keyMaterial {
-	if mono() > t.prevUntil.Load() {
+	km := t.prevKeys.Load()
+	if km == nil || mono() > t.prevUntil.Load() {
 		return nil
 	}
-	return t.prevKeys.Load()
+	return km
 }
 
 // SetPeers replaces the peer set. Peers keep their sessions across calls
 // (by public key, or by name when a peer rotated its key); departed
-// peers' sessions are wiped.
+// peers' sessions are wiped. Peers that claim one endpoint or one key, or
+// carry this node's own key, are all refused (logged, shown in Status):
+// two nodes cannot tell which of them owns such an endpoint or key, and
+// one of them could take the other's traffic.
 func (t *Transport) SetPeers(cfgs []PeerConfig) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	old := t.peers.Load()
 	km := t.keys.Load()
+	own := []Key{km.pub}
+	if prev := t.previousKeys(); prev != nil {
+		own = append(own, prev.pub)
+	}
+	cfgs, refused := vet(cfgs, own)
+	t.logRefusals(old.refused, refused)
+	keys := map[Key]bool{}
+	for _, c := range cfgs {
+		keys[c.Key] = true
+	}
 	byName := map[string]*peer{}
 	for _, p := range old.list {
 		byName[p.name] = p
 	}
-	next := &peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}}
+	next := &peerSnapshot{byKey: map[Key]*peer{}, byEndpoint: map[netip.AddrPort]*peer{}, refused: refused}
 	var fresh []*peer
 	for _, c := range cfgs {
-		if c.Key.IsZero() || !c.Endpoint.IsValid() || next.byKey[c.Key] != nil {
-			continue
-		}
 		p := old.byKey[c.Key]
-		if p == nil || p.cfgEndpoint != c.Endpoint {
+		if p == nil || p.cfgEndpoint != c.Endpoint || p.name != c.Name || !slices.Equal(p.allowed, c.Subnets) {
 			np := newPeer(t, c, km)
 			switch {
-			case p != nil: // moved
+			case p != nil: // moved, renamed or given other subnets
 				np.takeOver(p)
-			case byName[c.Name] != nil && next.byKey[byName[c.Name].pub] == nil:
+			case byName[c.Name] != nil && !keys[byName[c.Name].pub]:
 				// The node rotated its key: its sessions stay valid
 				// (they depend on no static key) until it rekeys.
 				np.takeOver(byName[c.Name])
@@ -282,7 +309,6 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 			}
 			p = np
 		}
-		p.name = c.Name
 		next.byKey[c.Key] = p
 		next.byEndpoint[c.Endpoint] = p
 		next.list = append(next.list, p)
@@ -292,14 +318,59 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 	// on the first call: the sessions of an earlier run of this node are
 	// gone and peers may still send on them), each after a random delay
 	// so two nodes meeting rarely cross their initiations. A peer that
-	// did not know this node yet, and dropped its initiation, is offered
-	// one in turn when it learns of it.
+	// did not know this node yet, and dropped its initiation, offers one
+	// in turn when it learns of this node.
 	for _, p := range fresh {
-		time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.offer)
+		time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.kick)
 	}
 	for k, p := range old.byKey {
 		if next.byKey[k] != p {
 			p.remove() // a peer taken over has nothing left to wipe
+		}
+	}
+}
+
+// vet splits cfgs into the peers to serve and those refused: a peer
+// without key or endpoint is skipped; one that shares its key or its
+// endpoint with another, or carries one of own (this node's keys), is
+// refused, with every other claimant.
+func vet(cfgs []PeerConfig, own []Key) (ok []PeerConfig, refused []PeerStatus) {
+	keys := map[Key]int{}
+	eps := map[netip.AddrPort]int{}
+	for _, c := range cfgs {
+		if !c.Key.IsZero() && c.Endpoint.IsValid() {
+			keys[c.Key]++
+			eps[unmap(c.Endpoint)]++
+		}
+	}
+	for _, c := range cfgs {
+		var why string
+		switch {
+		case c.Key.IsZero() || !c.Endpoint.IsValid():
+			continue
+		case slices.Contains(own, c.Key):
+			why = "it carries this node's own public key"
+		case keys[c.Key] > 1:
+			why = fmt.Sprintf("%d peers carry its public key %s", keys[c.Key], c.Key.Fingerprint())
+		case eps[unmap(c.Endpoint)] > 1:
+			why = fmt.Sprintf("%d peers claim its endpoint %s", eps[unmap(c.Endpoint)], c.Endpoint)
+		default:
+			ok = append(ok, c)
+			continue
+		}
+		refused = append(refused, PeerStatus{Name: c.Name, Key: c.Key, Endpoint: c.Endpoint, Refused: why})
+	}
+	return ok, refused
+}
+
+func unmap(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
+
+// logRefusals warns of each refusal that is new since the last call.
+func (t *Transport) logRefusals(was, now []PeerStatus) {
+	for _, r := range now {
+		if !slices.Contains(was, r) {
+			t.log.Warn("WireGuard peer refused: no traffic to or from it until the conflict is gone", "peer", r.Name,
+				"public_key", r.Key.Fingerprint(), "endpoint", r.Endpoint, "reason", r.Refused)
 		}
 	}
 }
@@ -339,12 +410,17 @@ type PeerStatus struct {
 	// RxBytes and TxBytes are a kernel device's counts; the userspace
 	// transport leaves counting to the datapath (tunnel.PeerStats).
 	RxBytes, TxBytes uint64
+	// Refused says why the peer is not served (it shares its key or
+	// endpoint with another peer, or carries this node's key); "" when
+	// it is.
+	Refused string
 }
 
-// Status returns every peer's state.
+// Status returns every peer's state, refused peers included.
 func (t *Transport) Status() []PeerStatus {
-	var out []PeerStatus
-	for _, p := range t.peers.Load().list {
+	snap := t.peers.Load()
+	out := slices.Clone(snap.refused)
+	for _, p := range snap.list {
 		st := PeerStatus{Name: p.name, Key: p.pub, Endpoint: *p.endpoint.Load()}
 		if hs := p.lastHandshake.Load(); hs != 0 {
 			st.LastHandshake = epoch.Add(time.Duration(hs))
@@ -356,7 +432,8 @@ func (t *Transport) Status() []PeerStatus {
 
 // keypair is one session's keys and state.
 type keypair struct {
-	peer       *peer
+	peer atomic.Pointer[peer] // moves when a new peer takes the sessions over
+
 	send, recv cipher.AEAD
 	nonce      atomic.Uint64
 	created    int64 // mono
@@ -373,6 +450,18 @@ type keypair struct {
 func (kp *keypair) usable(now int64, t *Timers) bool {
 	return kp != nil && now-kp.created < int64(t.RejectAfterTime)
 }
+
+// canSend reports whether a frame may still be sealed on the session: it
+// is usable and has counters left for the frame's segments.
+func (kp *keypair) canSend(now int64, t *Timers) bool {
+	return kp.usable(now, t) && kp.nonce.Load() < rejectAfterMessages-tunnel.MaxPacket
+}
+
+// reserved holds an index between its choice and its keypair's keys: a
+// message meeting it finds no session.
+type reserved struct{}
+
+var reservation = &reserved{}
 
 // newIndex registers v (a keypair or a peer's handshake) under a fresh
 // random index.

@@ -65,8 +65,11 @@ func newNode(t testing.TB, local netip.AddrPort, cfg Config) *node {
 
 func (n *node) endpoint() netip.AddrPort { return n.tr.LocalAddrs()[0] }
 
+// testNets are the subnets the tests' peers own: all of the test ranges.
+var testNets = []netip.Prefix{netip.MustParsePrefix("100.64.0.0/10"), netip.MustParsePrefix("fd00::/8")}
+
 func (n *node) peer(o *node) PeerConfig {
-	return PeerConfig{Name: "peer", Key: o.tr.PublicKey(), Endpoint: o.endpoint()}
+	return PeerConfig{Name: "peer", Key: o.tr.PublicKey(), Endpoint: o.endpoint(), Subnets: testNets}
 }
 
 // segments collects what n receives until it adds up to want's segments.
@@ -218,7 +221,7 @@ func TestInteropWireguardGo(t *testing.T) {
 			w := newWGDevice(t)
 			a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
 			wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
-			a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep}})
+			a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
 			w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
 			src, dst := netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1")
 

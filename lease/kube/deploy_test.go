@@ -152,7 +152,7 @@ func TestDeployManifests(t *testing.T) {
 			}
 		}
 	}
-	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "ConfigMap"} {
+	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "DaemonSet", "ConfigMap"} {
 		if kinds[k] != 1 {
 			t.Errorf("%d %s objects, want 1", kinds[k], k)
 		}

@@ -34,6 +34,7 @@ import (
 	"sync"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tulle-net/tulle/internal/netconf"
@@ -159,9 +160,14 @@ func (s *Store) setAPIErr(err error) {
 	changed := (s.apiErr == nil) != (err == nil)
 	s.apiErr = err
 	s.mu.Unlock()
-	if changed && err != nil {
+	switch {
+	case changed && apierrors.IsForbidden(err):
+		// RBAC, or deploy/node-identity.yaml: a token bound to a pod on
+		// another node than --node-name says.
+		s.log.Error("kubernetes API refuses tulled; forwarding with the last known peers (is --node-name the node this pod runs on?)", "err", err)
+	case changed && err != nil:
 		s.log.Warn("kubernetes API unreachable; forwarding with the last known peers", "err", err)
-	} else if changed {
+	case changed:
 		s.log.Info("kubernetes API reachable again")
 	}
 }

@@ -6,18 +6,24 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	admregv1 "k8s.io/api/admissionregistration/v1"
+	authnv1 "k8s.io/api/authentication/v1"
 	authv1 "k8s.io/api/authorization/v1"
+	coordv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
-
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ktypes "k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 
 	"github.com/tulle-net/tulle/internal/kubetest"
+	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/lease"
 )
 
@@ -61,6 +67,10 @@ func applyRBAC(t *testing.T, file string) {
 		case *rbacv1.RoleBinding:
 			o.Subjects = append(o.Subjects, user)
 			_, err = admin.RbacV1().RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *admregv1.ValidatingAdmissionPolicy:
+			_, err = admin.AdmissionregistrationV1().ValidatingAdmissionPolicies().Create(ctx, o, metav1.CreateOptions{})
+		case *admregv1.ValidatingAdmissionPolicyBinding:
+			_, err = admin.AdmissionregistrationV1().ValidatingAdmissionPolicyBindings().Create(ctx, o, metav1.CreateOptions{})
 		default:
 			t.Fatalf("deploy/%s: unexpected %T", file, obj)
 		}
@@ -170,6 +180,10 @@ func TestRBAC(t *testing.T) {
 		return false
 	})
 
+	applyRBAC(t, "node-identity.yaml")
+	own := podToken(t, "rbac-n1")
+	checkNodeIdentity(t, own, nc)
+
 	applyRBAC(t, "rbac-lease-mode.yaml")
 	var leases []access
 	for _, v := range []string{"get", "list", "watch", "create", "update", "delete"} {
@@ -192,8 +206,158 @@ func TestRBAC(t *testing.T) {
 	if err := ls.Release(cctx, l); err != nil {
 		t.Fatalf("lease release as tulled: %v", err)
 	}
+	checkLeaseIdentity(t, own, limited, nc)
 	// In kube-system the same store is refused.
 	if _, _, err := newStore(t, limited, ModeLease, nc, "kube-system", time.Minute).Lookup(cctx, "rbac-n1"); err == nil {
 		t.Error("the tulled user could list Leases in kube-system")
+	}
+}
+
+// podToken returns a client with tulle's ServiceAccount token bound to a
+// pod on node, as the DaemonSet's pods get it.
+func podToken(t *testing.T, node string) kubernetes.Interface {
+	t.Helper()
+	ctx := context.Background()
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "tulle-" + node, Namespace: "tulle-system"},
+		Spec: corev1.PodSpec{ServiceAccountName: "tulle", NodeName: node, AutomountServiceAccountToken: new(false),
+			Containers: []corev1.Container{{Name: "tulled", Image: "tulle:latest"}}}}
+	pod, err := admin.CoreV1().Pods("tulle-system").Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		admin.CoreV1().Pods("tulle-system").Delete(context.Background(), pod.Name, metav1.DeleteOptions{})
+	})
+	tr, err := admin.CoreV1().ServiceAccounts("tulle-system").CreateToken(ctx, "tulle", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
+		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := kc.Client(tr.Status.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.Status.UserInfo.Extra[nodeNameExtra]; len(got) != 1 || got[0] != node {
+		t.Fatalf("the pod-bound token names node %v, want %s: the policy has nothing to compare", got, node)
+	}
+	return c
+}
+
+const nodeNameExtra = "authentication.kubernetes.io/node-name"
+
+// forbidden checks that err is the API server's 403 carrying the node
+// identity policy's message.
+func forbidden(t *testing.T, what string, err error, msg string) {
+	t.Helper()
+	switch {
+	case err == nil:
+		t.Errorf("%s: allowed, want refused by the node identity policy", what)
+	case !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "tulle-node-identity") || !strings.Contains(err.Error(), msg):
+		t.Errorf("%s: %v, want 403 from tulle-node-identity saying %q", what, err, msg)
+	}
+}
+
+// checkNodeIdentity: with deploy/node-identity.yaml in force, a token bound
+// to a pod on rbac-n1 publishes rbac-n1 through the podcidr store, and is
+// refused (403, the policy's message) another Node and, on its own Node,
+// anything but tulle's annotations and NetworkUnavailable.
+func checkNodeIdentity(t *testing.T, own kubernetes.Interface, nc *netconf.Config) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s := newStore(t, own, ModePodCIDR, nc, "", 0)
+	// The API server loads a new policy in the background: wait for it
+	// with dry runs, which go through admission and change nothing.
+	probe := []byte(`{"metadata":{"annotations":{"tulle.dev/public-ip":"198.18.0.66"}}}`)
+	dry := metav1.PatchOptions{DryRun: []string{metav1.DryRunAll}}
+	for {
+		_, err := own.CoreV1().Nodes().Patch(ctx, "rbac-n2", ktypes.MergePatchType, probe, dry, "status")
+		if err != nil {
+			forbidden(t, "dry run: publish rbac-n2 as rbac-n1", err, "tulle on node rbac-n1 may not change Node rbac-n2: only its own")
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the node identity policy never took effect")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	forbidden(t, "publish rbac-n2 as rbac-n1", s.publishNode(ctx, "rbac-n2", attrs("198.18.0.66")),
+		"tulle on node rbac-n1 may not change Node rbac-n2: only its own")
+	n2, err := admin.CoreV1().Nodes().Get(ctx, "rbac-n2", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ip := n2.Annotations[AnnPublicIP]; ip == "198.18.0.66" {
+		t.Fatal("rbac-n2's public IP is the one rbac-n1's token tried to set")
+	}
+	l, err := s.Claim(ctx, "rbac-n1", attrs("198.18.0.65"))
+	if err != nil {
+		t.Fatalf("podcidr claim of its own Node with the pod-bound token: %v", err)
+	}
+	if err := s.Release(ctx, l); err != nil {
+		t.Fatalf("release of its own Node: %v", err)
+	}
+	if _, err := s.Claim(ctx, "rbac-n1", attrs("198.18.0.65")); err != nil {
+		t.Fatalf("claim again: %v", err)
+	}
+	for _, c := range []struct{ name, patch, msg string }{
+		{"a label", `{"metadata":{"labels":{"node-role.kubernetes.io/control-plane":""}}}`, "may change only the NetworkUnavailable condition"},
+		{"another annotation", `{"metadata":{"annotations":{"example.com/x":"y"}}}`, "may change only the tulle.dev/ annotations"},
+		{"another condition", `{"status":{"conditions":[{"type":"DiskPressure","status":"True","reason":"Forged"}]}}`, "may change only the NetworkUnavailable condition"},
+		{"its addresses", `{"status":{"addresses":[{"type":"InternalIP","address":"198.18.0.99"}]}}`, "may change only the NetworkUnavailable condition"},
+	} {
+		before, err := admin.CoreV1().Nodes().Get(ctx, "rbac-n1", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = own.CoreV1().Nodes().Patch(ctx, "rbac-n1", ktypes.StrategicMergePatchType, []byte(c.patch), metav1.PatchOptions{}, "status")
+		forbidden(t, "change "+c.name+" of its own Node", err, c.msg)
+		after, err := admin.CoreV1().Nodes().Get(ctx, "rbac-n1", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after.ResourceVersion != before.ResourceVersion {
+			t.Errorf("change %s of its own Node: the Node changed", c.name)
+		}
+	}
+}
+
+// checkLeaseIdentity: in lease mode the same token claims, renews and
+// releases Leases as rbac-n1 and is refused holding one as rbac-n2 or
+// deleting rbac-n2's.
+func checkLeaseIdentity(t *testing.T, own, limited kubernetes.Interface, nc *netconf.Config) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s := newStore(t, own, ModeLease, nc, "tulle-system", time.Minute)
+	l, err := s.Claim(ctx, "rbac-n1", attrs("198.18.0.65"))
+	if err != nil {
+		t.Fatalf("lease claim with the pod-bound token: %v", err)
+	}
+	if _, err := s.Renew(ctx, l); err != nil {
+		t.Fatalf("lease renew with the pod-bound token: %v", err)
+	}
+	if err := s.Release(ctx, l); err != nil {
+		t.Fatalf("lease release with the pod-bound token: %v", err)
+	}
+	short, cancelShort := context.WithTimeout(ctx, 3*time.Second)
+	_, err = s.Claim(short, "rbac-n2", attrs("198.18.0.66"))
+	cancelShort()
+	if err == nil || !strings.Contains(err.Error(), `tulle on node rbac-n1 may hold Leases only as itself, not as "rbac-n2"`) {
+		t.Errorf("lease claim as rbac-n2 with rbac-n1's token: %v, want refused by the node identity policy", err)
+	}
+	theirs, err := newStore(t, limited, ModeLease, nc, "tulle-system", time.Minute).Claim(ctx, "rbac-n2", attrs("198.18.0.66"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = own.CoordinationV1().Leases("tulle-system").Delete(ctx, leaseName(theirs.Key()), metav1.DeleteOptions{})
+	forbidden(t, "delete rbac-n2's Lease", err, `may delete only its own Leases`)
+	var o *coordv1.Lease
+	if o, err = admin.CoordinationV1().Leases("tulle-system").Get(ctx, leaseName(theirs.Key()), metav1.GetOptions{}); err != nil || ptrString(o.Spec.HolderIdentity) != "rbac-n2" {
+		t.Errorf("rbac-n2's Lease after the refused delete: %v", err)
 	}
 }
