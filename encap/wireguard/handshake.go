@@ -294,13 +294,19 @@ func (t *Transport) runTimers(s *sender) {
 		retry := false
 		p.mu.Lock()
 		if p.hs.state == hsInitiationSent && mnow >= p.retryAt {
-			if mnow-p.attempt >= int64(T.RekeyAttemptTime) {
+			switch {
+			case p.attempt == 0:
+				// A session the peer started was confirmed meanwhile:
+				// nothing waits for this one.
+				t.index.CompareAndDelete(p.hs.localIndex, p)
+				p.hs = handshake{}
+			case mnow-p.attempt >= int64(T.RekeyAttemptTime):
 				t.index.CompareAndDelete(p.hs.localIndex, p)
 				p.hs, p.attempt = handshake{}, 0
 				t.ctr.Add(HandshakesAbandoned, 1)
 				p.dropStagedLocked(p.staged)
 				p.staged = nil
-			} else {
+			default:
 				retry = true
 			}
 		}

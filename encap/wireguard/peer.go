@@ -304,13 +304,10 @@ func (p *peer) confirm(kp *keypair) {
 		} else {
 			p.rotateLocked(kp)
 		}
-		// A confirmed session completes the handshake (wireguard-go's
+		// A confirmed session completes the attempt (wireguard-go's
 		// timersHandshakeComplete): our own initiation in flight, if
-		// any, is not retried.
-		if p.hs.state != hsNone {
-			p.t.index.CompareAndDelete(p.hs.localIndex, p)
-			p.hs = handshake{}
-		}
+		// any, may still be answered until its retry is due, and is
+		// then forgotten rather than retried (see runTimers).
 		p.attempt = 0
 	}
 	p.mu.Unlock()
