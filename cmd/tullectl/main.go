@@ -3,7 +3,7 @@
 //	tullectl status [--run-dir DIR] [-o table|json]  a running tulled's lease, peers and counters
 //	tullectl version
 //	tullectl policy [--run-dir DIR] [NS/POD]  which NetworkPolicies select the node's pods, what they allow
-//	tullectl rotate-key [--run-dir DIR]  a new WireGuard key for the node, published at once
+//	tullectl rotate-key [--now] [--run-dir DIR]  a new WireGuard key for the node, published at once
 //	tullectl leases [--lease-dir DIR]    the leases in a local store
 //	tullectl demo [--tulled PATH]        a three-node overlay in namespaces, end to end
 //	tullectl demo --kube [--root DIR]    the same in a real Kubernetes cluster (kubelet, containerd)
@@ -38,7 +38,7 @@ func usage() {
 commands:
   status       show a running tulled's lease, peers, traffic and counters (-o json for scripts)
   policy       show which NetworkPolicies select this node's pods and what each pod may send and receive
-  rotate-key   give a running tulled a new WireGuard key (sessions carry on)
+  rotate-key   give a running tulled a new WireGuard key (sessions carry on; --now: the old key answers no more handshakes)
   install-cni  copy the CNI plugin and conflist into the host's CNI directories (the DaemonSet's init container)
   leases       list the leases in a local lease store
   demo         run a three-node tulle overlay in network namespaces (root; --kube: in a real Kubernetes cluster)
@@ -152,15 +152,19 @@ func printStatus(out io.Writer, s *api.Status, now time.Time) error {
 			tr = &api.PeerTraffic{}
 		}
 		key, hs := "-", "-"
+		why := p.Reason
 		if wg := p.WireGuard; wg != nil {
 			key, hs = wg.Fingerprint+"…", ago(now, wg.LastHandshake)
+			if wg.Refused != "" {
+				hs, why = "REFUSED", "WireGuard refuses this peer: "+wg.Refused
+			}
 		}
 		endpoint := "-"
 		if p.Endpoint.IsValid() {
 			endpoint = p.Endpoint.String()
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", p.Name, backendOf(p), endpoint, strings.Join(subnets, ","),
-			tr.TxFrames, tr.TxBytes, tr.RxFrames, tr.RxBytes, tr.Drops, ago(now, tr.LastSeen), key, hs, p.Reason)
+			tr.TxFrames, tr.TxBytes, tr.RxFrames, tr.RxBytes, tr.Drops, ago(now, tr.LastSeen), key, hs, why)
 	}
 	names := make([]string, 0, len(s.Counters))
 	for k, v := range s.Counters {
@@ -187,18 +191,29 @@ func ago(now, t time.Time) string {
 
 // rotateKey asks tulled for a new WireGuard key: written to its key file,
 // used for new handshakes at once and published with the lease; existing
-// sessions carry traffic until peers have the new key.
+// sessions carry traffic until peers have the new key. The old key
+// answers handshakes from peers that have not learned the new one for a
+// grace of 2 minutes; --now (the old key leaked) ends that at once.
 func rotateKey(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("rotate-key", flag.ContinueOnError)
 	runDir := fs.String("run-dir", "/run/tulle", "tulled's run directory")
+	now := fs.Bool("now", false, "the old key answers no handshake from now on (after a leak): peers that have not learned the new key wait until they do")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	k, err := api.RotateKey(ctx, filepath.Join(*runDir, api.SocketName))
+	if fs.NArg() > 0 {
+		return fmt.Errorf("rotate-key: unexpected argument %q", fs.Arg(0))
+	}
+	k, err := api.RotateKey(ctx, filepath.Join(*runDir, api.SocketName), *now)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("new public key %s (fingerprint %s), published with the lease\n", k.PublicKey, k.Fingerprint)
+	if k.OldKeyGrace > 0 {
+		fmt.Printf("the old key answers handshakes for %s more (rotate-key --now ends that)\n", k.OldKeyGrace)
+	} else {
+		fmt.Println("the old key answers no handshake from now on")
+	}
 	return nil
 }
 

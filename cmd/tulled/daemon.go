@@ -459,12 +459,12 @@ func run(o *options, log *slog.Logger) error {
 	})
 	republish := make(chan lease.Attrs, 1)
 	if wgMode {
-		st.rotate = func() (wireguard.Key, error) {
+		st.rotate = func(now bool) (wireguard.Key, time.Duration, error) {
 			rotMu.Lock()
 			defer rotMu.Unlock()
-			k, err := wgNode.rotate(o.wgKey)
+			k, grace, err := wgNode.rotate(o.wgKey, now)
 			if err != nil {
-				return k, err
+				return k, 0, err
 			}
 			kickRouter() // a device takes its new key on the next reconcile
 			c := *caps.WireGuard
@@ -476,8 +476,8 @@ func run(o *options, log *slog.Logger) error {
 			default:
 			}
 			republish <- a
-			log.Info("rotated the WireGuard key; publishing it", "public_key", k.Public())
-			return k, nil
+			log.Info("rotated the WireGuard key; publishing it", "public_key", k.Public(), "old_key_grace", grace)
+			return k, grace, nil
 		}
 	}
 	wg.Go(func() { cancel(renew(runCtx, store, l, o.leaseTTL, republish, st, log)) })

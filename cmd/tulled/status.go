@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,7 +37,7 @@ type status struct {
 	wg     *wg // nil unless WireGuard is configured
 	// rotate rotates the WireGuard key and republishes it (nil without
 	// WireGuard).
-	rotate func() (wireguard.Key, error)
+	rotate func(now bool) (wireguard.Key, time.Duration, error)
 	wgPort uint16
 	peers  *tunnel.PeerTable
 	// policy enforces NetworkPolicy (nil when off).
@@ -132,7 +134,7 @@ func (s *status) wireGuardStatus(doc *api.Status) {
 			continue
 		}
 		w := &api.WireGuardPeer{PublicKey: p.Key.String(), Fingerprint: p.Key.Fingerprint(), Endpoint: p.Endpoint,
-			LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+			LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes, Refused: p.Refused}
 		if s.wg.dev == nil && peers[i].Traffic != nil {
 			w.RxBytes, w.TxBytes = peers[i].Traffic.RxBytes, peers[i].Traffic.TxBytes
 		}
@@ -175,12 +177,17 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 				http.Error(w, "this node does not speak WireGuard (net-conf Backend.Type)", http.StatusConflict)
 				return
 			}
-			k, err := st.rotate()
+			now, err := strconv.ParseBool(cmp.Or(r.URL.Query().Get("now"), "false"))
+			if err != nil {
+				http.Error(w, "rotate key: parameter now: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+			k, grace, err := st.rotate(now)
 			if err != nil {
 				http.Error(w, "rotate key: "+err.Error(), http.StatusInternalServerError)
 				return
 			}
-			json.NewEncoder(w).Encode(api.RotatedKey{PublicKey: k.Public().String(), Fingerprint: k.Public().Fingerprint()})
+			json.NewEncoder(w).Encode(api.RotatedKey{PublicKey: k.Public().String(), Fingerprint: k.Public().Fingerprint(), OldKeyGrace: grace})
 		})
 	}
 	if st, ok := h.(*status); ok {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"time"
 
 	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/netconf"
@@ -51,21 +52,28 @@ func (w *wg) SetPeers(p []wireguard.PeerConfig) {
 }
 
 // rotate makes a new key, writes it to the key file (atomically, 0600)
-// and gives it to whichever runs; the caller republishes it.
-func (w *wg) rotate(keyFile string) (wireguard.Key, error) {
+// and gives it to whichever runs; the caller republishes it. It returns
+// how long the old key still answers handshakes: the userspace
+// transport's grace, cut to nothing with now; a kernel device answers
+// only its current key.
+func (w *wg) rotate(keyFile string, now bool) (wireguard.Key, time.Duration, error) {
 	k, err := wireguard.NewPrivateKey()
 	if err != nil {
-		return k, err
+		return k, 0, err
 	}
 	if err := wireguard.WriteKeyFile(keyFile, k); err != nil {
-		return k, err
+		return k, 0, err
 	}
 	if w.dev != nil {
 		w.dev.SetPrivateKey(k)
-	} else {
-		w.transport.SetPrivateKey(k)
+		return k, 0, nil
 	}
-	return k, nil
+	w.transport.SetPrivateKey(k)
+	if now {
+		w.transport.EndKeyGrace()
+		return k, 0, nil
+	}
+	return k, wireguard.KeyGrace, nil
 }
 
 // Close releases what runs (the kernel device stays, with its sessions).

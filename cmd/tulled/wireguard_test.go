@@ -539,7 +539,7 @@ func TestKeyRotation(t *testing.T) {
 	time.Sleep(time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	k, err := api.RotateKey(ctx, filepath.Join(a.RunDir, api.SocketName))
+	k, err := api.RotateKey(ctx, filepath.Join(a.RunDir, api.SocketName), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -606,4 +606,22 @@ func TestKeyRotation(t *testing.T) {
 	if err != nil {
 		t.Errorf("no ping through after the restart with the new key (5 tries): %v\n%s", err, out)
 	}
+	// After a leak: rotate-key --now retires the old key at once; b
+	// learns the new one from the lease and traffic flows.
+	k2, err := api.RotateKey(ctx, filepath.Join(a.RunDir, api.SocketName), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2.OldKeyGrace != 0 {
+		t.Errorf("rotate-key --now leaves the old key %s of grace", k2.OldKeyGrace)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if p := wgStatus(t, b).Peers; len(p) == 1 && p[0].WireGuard != nil && p[0].WireGuard.Fingerprint == k2.Fingerprint {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never saw %s's new key", b.Name, a.Name)
+		}
+	}
+	ping(t, b, addr(t, a, false))
 }

@@ -227,20 +227,20 @@ func (t *Transport) LocalAddrs() []netip.AddrPort {
 	return out
 }
 
-// keyGrace is how long initiations to the previous key are answered
+// KeyGrace is how long initiations to the previous key are answered
 // after a rotation: time for the new public key to reach every peer.
-const keyGrace = 2 * time.Minute
+const KeyGrace = 2 * time.Minute
 
 // SetPrivateKey rotates this node's static key. Sessions keep carrying
 // traffic; initiations from now on use the new key, and peers that still
-// know only the old one are answered for keyGrace, so a rotation breaks
+// know only the old one are answered for KeyGrace, so a rotation breaks
 // no session and delays no handshake.
 func (t *Transport) SetPrivateKey(k Key) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	km := newKeyMaterial(k)
 	t.prevKeys.Store(t.keys.Load())
-	t.prevUntil.Store(mono() + int64(keyGrace))
+	t.prevUntil.Store(mono() + int64(KeyGrace))
 	t.keys.Store(km)
 	for _, p := range t.peers.Load().list {
 		p.setStatic(km)

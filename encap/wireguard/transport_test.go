@@ -267,3 +267,57 @@ func finish(pkt []byte) {
 	segs, _ := tunnel.NewSegments(pkt, tt.PartialCsum(pkt))
 	segs.Next(pkt)
 }
+
+// TestInteropOneWayFlow: a one-way flow for 60 s between tulle and the
+// stock wireguard-go, each way, needs no handshake beyond the first: the
+// receiver answers with passive keepalives (KeepaliveTimeout after the
+// first unanswered packet), so the sender never re-handshakes for want
+// of an answer (it would after KeepaliveTimeout+RekeyTimeout, 15 s);
+// the 2-minute rekey is past the end.
+func TestInteropOneWayFlow(t *testing.T) {
+	if testing.Short() {
+		t.Skip("60 s of traffic each way (-short)")
+	}
+	const flow = 60 * time.Second
+	for _, sender := range []string{"tulle", "wireguard-go"} {
+		t.Run(sender+" sends", func(t *testing.T) {
+			t.Parallel()
+			w := newWGDevice(t)
+			a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
+			wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
+			a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
+			w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
+			src, dst := netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1")
+			send := func() {
+				if sender == "tulle" {
+					pkt := tt.TCP(src, dst, 100)
+					if err := a.tr.Send([]tunnel.Frame{frame(pkt, tt.PartialCsum(pkt), wep)}); err != nil {
+						t.Error(err)
+					}
+					<-w.tun.Inbound
+					return
+				}
+				pkt := tt.TCP(dst, src, 100)
+				finish(pkt)
+				w.tun.Outbound <- pkt
+				a.segments(t, 1)
+			}
+			send()
+			time.Sleep(time.Second) // past the start-up offer
+			before := a.ctr.Get(HandshakesCompleted)
+			n := 0
+			for start := time.Now(); time.Since(start) < flow; time.Sleep(50 * time.Millisecond) {
+				send()
+				n++
+			}
+			if got := a.ctr.Get(HandshakesCompleted) - before; got != 0 {
+				t.Errorf("%d handshakes during %s of one-way traffic (%d packets), want 0", got, flow, n)
+			}
+			if sender == "wireguard-go" && a.ctr.Get(KeepalivesSent) < 5 {
+				t.Errorf("tulle, receiving, sent %d keepalives in %s", a.ctr.Get(KeepalivesSent), flow)
+			}
+			t.Logf("%d packets over %s; tulle: %d handshakes, %d keepalives sent, %d received", n, flow,
+				a.ctr.Get(HandshakesCompleted), a.ctr.Get(KeepalivesSent), a.ctr.Get(KeepalivesReceived))
+		})
+	}
+}

@@ -120,6 +120,10 @@ type WireGuardPeer struct {
 	LastHandshake time.Time      `json:"lastHandshake,omitzero"`
 	RxBytes       uint64         `json:"rxBytes"`
 	TxBytes       uint64         `json:"txBytes"`
+	// Refused says why WireGuard serves no traffic to or from the peer
+	// (it shares its key or endpoint with another peer, or carries this
+	// node's key); empty when it does.
+	Refused string `json:"refused,omitempty"`
 }
 
 // RotateKeyPath is where a POST rotates the node's WireGuard key.
@@ -130,6 +134,9 @@ const RotateKeyPath = "/v1/wireguard/rotate-key"
 type RotatedKey struct {
 	PublicKey   string `json:"publicKey"`
 	Fingerprint string `json:"fingerprint"`
+	// OldKeyGrace is how long the old key still answers handshakes from
+	// peers that have not learned the new one (0: not at all).
+	OldKeyGrace time.Duration `json:"oldKeyGrace"`
 }
 
 func client(socket string) *http.Client { return clientTimeout(socket, 10*time.Second) }
@@ -144,9 +151,14 @@ func clientTimeout(socket string, timeout time.Duration) *http.Client {
 	}
 }
 
-// RotateKey asks the tulled at socket for a new WireGuard key.
-func RotateKey(ctx context.Context, socket string) (*RotatedKey, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://tulled"+RotateKeyPath, nil)
+// RotateKey asks the tulled at socket for a new WireGuard key; with now,
+// the old key answers no handshake from then on (no grace).
+func RotateKey(ctx context.Context, socket string, now bool) (*RotatedKey, error) {
+	path := RotateKeyPath
+	if now {
+		path += "?now=true"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://tulled"+path, nil)
 	if err != nil {
 		return nil, err
 	}
