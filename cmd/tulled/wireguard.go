@@ -122,7 +122,7 @@ func startWireGuard(o *options, u *underlay, ctr *wireguard.Counters, log *slog.
 	w := &wg{}
 	if device {
 		w.dev, err = wireguard.NewDevice(wireguard.DeviceConfig{Name: o.wgDevice, PrivateKey: key, PresharedKey: psk, Port: o.net.Backend.Port,
-			MTU: wireguard.InnerMTU(u.mtu, u.primaryIs6), PersistentKeepalive: o.net.Backend.PersistentKeepalive})
+			MTU: wireguard.InnerMTU(u.mtu, u.primaryIs6), PersistentKeepalive: o.net.Backend.PersistentKeepalive, Logger: log})
 		if err != nil {
 			return nil, err
 		}

@@ -3,6 +3,7 @@ package wireguard
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -30,7 +31,8 @@ type DeviceConfig struct {
 	PersistentKeepalive time.Duration
 	// Local are this node's subnets: routes to peers take their first
 	// addresses as source.
-	Local []netip.Prefix
+	Local  []netip.Prefix
+	Logger *slog.Logger // slog.Default() if nil
 }
 
 // Device programs a WireGuard device through wgctrl (the kernel's over
@@ -41,17 +43,21 @@ type DeviceConfig struct {
 // restarted tulled) keeps the device's sessions. It implements
 // tunnel.KernelPath.
 type Device struct {
-	mu     sync.Mutex
-	cfg    DeviceConfig
-	peers  []PeerConfig
-	known  bool // SetPeers was called: stale peers and routes may go
-	client *wgctrl.Client
+	mu      sync.Mutex
+	cfg     DeviceConfig
+	peers   []PeerConfig
+	refused []PeerStatus // peers vet refused (see Transport.SetPeers)
+	known   bool         // SetPeers was called: stale peers and routes may go
+	client  *wgctrl.Client
 }
 
 // NewDevice opens the wgctrl client; Reconcile creates the device.
 func NewDevice(cfg DeviceConfig) (*Device, error) {
 	if cfg.Name == "" {
 		cfg.Name = DeviceName
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
 	}
 	c, err := wgctrl.New()
 	if err != nil {
@@ -73,11 +79,15 @@ func (d *Device) PublicKey() Key {
 	return d.cfg.PrivateKey.Public()
 }
 
-// SetPeers replaces the peers; the next Reconcile applies them.
+// SetPeers replaces the peers; the next Reconcile applies them. Peers
+// that share an endpoint or a key, or carry this node's key, are refused
+// as the userspace transport refuses them (Status shows them).
 func (d *Device) SetPeers(peers []PeerConfig) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.peers, d.known = slices.Clone(peers), true
+	ok, refused := vet(peers, []Key{d.cfg.PrivateKey.Public()})
+	logRefusals(d.cfg.Logger, d.refused, refused)
+	d.peers, d.refused, d.known = ok, refused, true
 }
 
 // SetPrivateKey rotates the device's key on the next Reconcile.
@@ -307,12 +317,12 @@ func (d *Device) Status() []PeerStatus {
 	for _, p := range d.peers {
 		names[p.Key] = p.Name
 	}
+	out := slices.Clone(d.refused)
 	d.mu.Unlock()
 	dev, err := d.client.Device(d.cfg.Name)
 	if err != nil {
-		return nil
+		return out
 	}
-	var out []PeerStatus
 	for _, p := range dev.Peers {
 		st := PeerStatus{Name: names[Key(p.PublicKey)], Key: Key(p.PublicKey), LastHandshake: p.LastHandshakeTime, RxBytes: uint64(p.ReceiveBytes), TxBytes: uint64(p.TransmitBytes)}
 		if p.Endpoint != nil {

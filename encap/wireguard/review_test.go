@@ -408,3 +408,41 @@ func TestEndKeyGrace(t *testing.T) {
 		t.Errorf("b completed %d handshakes: one with the retired key after its grace ended", b.ctr.Get(HandshakesCompleted))
 	}
 }
+
+// TestVet: which peers SetPeers (the transport's and the device's) refuse.
+func TestVet(t *testing.T) {
+	k := func(b byte) Key { return Key{b} }
+	ep := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr("198.18.0.1"), port) }
+	mapped := netip.AddrPortFrom(netip.MustParseAddr("::ffff:198.18.0.1"), 1)
+	tests := []struct {
+		name    string
+		cfgs    []PeerConfig
+		ok      []string
+		refused []string
+	}{
+		{"distinct", []PeerConfig{{Name: "a", Key: k(1), Endpoint: ep(1)}, {Name: "b", Key: k(2), Endpoint: ep(2)}}, []string{"a", "b"}, nil},
+		{"one endpoint", []PeerConfig{{Name: "a", Key: k(1), Endpoint: ep(1)}, {Name: "b", Key: k(2), Endpoint: ep(1)}, {Name: "c", Key: k(3), Endpoint: ep(3)}}, []string{"c"}, []string{"a", "b"}},
+		{"one endpoint, 4in6", []PeerConfig{{Name: "a", Key: k(1), Endpoint: ep(1)}, {Name: "b", Key: k(2), Endpoint: mapped}}, nil, []string{"a", "b"}},
+		{"one key", []PeerConfig{{Name: "a", Key: k(1), Endpoint: ep(1)}, {Name: "b", Key: k(1), Endpoint: ep(2)}}, nil, []string{"a", "b"}},
+		{"own key", []PeerConfig{{Name: "a", Key: k(9), Endpoint: ep(1)}, {Name: "b", Key: k(2), Endpoint: ep(2)}}, []string{"b"}, []string{"a"}},
+		{"no key or endpoint: skipped", []PeerConfig{{Name: "a", Endpoint: ep(1)}, {Name: "b", Key: k(2)}}, nil, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ok, refused := vet(tc.cfgs, []Key{k(9)})
+			var gotOK, gotRefused []string
+			for _, c := range ok {
+				gotOK = append(gotOK, c.Name)
+			}
+			for _, r := range refused {
+				if r.Refused == "" {
+					t.Errorf("%s refused without a reason", r.Name)
+				}
+				gotRefused = append(gotRefused, r.Name)
+			}
+			if fmt.Sprint(gotOK) != fmt.Sprint(tc.ok) || fmt.Sprint(gotRefused) != fmt.Sprint(tc.refused) {
+				t.Errorf("served %v refused %v, want %v and %v", gotOK, gotRefused, tc.ok, tc.refused)
+			}
+		})
+	}
+}

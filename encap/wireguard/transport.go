@@ -282,7 +282,7 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 		own = append(own, prev.pub)
 	}
 	cfgs, refused := vet(cfgs, own)
-	t.logRefusals(old.refused, refused)
+	logRefusals(t.log, old.refused, refused)
 	keys := map[Key]bool{}
 	for _, c := range cfgs {
 		keys[c.Key] = true
@@ -366,10 +366,10 @@ func vet(cfgs []PeerConfig, own []Key) (ok []PeerConfig, refused []PeerStatus) {
 func unmap(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
 
 // logRefusals warns of each refusal that is new since the last call.
-func (t *Transport) logRefusals(was, now []PeerStatus) {
+func logRefusals(log *slog.Logger, was, now []PeerStatus) {
 	for _, r := range now {
 		if !slices.Contains(was, r) {
-			t.log.Warn("WireGuard peer refused: no traffic to or from it until the conflict is gone", "peer", r.Name,
+			log.Warn("WireGuard peer refused: no traffic to or from it until the conflict is gone", "peer", r.Name,
 				"public_key", r.Key.Fingerprint(), "endpoint", r.Endpoint, "reason", r.Refused)
 		}
 	}

@@ -17,9 +17,14 @@ import (
 	"testing"
 	"time"
 
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/kubecluster"
@@ -50,6 +55,7 @@ func TestRealCluster(t *testing.T) {
 	t.Logf("tulle installed and ready on %d nodes after %s", len(c.Nodes), time.Since(start).Round(time.Second))
 
 	t.Run("Nodes", func(t *testing.T) { checkNodes(t, ctx, c) })
+	t.Run("NodeIdentity", func(t *testing.T) { checkNodeIdentity(t, ctx, c) })
 	t.Run("Operate", func(t *testing.T) { checkOperate(t, ctx, c) })
 
 	const ns, app, replicas = "default", "echo", 6
@@ -141,6 +147,43 @@ func checkNodes(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
 		}
 		if got := node.Annotations["tulle.dev/public-ip"]; got != n.IP4.String() {
 			t.Errorf("%s: annotation tulle.dev/public-ip %q, want %s (all: %v)", n.Name, got, n.IP4, node.Annotations)
+		}
+	}
+}
+
+// checkNodeIdentity: a token bound to a running tulle pod, as its kubelet
+// gets it, may publish on the pod's own Node and is refused (403, the
+// node identity policy) on another (dry runs: admission runs, nothing
+// changes).
+func checkNodeIdentity(t *testing.T, ctx context.Context, c *kubecluster.Cluster) {
+	pods, err := c.Pods(ctx, kubecluster.TulleNamespace, "app.kubernetes.io/name=tulle")
+	if err != nil || len(pods) < 2 {
+		t.Fatalf("tulle pods: %d, %v", len(pods), err)
+	}
+	pod := pods[0]
+	tr, err := c.Client.CoreV1().ServiceAccounts(kubecluster.TulleNamespace).CreateToken(ctx, pod.Spec.ServiceAccountName, &authnv1.TokenRequest{
+		Spec: authnv1.TokenRequestSpec{BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.BearerToken, cfg.BearerTokenFile = tr.Status.Token, ""
+	as, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dry := metav1.PatchOptions{DryRun: []string{metav1.DryRunAll}}
+	for _, n := range c.Nodes {
+		patch := fmt.Sprintf(`{"metadata":{"annotations":{"tulle.dev/public-ip":%q}}}`, n.IP4)
+		_, err := as.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, []byte(patch), dry, "status")
+		switch {
+		case n.Name == pod.Spec.NodeName && err != nil:
+			t.Errorf("tulle on %s publishing its own Node: %v", n.Name, err)
+		case n.Name != pod.Spec.NodeName && (!apierrors.IsForbidden(err) || !strings.Contains(fmt.Sprint(err), "may not change Node "+n.Name)):
+			t.Errorf("tulle on %s publishing Node %s: %v, want 403 from the node identity policy", pod.Spec.NodeName, n.Name, err)
 		}
 	}
 }
