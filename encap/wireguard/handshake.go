@@ -44,7 +44,7 @@ func (t *Transport) handshakes() {
 			t.handle(&m)
 		case p := <-t.kicks:
 			p.kickPending.Store(false)
-			t.initiate(p, false)
+			t.initiate(p, false, p.offerPending.Swap(false))
 		case <-tk.C:
 			t.runTimers(s)
 		}
@@ -167,12 +167,18 @@ func (t *Transport) consumeResponse(m *hsMessage) {
 	}
 	mnow := mono()
 	p.mu.Lock()
-	if p.hs.state != hsInitiationSent || p.hs.localIndex != idx {
+	var hs *handshake
+	switch {
+	case p.hs.state == hsInitiationSent && p.hs.localIndex == idx:
+		hs = &p.hs
+	case p.offerHS.state == hsInitiationSent && p.offerHS.localIndex == idx:
+		hs = &p.offerHS // the answer to an offer data overtook
+	default:
 		p.mu.Unlock()
 		t.ctr.Add(DropUnknownIndex, 1)
 		return
 	}
-	send, recv, remote, err := consumeResponse(msg, &p.hs, p.hs.km, t.cfg.PresharedKey)
+	send, recv, remote, err := consumeResponse(msg, hs, hs.km, t.cfg.PresharedKey)
 	if err != nil {
 		p.mu.Unlock()
 		t.ctr.Add(DropAuth, 1)
@@ -234,24 +240,39 @@ func (p *peer) cookieLocked(mnow int64) *[16]byte {
 // initiate sends an initiation to p. A first try is skipped while our
 // last handshake message (an initiation, or a response to the peer's) is
 // younger than RekeyTimeout: a second initiation would replace the one in
-// flight, whose answer would then meet a forgotten index, while the
-// peer's flood limit drops the second; the retry of the first is due at
-// RekeyTimeout anyway.
-func (t *Transport) initiate(p *peer, retry bool) {
+// flight, whose answer would then meet a forgotten index while the peer's
+// flood limit drops the second; the retry of the first is due at
+// RekeyTimeout anyway. One exception: data that comes while only an
+// offer (an initiation nobody waited for: offer) is in flight sends its
+// own at once, because the peer may have dropped the offer (it did not
+// know this node yet) — and the offer stays answerable beside it.
+func (t *Transport) initiate(p *peer, retry, offer bool) {
 	mnow := mono()
 	var msg [initiationSize]byte
 	p.mu.Lock()
 	st := p.static.Load()
 	recent := p.lastInit != 0 && mnow-p.lastInit < int64(t.timers.RekeyTimeout)
-	if p.removed || !st.ok || (!retry && recent) {
+	// Not when the peer's own handshake was answered meanwhile (p.next):
+	// its session is on its way, and the data waits for it.
+	overtake := !retry && !offer && p.offered && p.hs.state == hsInitiationSent && p.next == nil
+	if p.removed || !st.ok || (!retry && recent && !overtake) {
 		p.mu.Unlock()
 		return
 	}
 	if p.attempt == 0 {
 		p.attempt = mnow
 	}
-	if p.hs.state != hsNone {
+	switch {
+	case overtake:
+		if p.offerHS.state != hsNone {
+			t.index.CompareAndDelete(p.offerHS.localIndex, p)
+		}
+		p.offerHS, p.offerUntil = p.hs, p.lastInit+int64(t.timers.RekeyTimeout)
+	case p.hs.state != hsNone:
 		t.index.CompareAndDelete(p.hs.localIndex, p)
+	}
+	if !retry {
+		p.offered = offer
 	}
 	idx := t.newIndex(p)
 	if err := createInitiation(msg[:], &p.hs, st.km, p.pub, st.ss, idx, time.Now()); err != nil {
@@ -293,6 +314,10 @@ func (t *Transport) runTimers(s *sender) {
 	for _, p := range t.peers.Load().list {
 		retry := false
 		p.mu.Lock()
+		if p.offerHS.state != hsNone && mnow >= p.offerUntil {
+			t.index.CompareAndDelete(p.offerHS.localIndex, p)
+			p.offerHS = handshake{}
+		}
 		if p.hs.state == hsInitiationSent && mnow >= p.retryAt {
 			switch {
 			case p.attempt == 0:
@@ -323,7 +348,7 @@ func (t *Transport) runTimers(s *sender) {
 		}
 		p.mu.Unlock()
 		if retry {
-			t.initiate(p, true)
+			t.initiate(p, true, false)
 		}
 		usable := cur.usable(mnow, T)
 		un := p.unanswered.Load()
@@ -336,12 +361,12 @@ func (t *Transport) runTimers(s *sender) {
 			if usable {
 				s.keepalive(p, cur)
 			} else {
-				t.initiate(p, false)
+				t.initiate(p, false, false)
 			}
 		}
 		if ws := p.waitingSince.Load(); ws != 0 && mnow-ws >= int64(T.KeepaliveTimeout+T.RekeyTimeout) {
 			p.waitingSince.Store(0)
-			t.initiate(p, false)
+			t.initiate(p, false, false)
 		}
 	}
 }

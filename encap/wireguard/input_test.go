@@ -316,7 +316,7 @@ func TestKeyRotation(t *testing.T) {
 		pp.mu.Lock()
 		pp.lastInit = 0
 		pp.mu.Unlock()
-		n.tr.initiate(pp, false)
+		n.tr.initiate(pp, false, false)
 		for deadline := time.Now().Add(5 * time.Second); n.ctr.Get(HandshakesCompleted) == before; time.Sleep(5 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				m := map[string]uint64{}

@@ -38,7 +38,15 @@ type peer struct {
 	// on it confirms it.
 	prev, next *keypair
 	hs         handshake // our initiation in flight
-	attempt    int64     // mono: when the current handshake attempt began (0: none)
+	// offered: hs is an offer (see Transport.SetPeers), made before any
+	// data waited for it. Data that comes while it is in flight sends its
+	// own initiation at once (the peer may have dropped the offer: it did
+	// not know this node yet), and the offer moves to offerHS, answerable
+	// until offerUntil (mono): its answer never meets a forgotten index.
+	offered    bool
+	offerHS    handshake
+	offerUntil int64
+	attempt    int64 // mono: when the current handshake attempt began (0: none)
 	// lastInit is when our last handshake message left: an initiation,
 	// or a response (answering counts as sending one, as in wireguard-go:
 	// no initiation of ours crosses a handshake just made).
@@ -54,9 +62,10 @@ type peer struct {
 	staged        []tunnel.Frame
 	removed       bool
 
-	kickPending atomic.Bool
-	lastSent    atomic.Int64 // mono: any message sent
-	lastRecv    atomic.Int64 // mono: any authenticated message received
+	kickPending  atomic.Bool
+	offerPending atomic.Bool  // the pending kick is an offer
+	lastSent     atomic.Int64 // mono: any message sent
+	lastRecv     atomic.Int64 // mono: any authenticated message received
 	// unanswered is when the first data message arrived since this node
 	// last sent anything (0: none): a passive keepalive answers it after
 	// KeepaliveTimeout. Later data does not push it back.
@@ -113,7 +122,10 @@ func (p *peer) takeOver(old *peer) {
 	p.staged, old.staged = old.staged, nil
 	if old.pub == p.pub {
 		if old.hs.state != hsNone && p.t.index.CompareAndSwap(old.hs.localIndex, old, p) {
-			p.hs, p.attempt, p.retryAt = old.hs, old.attempt, old.retryAt
+			p.hs, p.attempt, p.retryAt, p.offered = old.hs, old.attempt, old.retryAt, old.offered
+		}
+		if old.offerHS.state != hsNone && p.t.index.CompareAndSwap(old.offerHS.localIndex, old, p) {
+			p.offerHS, p.offerUntil = old.offerHS, old.offerUntil
 		}
 		p.lastInit, p.cookie, p.cookieAt, p.lastMAC1 = old.lastInit, old.cookie, old.cookieAt, old.lastMAC1
 		p.endpoint.Store(old.endpoint.Load())
@@ -121,10 +133,10 @@ func (p *peer) takeOver(old *peer) {
 			{&p.unanswered, &old.unanswered}, {&p.waitingSince, &old.waitingSince}} {
 			v.to.Store(v.from.Load())
 		}
-	} else if old.hs.state != hsNone {
-		p.t.index.CompareAndDelete(old.hs.localIndex, old)
+	} else {
+		old.forgetHandshakesLocked()
 	}
-	old.hs = handshake{}
+	old.hs, old.offerHS = handshake{}, handshake{}
 }
 
 // allows reports whether a lies in the peer's subnets.
@@ -164,17 +176,36 @@ func (p *peer) wipeLocked() {
 	}
 	p.prev, p.next = nil, nil
 	p.cur.Store(nil)
-	if p.hs.state != hsNone {
-		p.t.index.CompareAndDelete(p.hs.localIndex, p)
-		p.hs = handshake{}
-	}
+	p.forgetHandshakesLocked()
 	p.attempt = 0
 }
 
+// forgetHandshakesLocked drops our initiations in flight (hs and a
+// replaced offer) and their indices.
+func (p *peer) forgetHandshakesLocked() {
+	for _, hs := range []*handshake{&p.hs, &p.offerHS} {
+		if hs.state != hsNone {
+			p.t.index.CompareAndDelete(hs.localIndex, p)
+			*hs = handshake{}
+		}
+	}
+}
+
 // kick asks the handshake goroutine for an initiation because data waits
-// for a session (at most one per RekeyTimeout: see initiate), without
-// blocking the caller.
+// for a session (see initiate for how often), without blocking the
+// caller.
 func (p *peer) kick() {
+	p.offerPending.Store(false)
+	p.request()
+}
+
+// offer asks for an initiation nobody waits for yet: a new peer.
+func (p *peer) offer() {
+	p.offerPending.Store(true)
+	p.request()
+}
+
+func (p *peer) request() {
 	if p.kickPending.Swap(true) {
 		return
 	}

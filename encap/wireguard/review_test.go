@@ -173,10 +173,55 @@ func (r *rawPeer) initiations(d time.Duration) int {
 	}
 }
 
-// TestOneInitiationInFlight: data waiting for a session while the
-// handshake offered to a new peer is in flight sends no second
-// initiation (it would replace the first, whose answer would then land
-// on a forgotten index) until RekeyTimeout.
+// TestOfferThenData: data that comes while the handshake offered to a new
+// peer is in flight sends its own initiation, and the offer stays
+// answerable: the peer answers the offer (and drops the second initiation
+// as a flood), and that answer completes a session at once rather than
+// landing on a forgotten index and leaving the data to the retry.
+func TestOfferThenData(t *testing.T) {
+	timers := Timers{RekeyAfterTime: time.Hour, RejectAfterTime: 2 * time.Hour, RekeyAttemptTime: time.Minute,
+		RekeyTimeout: 3 * time.Second, KeepaliveTimeout: time.Second, RekeyAfterMessages: 1 << 60}
+	lo := netip.MustParseAddrPort("127.0.0.1:0")
+	a, b := newNode(t, lo, Config{Timers: timers}), newNode(t, lo, Config{Timers: timers})
+	b.tr.SetPeers([]PeerConfig{b.peer(a)})
+	time.Sleep(eagerJitter + 50*time.Millisecond) // b's offer, which a drops: it does not know b yet
+	a.tr.SetPeers([]PeerConfig{a.peer(b)})
+	for a.ctr.Get(HandshakesSent) == 0 { // a's offer is out
+	}
+	sendTCP(t, a, "100.96.1.1", "100.96.2.1", b.endpoint())
+	select {
+	case <-b.out:
+	case <-time.After(time.Second):
+		t.Fatalf("data after an offer waits (a: %d initiations, %d unknown-index drops)", a.ctr.Get(HandshakesSent), a.ctr.Get(DropUnknownIndex))
+	}
+	if got := a.ctr.Get(DropUnknownIndex); got != 0 {
+		t.Errorf("%s = %d: the offer's answer met a forgotten index", DropUnknownIndex, got)
+	}
+}
+
+// TestOfferDroppedThenData: a peer that dropped the offer (the stock
+// wireguard-go, which did not know this node yet and makes no offer of
+// its own when it learns of it) gets data at once, not after the retry.
+func TestOfferDroppedThenData(t *testing.T) {
+	w := newWGDevice(t)
+	a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
+	wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
+	a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
+	for a.ctr.Get(HandshakesSent) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // the offer reached wireguard-go, which dropped it
+	w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
+	sendTCP(t, a, "100.96.1.1", "100.96.2.1", wep)
+	select {
+	case <-w.tun.Inbound:
+	case <-time.After(2 * time.Second):
+		t.Fatal("data waits for the dropped offer's retry")
+	}
+}
+
+// TestOneInitiationInFlight: with an initiation for data in flight, more
+// data sends no second one within RekeyTimeout; the retry comes then.
 func TestOneInitiationInFlight(t *testing.T) {
 	a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{Timers: Timers{RekeyAfterTime: time.Hour, RejectAfterTime: 2 * time.Hour,
 		RekeyAttemptTime: time.Minute, RekeyTimeout: 2 * time.Second, KeepaliveTimeout: time.Second, RekeyAfterMessages: 1 << 60}})
@@ -186,8 +231,14 @@ func TestOneInitiationInFlight(t *testing.T) {
 		t.Fatalf("%d initiations offered to a new peer, want 1", n)
 	}
 	sendTCP(t, a, "100.96.1.1", "100.96.2.1", r.endpoint())
+	if n := r.initiations(200 * time.Millisecond); n != 1 {
+		t.Errorf("%d initiations for data after the offer, want 1", n)
+	}
+	for range 5 {
+		sendTCP(t, a, "100.96.1.1", "100.96.2.1", r.endpoint())
+	}
 	if n := r.initiations(time.Second); n != 0 {
-		t.Errorf("%d more initiations within RekeyTimeout of the first, want 0 (its retry comes at RekeyTimeout)", n)
+		t.Errorf("%d more initiations within RekeyTimeout of the one for data, want 0", n)
 	}
 	if n := r.initiations(2 * time.Second); n != 1 {
 		t.Errorf("%d retries at RekeyTimeout, want 1", n)
@@ -280,7 +331,7 @@ func TestHandshakesAndDataConcurrently(t *testing.T) {
 				p.mu.Lock()
 				p.lastInit = 0
 				p.mu.Unlock()
-				n.tr.initiate(p, false)
+				n.tr.initiate(p, false, false)
 			}
 		}
 		time.Sleep(2 * initiationMinInterval)
@@ -398,7 +449,7 @@ func TestEndKeyGrace(t *testing.T) {
 	before := b.ctr.Get(DropMAC1)
 	time.Sleep(2 * shortTimers.RekeyTimeout)
 	p := a.tr.peers.Load().list[0] // still the old key
-	a.tr.initiate(p, false)
+	a.tr.initiate(p, false, false)
 	for deadline := time.Now().Add(5 * time.Second); b.ctr.Get(DropMAC1) == before; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("an initiation to the retired key was not refused")

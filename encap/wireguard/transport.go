@@ -318,10 +318,11 @@ func (t *Transport) SetPeers(cfgs []PeerConfig) {
 	// on the first call: the sessions of an earlier run of this node are
 	// gone and peers may still send on them), each after a random delay
 	// so two nodes meeting rarely cross their initiations. A peer that
-	// did not know this node yet, and dropped its initiation, offers one
-	// in turn when it learns of this node.
+	// did not know this node yet, and dropped the offer, offers one in
+	// turn when it learns of this node (a tulle peer does), or data
+	// initiates at once (see initiate).
 	for _, p := range fresh {
-		time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.kick)
+		time.AfterFunc(time.Duration(randUint32()%uint32(eagerJitter)), p.offer)
 	}
 	for k, p := range old.byKey {
 		if next.byKey[k] != p {
