@@ -35,7 +35,7 @@ func capture(t *testing.T, n *cluster.Node, dev string) (stop func() []byte) {
 	t.Helper()
 	f := t.TempDir() + "/" + dev + ".pcap"
 	cmd := n.Command(context.Background(), "tcpdump", "-Z", "root", "--immediate-mode", "-i", dev, "-U", "-s", "0", "-w", f)
-	var stderr bytes.Buffer
+	var stderr lockedBuffer // tcpdump writes it while this reads
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("tcpdump: %v", err)
@@ -57,6 +57,24 @@ func capture(t *testing.T, n *cluster.Node, dev string) (stop func() []byte) {
 		}
 		return b
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for one writer and one reader.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // sendMarker sends a recognisable payload over TCP from → to's pod address.

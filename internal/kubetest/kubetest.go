@@ -100,6 +100,7 @@ type Cluster struct {
 	opt       Options
 	etcd      *exec.Cmd
 	apiserver *exec.Cmd
+	apiDone   <-chan struct{} // closed once the API server has exited
 	etcdURL   string
 	port      int // the host's: the API server's own, or the relay's
 	relay     net.Listener
@@ -166,18 +167,36 @@ func (c *Cluster) command(name string, args ...string) *exec.Cmd {
 // Run starts cmd with its output appended to logPath, killed when this
 // process dies; a goroutine reaps it.
 func Run(cmd *exec.Cmd, logPath string) error {
+	_, err := start(cmd, logPath)
+	return err
+}
+
+// start is Run, and says when the process has exited: the reaping
+// goroutine owns cmd's state, so nothing else may read it.
+func start(cmd *exec.Cmd, logPath string) (<-chan struct{}, error) {
 	log, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		log.Close()
-		return fmt.Errorf("start %s: %w", cmd.Path, err)
+		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
-	go func() { cmd.Wait(); log.Close() }()
-	return nil
+	done := make(chan struct{})
+	go func() { cmd.Wait(); log.Close(); close(done) }()
+	return done, nil
+}
+
+// exited reports whether the process start reaped has exited.
+func exited(done <-chan struct{}) bool {
+	select {
+	case <-done:
+		return true
+	default:
+		return false
+	}
 }
 
 func (c *Cluster) writeFiles() error {
@@ -233,9 +252,11 @@ func (c *Cluster) StartAPIServer() error {
 		"--enable-priority-and-fairness=false",
 		"--max-requests-inflight", "3000", "--max-mutating-requests-inflight", "1000",
 	}, c.opt.Args...)...)
-	if err := Run(c.apiserver, filepath.Join(d, "apiserver.log")); err != nil {
+	done, err := start(c.apiserver, filepath.Join(d, "apiserver.log"))
+	if err != nil {
 		return err
 	}
+	c.apiDone = done
 	deadline := time.Now().Add(90 * time.Second)
 	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 	for time.Now().Before(deadline) {
@@ -247,7 +268,7 @@ func (c *Cluster) StartAPIServer() error {
 				return nil
 			}
 		}
-		if c.apiserver.ProcessState != nil {
+		if exited(c.apiDone) {
 			break
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -264,15 +285,8 @@ func (c *Cluster) StartAPIServer() error {
 func (c *Cluster) StopAPIServer() {
 	if c.apiserver != nil && c.apiserver.Process != nil {
 		c.apiserver.Process.Kill()
-		done := make(chan struct{})
-		go func() {
-			for c.apiserver.ProcessState == nil {
-				time.Sleep(20 * time.Millisecond)
-			}
-			close(done)
-		}()
 		select {
-		case <-done:
+		case <-c.apiDone:
 		case <-time.After(20 * time.Second):
 			c.apiserver.Process.Kill()
 		}
