@@ -211,6 +211,19 @@ func (w *wgDevice) addPeer(t *testing.T, pub Key, ep netip.AddrPort, allowed ...
 	}
 }
 
+// interopPair is a wireguard-go device and a tulle transport, peers of
+// each other (tulle's subnet 100.96.1.0/24 on wireguard-go's side), and
+// wireguard-go's endpoint.
+func interopPair(t *testing.T) (*wgDevice, *node, netip.AddrPort) {
+	t.Helper()
+	w := newWGDevice(t)
+	a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
+	wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
+	a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
+	w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
+	return w, a, wep
+}
+
 // TestInteropWireguardGo: tulle's WireGuard and the stock wireguard-go
 // device exchange traffic both ways, each side initiating once, TSO
 // super-packets from tulle arriving as the segments wireguard-go writes
@@ -218,11 +231,7 @@ func (w *wgDevice) addPeer(t *testing.T, pub Key, ep netip.AddrPort, allowed ...
 func TestInteropWireguardGo(t *testing.T) {
 	for _, first := range []string{"tulle", "wireguard-go"} {
 		t.Run(first+" initiates", func(t *testing.T) {
-			w := newWGDevice(t)
-			a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
-			wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
-			a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
-			w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
+			w, a, wep := interopPair(t)
 			src, dst := netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1")
 
 			toTulle := func() {
@@ -282,11 +291,7 @@ func TestInteropOneWayFlow(t *testing.T) {
 	for _, sender := range []string{"tulle", "wireguard-go"} {
 		t.Run(sender+" sends", func(t *testing.T) {
 			t.Parallel()
-			w := newWGDevice(t)
-			a := newNode(t, netip.MustParseAddrPort("127.0.0.1:0"), Config{})
-			wep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port)
-			a.tr.SetPeers([]PeerConfig{{Name: "wg", Key: w.key.Public(), Endpoint: wep, Subnets: testNets}})
-			w.addPeer(t, a.tr.PublicKey(), a.endpoint(), "100.96.1.0/24")
+			w, a, wep := interopPair(t)
 			src, dst := netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1")
 			send := func() {
 				if sender == "tulle" {
