@@ -165,6 +165,9 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet) {
 	if !p.HostNetwork || p.PriorityClassName != "system-node-critical" || p.ServiceAccountName != "tulle" {
 		t.Errorf("pod spec: hostNetwork %v, priority %q, service account %q", p.HostNetwork, p.PriorityClassName, p.ServiceAccountName)
 	}
+	if p.AutomountServiceAccountToken != nil && !*p.AutomountServiceAccountToken {
+		t.Error("the DaemonSet does not mount its pod-bound token: node-identity.yaml refuses any other")
+	}
 	if !slices.ContainsFunc(p.Tolerations, func(tl corev1.Toleration) bool { return tl.Operator == "Exists" && tl.Key == "" }) {
 		t.Error("the DaemonSet does not tolerate every taint")
 	}
