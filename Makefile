@@ -35,12 +35,12 @@ test:
 	@tools/setup test
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
-	@# The real cluster (internal/kubecluster) runs after the rest, alone: it
+	@# The real cluster (internal/tstest/kubecluster) runs after the rest, alone: it
 	@# keeps both cores busy, and the timing-bound e2e tests beside it suffered.
-	@# The upstream [sig-network] [Conformance] suite (internal/conformance,
+	@# The upstream [sig-network] [Conformance] suite (internal/tstest/conformance,
 	@# udp backend) runs last, after the real-cluster tests, one at a time.
-	@set -o pipefail; { $(GO) test -json -count=1 -timeout 25m $$($(GO) list ./... | grep -v -e /internal/kubecluster -e /internal/conformance); \
-		$(GO) test -json -count=1 -p 1 -timeout 60m ./internal/kubecluster/... ./internal/conformance/...; } | $(GO) run ./tools/testsum
+	@set -o pipefail; { $(GO) test -json -count=1 -timeout 25m $$($(GO) list ./... | grep -v -e /internal/tstest/kubecluster -e /internal/tstest/conformance); \
+		$(GO) test -json -count=1 -p 1 -timeout 60m ./internal/tstest/kubecluster/... ./internal/tstest/conformance/...; } | $(GO) run ./tools/testsum
 
 ## conformance: the Kubernetes project's own networking tests ([sig-network] [Conformance], then [sig-network] Netpol) against a real cluster (control plane + 2 nodes, all running tulle, cluster DNS) with BACKEND (udp, wireguard, host-gw, vxlan); JUnit and logs in conformance-out/<backend>/<suite>/, one line per suite; fails when a suite in REQUIRE fails (root).
 BACKEND ?= udp

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 func TestParseIperf3Fixtures(t *testing.T) {

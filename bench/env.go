@@ -11,10 +11,10 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/topo"
-	"github.com/tulle-net/tulle/internal/wggo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
+	"github.com/tulle-net/tulle/internal/tstest/wggo"
 )
 
 // Path names, as reports use them. Later backends add theirs here

@@ -20,7 +20,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // Iperf3Result is the part of an iperf3 -J report the harness uses.

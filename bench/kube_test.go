@@ -17,10 +17,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // realisticNode builds a Node about the size a kubelet reports: labels,

@@ -14,8 +14,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // Figure keys, the stable names in results.json.

@@ -19,10 +19,10 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // BenchmarkPolicyChange measures a real tulled (podcidr mode, in a network

@@ -10,8 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/tulle-net/tulle/internal/topo"
-	"github.com/tulle-net/tulle/internal/wggo"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
+	"github.com/tulle-net/tulle/internal/tstest/wggo"
 )
 
 // wgGoPort is the wireguard-go path's port.

@@ -19,8 +19,8 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/testenv"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // env is one "node" namespace with a tulled-like run dir, and helpers to

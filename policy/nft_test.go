@@ -10,8 +10,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/knftables"
 
-	"github.com/tulle-net/tulle/internal/testenv"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // TestRealNFT applies what Compile renders to the kernel's nftables (in a

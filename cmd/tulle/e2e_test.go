@@ -19,9 +19,9 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/testenv"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // debianCNI is where Debian's containernetworking-plugins installs portmap.

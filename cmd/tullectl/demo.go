@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 	"github.com/tulle-net/tulle/lease/local"
 )
 

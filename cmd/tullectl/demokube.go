@@ -11,11 +11,11 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/tulle-net/tulle/internal/kubecluster"
+	"github.com/tulle-net/tulle/internal/tstest/kubecluster"
 )
 
 // demoKube builds a real Kubernetes cluster on this machine
-// (internal/kubecluster), installs tulle with kubectl apply -k deploy/,
+// (internal/tstest/kubecluster), installs tulle with kubectl apply -k deploy/,
 // runs test pods on every node and prints who reaches whom; then removes
 // everything (also on Ctrl-C). root is the tulle repository (make image).
 func demoKube(ctx context.Context, root string, nodes int) (err error) {

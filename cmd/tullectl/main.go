@@ -135,7 +135,7 @@ func printStatus(out io.Writer, s *api.Status, now time.Time) error {
 	fmt.Fprintf(w, "node\t%s\n", s.Node)
 	fmt.Fprintf(w, "version\t%s (pid %d, up %s)\n", s.Version, s.PID, s.Uptime)
 	fmt.Fprintf(w, "ready\t%s\n", ready)
-	fmt.Fprintf(w, "lease\t%v, renewed %s, expires in %s\n", s.Lease.Subnets(), ago(now, s.Lease.Renewed), s.Lease.Expiration.Sub(now).Round(time.Second))
+	fmt.Fprintf(w, "lease\t%v, renewed %s, %s\n", s.Lease.Subnets(), ago(now, s.Lease.Renewed), expiry(now, s.Lease.Expiration))
 	fmt.Fprintf(w, "mtu\t%d\n", s.MTU)
 	if wg := s.WireGuard; wg != nil {
 		fmt.Fprintf(w, "wireguard\t%s, port %d, key %s\n", wg.Mode, wg.Port, wg.PublicKey)
@@ -179,6 +179,20 @@ func printStatus(out io.Writer, s *api.Status, now time.Time) error {
 		fmt.Fprintf(w, "%s\t%d\n", k, s.Counters[k])
 	}
 	return w.Flush()
+}
+
+// expiry says when a lease expires. A podcidr-mode lease has no expiry
+// (the Node's pod CIDRs are the lease; its Expiration is far in the
+// future), nor has one without an Expiration.
+func expiry(now, t time.Time) string {
+	switch d := t.Sub(now); {
+	case t.IsZero() || d > 100*365*24*time.Hour:
+		return "no expiry (held while the Node has these pod CIDRs)"
+	case d <= 0:
+		return "expired " + (-d).Round(time.Second).String() + " ago"
+	default:
+		return "expires in " + d.Round(time.Second).String()
+	}
 }
 
 // ago is how long before now t was ("never" for the zero time).

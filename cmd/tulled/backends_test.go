@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/encap/vxlan"
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // netConfWith is the default test network with another Backend.Type.

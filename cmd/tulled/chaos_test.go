@@ -16,8 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // TestChaos disturbs a running two-node cluster the ways operators,

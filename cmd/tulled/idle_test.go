@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
 )
 
 // TestIdleCPU: once traffic stops, tulled sleeps. Its loops block in the

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 // TestImage: `make image` builds the OCI image with buildah; the image

@@ -9,10 +9,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/tulle-net/tulle/internal/cluster"
-	"github.com/tulle-net/tulle/internal/kubetest"
-	"github.com/tulle-net/tulle/internal/testenv"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // TestKubeStore runs tulled on two namespace nodes with --lease-store kube

@@ -3,7 +3,7 @@ package main
 import (
 	"testing"
 
-	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
 )
 
 // TestLossyWire runs the udp backend over a wire-like underlay (single

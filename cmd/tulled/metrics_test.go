@@ -18,7 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
 )
 
 // httpGet fetches path from tulled's HTTP endpoint inside n's namespace

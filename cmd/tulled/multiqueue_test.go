@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
 )
 
 // TestMultiQueue runs tulled with four TUN queues, so four tx loops read

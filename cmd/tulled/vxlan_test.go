@@ -12,9 +12,9 @@ import (
 
 	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/vxlan"
-	"github.com/tulle-net/tulle/internal/cluster"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/cluster"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/lease/local"
 )

@@ -7,7 +7,7 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 	"github.com/tulle-net/tulle/tunnel"
 	"github.com/tulle-net/tulle/tunnel/tuntest"
 )

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 // TestRootfs: a layer assembled from this machine's programs runs — a

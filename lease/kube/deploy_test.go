@@ -24,8 +24,8 @@ import (
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/yaml"
 
-	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
 )
 
 // kustomization is the part of deploy/kustomization.yaml the base uses.

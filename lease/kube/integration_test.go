@@ -16,9 +16,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/lease/storetest"
 )

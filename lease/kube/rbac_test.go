@@ -22,8 +22,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 
-	"github.com/tulle-net/tulle/internal/kubetest"
 	"github.com/tulle-net/tulle/internal/netconf"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
 	"github.com/tulle-net/tulle/lease"
 )
 

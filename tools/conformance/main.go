@@ -1,7 +1,7 @@
 // Command conformance is `make conformance`: it starts a real cluster on
 // this machine (the control plane a tulle node, two workers, cluster DNS),
 // installs tulle for one backend, runs the Kubernetes project's own
-// networking suites against it (internal/conformance) and removes
+// networking suites against it (internal/tstest/conformance) and removes
 // everything after. Each suite's JUnit report, ginkgo output and the
 // tulle pods' logs go to OUT/<backend>/<suite>/; one line per suite says
 // what passed. It exits 1 when a suite named by --require failed, 2 on
@@ -24,7 +24,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/conformance"
+	"github.com/tulle-net/tulle/internal/tstest/conformance"
 )
 
 func main() {

@@ -1,7 +1,7 @@
 //go:build tools
 
 // Package tools records what this module builds for the real-cluster test
-// on a current runtime (internal/kubecluster.Containerd2): containerd 2 with
+// on a current runtime (internal/tstest/kubecluster.Containerd2): containerd 2 with
 // its runc shim and ctr, and the CNI plugins loopback and portmap at tulle's
 // own containernetworking/plugins version (Debian 12 ships containerd 1.6
 // and plugins 1.1, which speak CNI up to 1.0.0). tools/setup builds them

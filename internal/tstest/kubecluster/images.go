@@ -28,7 +28,7 @@ const (
 // into dir, returning their paths.
 func buildTestImages(root, dir string) ([]string, error) {
 	bin := filepath.Join(dir, "testpod")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./internal/kubecluster/testpod")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "./internal/tstest/kubecluster/testpod")
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {

@@ -22,7 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // TulleNamespace and TulleDaemonSet are where deploy/ puts tulle.

@@ -20,7 +20,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // DefaultNetConf is a dual-stack cluster in the test ranges.

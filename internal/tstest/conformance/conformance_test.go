@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 // TestSigNetworkConformance runs the upstream `[sig-network]
@@ -26,7 +26,7 @@ func TestSigNetworkConformance(t *testing.T) {
 	testenv.Require(t, Missing())
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Minute)
 	defer cancel()
-	root, _ := filepath.Abs("../..")
+	root, _ := filepath.Abs("../../..")
 	start := time.Now()
 	c, err := Start(ctx, Options{Backend: "udp", Root: root, Dir: t.TempDir(), Logf: t.Logf})
 	if err != nil {
@@ -166,7 +166,7 @@ func TestReadJUnit(t *testing.T) {
 
 // TestNetConfWith: the shipped net-conf with only its Backend replaced.
 func TestNetConfWith(t *testing.T) {
-	root, _ := filepath.Abs("../..")
+	root, _ := filepath.Abs("../../..")
 	for _, name := range BackendNames() {
 		got, err := netConfWith(filepath.Join(root, "deploy", "net-conf.json"), Backends[name])
 		if err != nil {

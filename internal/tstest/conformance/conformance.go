@@ -28,8 +28,8 @@ import (
 	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/tulle-net/tulle/internal/kubecluster"
-	"github.com/tulle-net/tulle/internal/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/kubecluster"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
 )
 
 // Suite is a selection of upstream specs, by ginkgo focus.

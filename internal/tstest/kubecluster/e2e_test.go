@@ -27,8 +27,8 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tulle-net/tulle/internal/api"
-	"github.com/tulle-net/tulle/internal/kubecluster"
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/kubecluster"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 // TestRealCluster installs tulle into a real cluster (etcd, kube-apiserver,
@@ -81,7 +81,7 @@ func TestRealCluster(t *testing.T) {
 // returns the cluster and the repository's root.
 func startCluster(t *testing.T, ctx context.Context, opt kubecluster.Options) (*kubecluster.Cluster, string) {
 	t.Helper()
-	root, _ := filepath.Abs("../..")
+	root, _ := filepath.Abs("../../..")
 	opt.Dir, opt.Root, opt.Logf = t.TempDir(), root, t.Logf
 	c, err := kubecluster.Start(ctx, opt)
 	if err != nil {

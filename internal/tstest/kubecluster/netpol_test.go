@@ -15,8 +15,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/tulle-net/tulle/internal/kubecluster"
-	"github.com/tulle-net/tulle/internal/testenv"
+	"github.com/tulle-net/tulle/internal/tstest/kubecluster"
+	"github.com/tulle-net/tulle/internal/tstest/testenv"
 )
 
 // TestNetworkPolicy checks, in the real cluster, what the upstream Netpol

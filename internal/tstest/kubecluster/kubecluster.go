@@ -57,8 +57,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/tulle-net/tulle/internal/kubetest"
-	"github.com/tulle-net/tulle/internal/topo"
+	"github.com/tulle-net/tulle/internal/tstest/kubetest"
+	"github.com/tulle-net/tulle/internal/tstest/topo"
 )
 
 // The cluster's networks (all inside 100.64.0.0/10 and fd00::/8).
