@@ -139,7 +139,8 @@ func (p *peer) takeOver(old *peer) {
 	old.hs, old.offerHS = handshake{}, handshake{}
 }
 
-// allows reports whether a lies in the peer's subnets.
+// allows reports whether a lies in the peer's subnets (the zero Addr, of
+// a packet tunnel.Addrs could not read, in none).
 func (p *peer) allows(a netip.Addr) bool {
 	for _, n := range p.allowed {
 		if n.Contains(a) {

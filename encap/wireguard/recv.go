@@ -163,7 +163,7 @@ func (r *receiver) datagram(base int, dg []byte, src netip.AddrPort, now int64) 
 		ctr.Add(DropNotIP, 1)
 		return
 	}
-	if !p.allows(innerAddr(pt[:n], false)) {
+	if from, _, _ := tunnel.Addrs(pt[:n]); !p.allows(from) {
 		// Its key may speak only for its subnets (WireGuard's
 		// cryptokey routing).
 		ctr.Add(DropAllowedIPs, 1)
@@ -197,24 +197,6 @@ func ipLen(b []byte) int {
 		return 0
 	}
 	return n
-}
-
-// innerAddr returns the source (or, with dst, the destination) address of
-// the IP packet b, or the zero Addr when b is too short for its header.
-func innerAddr(b []byte, dst bool) netip.Addr {
-	switch {
-	case len(b) >= 20 && b[0]>>4 == 4:
-		if dst {
-			return netip.AddrFrom4([4]byte(b[16:20]))
-		}
-		return netip.AddrFrom4([4]byte(b[12:16]))
-	case len(b) >= 40 && b[0]>>4 == 6:
-		if dst {
-			return netip.AddrFrom16([16]byte(b[24:40]))
-		}
-		return netip.AddrFrom16([16]byte(b[8:24]))
-	}
-	return netip.Addr{}
 }
 
 // emit hands out the next decrypted packet, merged with the TCP segments

@@ -45,7 +45,7 @@ func (s *sender) send(frames []tunnel.Frame) error {
 			ctr.Add(DropNoPeer, 1)
 			continue
 		}
-		if !p.allows(innerAddr(f.Packet(), true)) {
+		if _, dst, _ := tunnel.Addrs(f.Packet()); !p.allows(dst) {
 			// Sealed only for the key that owns the destination.
 			ctr.Add(DropAllowedIPs, 1)
 			continue
