@@ -9,9 +9,9 @@ import (
 	"github.com/tulle-net/tulle/tunnel"
 )
 
-// Userspace is a backend that moves packets itself: a tunnel.Transport for
+// Transport is a backend that moves packets itself: a tunnel.Transport for
 // the peers it serves.
-type Userspace interface {
+type Transport interface {
 	tunnel.Transport
 	// Serves reports whether the endpoint is one of its peers'.
 	Serves(netip.AddrPort) bool
@@ -25,15 +25,15 @@ type Userspace interface {
 // its endpoint, the rest to the default, and every backend's receivers
 // feed the datapath. The datapath never learns how a packet travels.
 type Mux struct {
-	def    Userspace
-	others []Userspace
+	def    Transport
+	others []Transport
 	parts  *pool.Pool[[][]tunnel.Frame] // per backend: others..., def
 }
 
 var _ tunnel.Transport = (*Mux)(nil)
 
 // NewMux returns a Mux over def (udp: it reaches any endpoint) and others.
-func NewMux(def Userspace, others ...Userspace) *Mux {
+func NewMux(def Transport, others ...Transport) *Mux {
 	n := len(others) + 1
 	return &Mux{def: def, others: others, parts: pool.New(runtime.GOMAXPROCS(0), func() *[][]tunnel.Frame {
 		p := make([][]tunnel.Frame, n)
@@ -75,7 +75,7 @@ func (m *Mux) Send(frames []tunnel.Frame) error {
 	return errors.Join(errs...)
 }
 
-func (m *Mux) backend(i int) Userspace {
+func (m *Mux) backend(i int) Transport {
 	if i == len(m.others) {
 		return m.def
 	}
@@ -106,3 +106,16 @@ func (m *Mux) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// None is the datapath's transport when no running backend moves packets
+// itself (a WireGuard device carries every peer): the TUN keeps the
+// cluster routes and addresses, and nothing crosses it to a peer.
+type None struct{}
+
+var _ Transport = None{}
+
+func (None) Send([]tunnel.Frame) error       { return nil }
+func (None) Receivers() []tunnel.ReceiveFunc { return nil }
+func (None) Close() error                    { return nil }
+func (None) Serves(netip.AddrPort) bool      { return false }
+func (None) SetMTU(int)                      {}

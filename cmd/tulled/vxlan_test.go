@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/internal/tstest/cluster"
@@ -203,8 +202,8 @@ func TestFlannelInterop(t *testing.T) {
 		t.Fatal(err)
 	}
 	flMAC := vxlan.MACFor("flannel-" + fl.Name)
-	vx, _ := json.Marshal(encap.VXLANCaps{VNI: 1, Port: 8472, MAC: flMAC.String()})
-	fll, err := st.Claim(context.Background(), fl.Name, lease.Attrs{PublicIP: fl.IP4, Backends: map[string]json.RawMessage{encap.VXLAN: vx}})
+	vx, _ := json.Marshal(vxlan.Caps{VNI: 1, Port: 8472, MAC: flMAC.String()})
+	fll, err := st.Claim(context.Background(), fl.Name, lease.Attrs{PublicIP: fl.IP4, Backends: map[string]json.RawMessage{vxlan.Name: vx}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -16,21 +16,39 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tulle-net/tulle/encap"
+	"github.com/tulle-net/tulle/internal/netconf"
 	"github.com/tulle-net/tulle/internal/version"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
-// health is what the HTTP endpoints serve: up before the lease is held
+// web serves /healthz, /readyz and /metrics: up before the lease is held
 // (st is nil until then), so a probe sees "starting" rather than nothing.
-type health struct {
-	st atomic.Pointer[status]
+type web struct {
+	st  atomic.Pointer[status]
+	srv *http.Server // nil when off
 }
 
-// serveHTTP serves /healthz, /readyz and /metrics on addr (TCP).
-func serveHTTP(addr string, h *health, log *slog.Logger) (*http.Server, error) {
+// serve has the endpoints answer for the running node.
+func (h *web) serve(st *status) { h.st.Store(st) }
+
+// Close stops serving.
+func (h *web) Close() error {
+	if h.srv == nil {
+		return nil
+	}
+	return h.srv.Close()
+}
+
+// serveHTTP serves /healthz, /readyz and /metrics on addr (TCP; "" off).
+func serveHTTP(addr string, log *slog.Logger) (*web, error) {
+	h := &web{}
+	if addr == "" {
+		return h, nil
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, badConfig("flag --http-addr: %v", err)
+		return nil, netconf.Errorf("flag --http-addr: %v", err)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), &collector{h: h})
@@ -56,19 +74,19 @@ func serveHTTP(addr string, h *health, log *slog.Logger) (*http.Server, error) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	h.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := h.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Warn("http server stopped", "addr", addr, "err", err)
 		}
 	}()
 	log.Info("serving health and metrics", "addr", ln.Addr().String())
-	return srv, nil
+	return h, nil
 }
 
 // collector exports tulled's counters at scrape time: no second count on
 // the packet path.
-type collector struct{ h *health }
+type collector struct{ h *web }
 
 var (
 	descBuild        = prometheus.NewDesc("tulle_build_info", "tulled's build: version and Go toolchain.", []string{"version", "goversion"}, nil)
@@ -133,39 +151,29 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, in, "ingress")
 		ch <- prometheus.MustNewConstMetric(descIsolated, prometheus.GaugeValue, eg, "egress")
 	}
-	dp := st.ctr.Snapshot()
+	dp := st.fw.ctr.Snapshot()
 	counter(descBytes, dp["tx_bytes"], "tx")
 	counter(descBytes, dp["rx_bytes"], "rx")
 	counter(descFrames, dp["tx_frames"], "tx")
 	counter(descFrames, dp["rx_frames"], "rx")
-	components := []struct {
-		name, prefix string
-		m            map[string]uint64
-	}{{"datapath", "", dp}, {"udp", "", map[string]uint64{}}, {"vxlan", "vxlan_", map[string]uint64{}}, {"wireguard", "wg_", map[string]uint64{}}}
-	st.udpCtr.SnapshotInto(components[1].m)
-	st.vxCtr.SnapshotInto(components[2].m)
-	if st.wg != nil {
-		st.wgCtr.SnapshotInto(components[3].m)
-	}
+	components := append([]encap.Counters{{Component: "datapath", Values: dp}}, st.sp.counters()...)
 	for _, comp := range components {
-		for name, v := range comp.m {
-			name = strings.TrimPrefix(name, comp.prefix)
+		for name, v := range comp.Values {
+			name = strings.TrimPrefix(name, comp.Prefix)
 			switch {
-			case comp.name == "datapath" && (strings.HasSuffix(name, "_bytes") || strings.HasSuffix(name, "_frames")):
+			case comp.Component == "datapath" && (strings.HasSuffix(name, "_bytes") || strings.HasSuffix(name, "_frames")):
 			case name == "datagrams_out":
-				counter(descDatagrams, v, comp.name, "out")
+				counter(descDatagrams, v, comp.Component, "out")
 			case name == "datagrams_in":
-				counter(descDatagrams, v, comp.name, "in")
+				counter(descDatagrams, v, comp.Component, "in")
 			case strings.HasPrefix(name, "drop_"):
-				counter(descDrops, v, comp.name, strings.TrimPrefix(name, "drop_"))
+				counter(descDrops, v, comp.Component, strings.TrimPrefix(name, "drop_"))
 			default:
-				counter(descEvents, v, comp.name, name)
+				counter(descEvents, v, comp.Component, name)
 			}
 		}
 	}
-	st.mu.Lock()
-	view, l := st.view, st.lease
-	st.mu.Unlock()
+	view, l := st.peering.view(), st.holder.current()
 	backendOf := map[string]string{}
 	peers := map[string]float64{}
 	for _, p := range view {
@@ -181,7 +189,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	type traffic struct{ txB, rxB, txF, rxF uint64 }
 	byBackend := map[string]*traffic{}
-	for _, p := range st.peers.Peers() {
+	for _, p := range st.fw.peers.Peers() {
 		b := backendOf[p.Name]
 		if b == "" {
 			b = "none"
@@ -203,14 +211,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descPeerFrames, tr.rxF, b, "rx")
 	}
 	ch <- prometheus.MustNewConstMetric(descExpiry, prometheus.GaugeValue, float64(l.Expiration.UnixNano())/1e9)
-	counter(descRenewals, st.renewOK.Load(), "ok")
-	counter(descRenewals, st.renewErr.Load(), "error")
-	counter(descSnapshots, st.snapshots.Load())
-	ch <- prometheus.MustNewConstMetric(descMTU, prometheus.GaugeValue, float64(st.mtu()))
+	counter(descRenewals, st.holder.renewOK.Load(), "ok")
+	counter(descRenewals, st.holder.renewErr.Load(), "error")
+	counter(descSnapshots, st.peering.snapshots.Load())
+	ch <- prometheus.MustNewConstMetric(descMTU, prometheus.GaugeValue, float64(st.fw.router.MTU()))
 	for _, b := range []struct {
 		dir string
 		h   *tunnel.BatchHistogram
-	}{{"tx", &st.ctr.TxBatch}, {"rx", &st.ctr.RxBatch}} {
+	}{{"tx", &st.fw.ctr.TxBatch}, {"rx", &st.fw.ctr.RxBatch}} {
 		bounds, counts, sum := b.h.Snapshot()
 		cum := map[float64]uint64{}
 		var total uint64

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"cmp"
@@ -7,68 +7,67 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/tulle-net/tulle/encap/udp"
-	"github.com/tulle-net/tulle/encap/vxlan"
-	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/internal/api"
 	"github.com/tulle-net/tulle/internal/version"
-	"github.com/tulle-net/tulle/lease"
 	"github.com/tulle-net/tulle/policy"
 	"github.com/tulle-net/tulle/tunnel"
 )
 
-// status is what GET /v1/status on the status socket returns.
+// status is the node as its socket and metrics show it: each part asked
+// for its own state.
 type status struct {
-	node   string
-	ctr    *tunnel.Counters
-	udpCtr *udp.Counters
-	vxCtr  *vxlan.Counters
-	wgCtr  *wireguard.Counters
-	wg     *wg // nil unless WireGuard is configured
-	// rotate rotates the WireGuard key and republishes it (nil without
-	// WireGuard).
-	rotate func(now bool) (wireguard.Key, time.Duration, error)
-	wgPort uint16
-	peers  *tunnel.PeerTable
+	node    string
+	holder  *holder
+	fw      *forwarder
+	sp      speakers
+	peering *peering
 	// policy enforces NetworkPolicy (nil when off).
 	policy  *policy.Controller
-	mtu     func() int
 	started time.Time
 	// checks report, live, why the node cannot forward (device, routes,
 	// underlay; the lease store).
 	checks []func() error
+	// rotate rotates a backend's key and republishes it (nil when no
+	// backend has one).
+	rotate func(now bool) (api.RotatedKey, error)
 
 	// stopped is set when the datapath's loops ended (liveness).
 	stopped atomic.Bool
-	// renewOK and renewErr count lease renewals; snapshots the peer
-	// snapshots from the store.
-	renewOK, renewErr, snapshots atomic.Uint64
-
-	mu    sync.Mutex
-	lease lease.Lease // as last renewed
-	view  []api.Peer  // the last plan: every peer, its backend and why
 }
 
-func (s *status) setPeers(v []api.Peer) {
-	s.mu.Lock()
-	s.view = v
-	s.mu.Unlock()
-}
-
-func (s *status) setLease(l lease.Lease) {
-	s.mu.Lock()
-	s.lease = l
-	s.mu.Unlock()
+// rotation is the key rotation of the backend with a key (nil when none
+// has): the new key goes into the lease at once, and into a kernel device
+// at the next reconcile.
+func rotation(sp speakers, h *holder, fw *forwarder, log *slog.Logger) func(now bool) (api.RotatedKey, error) {
+	r := sp.rotator()
+	if r == nil {
+		return nil
+	}
+	var mu sync.Mutex
+	return func(now bool) (api.RotatedKey, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		k, err := r.RotateKey(now)
+		if err != nil {
+			return k, err
+		}
+		fw.kick()
+		h.publish(sp.caps())
+		log.Info("rotated the WireGuard key; publishing it", "public_key", k.PublicKey, "old_key_grace", k.OldKeyGrace)
+		return k, nil
+	}
 }
 
 func (s *status) notReady() string {
@@ -85,19 +84,15 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	s.mu.Lock()
-	l, view := s.lease, s.view
-	s.mu.Unlock()
-	doc := api.Status{Node: s.node, Version: version.Version, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.mtu(), Uptime: time.Since(s.started).Round(time.Second).String(),
+	l, view := s.holder.current(), s.peering.view()
+	doc := api.Status{Node: s.node, Version: version.Version, PID: os.Getpid(), NotReady: s.notReady(), MTU: s.fw.router.MTU(), Uptime: time.Since(s.started).Round(time.Second).String(),
 		Lease: api.Lease{Node: l.Node, Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet, PublicIP: l.Attrs.PublicIP, PublicIPv6: l.Attrs.PublicIPv6,
 			Backend: l.Attrs.Backend.Type, Port: l.Attrs.Backend.Port, Renewed: l.Renewed, Expiration: l.Expiration},
-		Counters: s.ctr.Snapshot(), Peers: s.withTraffic(view)}
-	s.udpCtr.SnapshotInto(doc.Counters)
-	s.vxCtr.SnapshotInto(doc.Counters)
-	if s.wg != nil {
-		s.wgCtr.SnapshotInto(doc.Counters)
-		s.wireGuardStatus(&doc)
+		Counters: s.fw.ctr.Snapshot(), Peers: s.withTraffic(view)}
+	for _, c := range s.sp.counters() {
+		maps.Copy(doc.Counters, c.Values)
 	}
+	s.sp.report(&doc)
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(doc)
 }
@@ -105,7 +100,7 @@ func (s *status) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // withTraffic returns the peers with the datapath's traffic counts.
 func (s *status) withTraffic(view []api.Peer) []api.Peer {
 	byName := map[string]*tunnel.PeerStats{}
-	for _, p := range s.peers.Peers() {
+	for _, p := range s.fw.peers.Peers() {
 		byName[p.Name] = p.Stats
 	}
 	out := slices.Clone(view)
@@ -118,33 +113,10 @@ func (s *status) withTraffic(view []api.Peer) []api.Peer {
 	return out
 }
 
-// wireGuardStatus adds this node's WireGuard identity and each peer's
-// session state to doc.
-func (s *status) wireGuardStatus(doc *api.Status) {
-	pub := s.wg.PublicKey()
-	doc.WireGuard = &api.WireGuardNode{PublicKey: pub.String(), Fingerprint: pub.Fingerprint(), Port: s.wgPort, Mode: s.wg.mode()}
-	byName := map[string]wireguard.PeerStatus{}
-	for _, p := range s.wg.Status() {
-		byName[p.Name] = p
-	}
-	peers := slices.Clone(doc.Peers)
-	for i := range peers {
-		p, ok := byName[peers[i].Name]
-		if !ok {
-			continue
-		}
-		w := &api.WireGuardPeer{PublicKey: p.Key.String(), Fingerprint: p.Key.Fingerprint(), Endpoint: p.Endpoint,
-			LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes, Refused: p.Refused}
-		if s.wg.dev == nil && peers[i].Traffic != nil {
-			w.RxBytes, w.TxBytes = peers[i].Traffic.RxBytes, peers[i].Traffic.TxBytes
-		}
-		peers[i].WireGuard = w
-	}
-	doc.Peers = peers
-}
-
-// serveStatus listens on a unix socket at path, replacing a stale one.
-func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, error) {
+// serveStatus listens on the status socket in runDir, replacing a stale
+// one.
+func serveStatus(runDir string, h http.Handler, log *slog.Logger) (*http.Server, error) {
+	path := filepath.Join(runDir, api.SocketName)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("status socket: %w", err)
 	}
@@ -182,12 +154,12 @@ func serveStatus(path string, h http.Handler, log *slog.Logger) (*http.Server, e
 				http.Error(w, "rotate key: parameter now: "+err.Error(), http.StatusBadRequest)
 				return
 			}
-			k, grace, err := st.rotate(now)
+			k, err := st.rotate(now)
 			if err != nil {
 				http.Error(w, "rotate key: "+err.Error(), http.StatusInternalServerError)
 				return
 			}
-			json.NewEncoder(w).Encode(api.RotatedKey{PublicKey: k.Public().String(), Fingerprint: k.Public().Fingerprint(), OldKeyGrace: grace})
+			json.NewEncoder(w).Encode(k)
 		})
 	}
 	if st, ok := h.(*status); ok {

@@ -1,4 +1,4 @@
-package encap
+package backends
 
 import (
 	"encoding/json"
@@ -7,9 +7,55 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tulle-net/tulle/encap"
+	"github.com/tulle-net/tulle/encap/hostgw"
+	"github.com/tulle-net/tulle/encap/udp"
+	"github.com/tulle-net/tulle/encap/vxlan"
 	"github.com/tulle-net/tulle/encap/wireguard"
 	"github.com/tulle-net/tulle/lease"
 )
+
+// The table's backend names, as the tests before it spelled them.
+const (
+	Auto      = encap.Auto
+	UDP       = udp.Name
+	HostGW    = hostgw.Name
+	VXLAN     = vxlan.Name
+	WireGuard = wireguard.Name
+)
+
+type (
+	Local      = encap.Local
+	Choice     = encap.Choice
+	Assignment = encap.Assignment
+	Caps       = map[string]encap.Capability
+)
+
+var table = New()
+
+// Select is the table's.
+func Select(l Local, p lease.Peer) Choice { return table.Select(l, p) }
+
+// with returns l speaking c as well (a copy: the cases share l's map).
+func with(l Local, name string, c encap.Capability) Local {
+	caps := Caps{}
+	for k, v := range l.Caps {
+		caps[k] = v
+	}
+	if c == nil {
+		delete(caps, name)
+	} else {
+		caps[name] = c
+	}
+	l.Caps = caps
+	return l
+}
+
+// gateways are host-gw's next hops in a choice.
+func gateways(ch Choice) hostgw.Gateways {
+	g, _ := ch.Path.Peer.(hostgw.Gateways)
+	return g
+}
 
 func peer(ip4, ip6 string, backends map[string]string) lease.Peer {
 	p := lease.Peer{Node: "p", Attrs: lease.Attrs{Backend: lease.Backend{Type: UDP, Port: 8285}}}
@@ -30,14 +76,12 @@ func peer(ip4, ip6 string, backends map[string]string) lease.Peer {
 
 // withVXLAN gives the local node kernel VXLAN (VNI 1, port 8472).
 func withVXLAN(l Local) Local {
-	l.Caps.VXLAN = &VXLANCaps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01"}
-	return l
+	return with(l, VXLAN, vxlan.Caps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01"})
 }
 
 // withUserVXLAN gives the local node VXLAN in userspace.
 func withUserVXLAN(l Local) Local {
-	l.Caps.VXLAN = &VXLANCaps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01", Userspace: true}
-	return l
+	return with(l, VXLAN, vxlan.Caps{VNI: 1, Port: 8472, MAC: "02:00:00:00:00:01", Userspace: true})
 }
 
 // vx is a peer's full capability set with the given VXLAN entry.
@@ -46,7 +90,7 @@ func vx(v string) map[string]string {
 }
 
 func TestSelect(t *testing.T) {
-	both := Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{}}
+	both := Caps{UDP: udp.Caps{Port: 8285}, HostGW: hostgw.Caps{}}
 	local := Local{Mode: Auto, Caps: both, IP4: netip.MustParseAddr("198.18.0.1"), IP6: netip.MustParseAddr("fd00:198::1"),
 		OnLink: []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24"), netip.MustParsePrefix("fd00:198::/64")}}
 	full := map[string]string{"udp": `{"port":8286}`, "host-gw": `{}`}
@@ -64,7 +108,7 @@ func TestSelect(t *testing.T) {
 		{"same segment over IPv6 only", func(l Local) Local { l.IP4 = netip.Addr{}; return l }, peer("", "fd00:198::2", full), HostGW, "[fd00:198::2]:8286", "fd00:198::2", "same L2 segment (fd00:198::/64); IPv4 subnet over udp"},
 		{"behind a router: udp", nil, peer("198.19.1.2", "", full), UDP, "198.19.1.2:8286", "", "the peer is not on this node's L2 segment"},
 		{"older tulled without capabilities: udp", nil, peer("198.18.0.2", "", nil), UDP, "198.18.0.2:8285", "", "the peer does not advertise host-gw"},
-		{"this node turned host-gw off", func(l Local) Local { l.Caps.HostGW = nil; return l }, peer("198.18.0.2", "", full), UDP, "198.18.0.2:8286", "", "this node does not speak host-gw"},
+		{"this node turned host-gw off", func(l Local) Local { return with(l, HostGW, nil) }, peer("198.18.0.2", "", full), UDP, "198.18.0.2:8286", "", "this node does not speak host-gw"},
 		{"forced udp on one segment", func(l Local) Local { l.Mode = UDP; return l }, peer("198.18.0.2", "", full), UDP, "198.18.0.2:8286", "", "Backend.Type forces udp"},
 		{"forced host-gw across a router", func(l Local) Local { l.Mode = HostGW; return l }, peer("198.19.1.2", "", full), "", "198.19.1.2:8286", "", "Backend.Type forces host-gw, which cannot reach this peer: the peer is not on this node's L2 segment"},
 		{"no common family", func(l Local) Local { l.IP6 = netip.Addr{}; return l }, peer("", "fd00:198::2", full), "", "", "", "no underlay address in a family this node has"},
@@ -95,7 +139,7 @@ func TestSelect(t *testing.T) {
 			if got := addrPortString(ch.Endpoint); got != tt.endpoint {
 				t.Errorf("endpoint = %q, want %q", got, tt.endpoint)
 			}
-			if got := strings.TrimSpace(addrString(ch.Gateway4) + " " + addrString(ch.Gateway6)); got != tt.gateway {
+			if got := strings.TrimSpace(addrString(gateways(ch).Gateway4) + " " + addrString(gateways(ch).Gateway6)); got != tt.gateway {
 				t.Errorf("gateway = %q, want %q", got, tt.gateway)
 			}
 			if !strings.Contains(ch.Reason, tt.reason) {
@@ -108,16 +152,16 @@ func TestSelect(t *testing.T) {
 // TestSelectIsSymmetric: both ends of a pair choose the same backend.
 func TestSelectIsSymmetric(t *testing.T) {
 	onlink := []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24")}
-	caps := Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{}}
+	caps := Caps{UDP: udp.Caps{Port: 8285}, HostGW: hostgw.Caps{}}
 	a := Local{Mode: Auto, Caps: caps, IP4: netip.MustParseAddr("198.18.0.1"), OnLink: onlink}
 	b := Local{Mode: Auto, Caps: caps, IP4: netip.MustParseAddr("198.18.0.2"), OnLink: onlink}
-	la := lease.Peer{Node: "a", Attrs: lease.Attrs{PublicIP: a.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: a.Caps.Publish()}}
-	lb := lease.Peer{Node: "b", Attrs: lease.Attrs{PublicIP: b.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: b.Caps.Publish()}}
+	la := lease.Peer{Node: "a", Attrs: lease.Attrs{PublicIP: a.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: encap.Publish(a.Caps)}}
+	lb := lease.Peer{Node: "b", Attrs: lease.Attrs{PublicIP: b.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: encap.Publish(b.Caps)}}
 	if x, y := Select(a, lb).Backend, Select(b, la).Backend; x != y || x != HostGW {
 		t.Fatalf("a→b %q, b→a %q; want host-gw both ways", x, y)
 	}
-	b.Caps.HostGW = nil
-	lb.Attrs.Backends = b.Caps.Publish()
+	b = with(b, HostGW, nil)
+	lb.Attrs.Backends = encap.Publish(b.Caps)
 	if x, y := Select(a, lb).Backend, Select(b, la).Backend; x != y || x != UDP {
 		t.Fatalf("with host-gw off on b: a→b %q, b→a %q; want udp both ways", x, y)
 	}
@@ -131,9 +175,9 @@ func TestSelectIsSymmetricWithVXLAN(t *testing.T) {
 		for _, ua := range []bool{false, true} {
 			for _, ub := range []bool{false, true} {
 				mk := func(ip string, mac string, user bool) (Local, lease.Peer) {
-					l := Local{Mode: mode, IP4: netip.MustParseAddr(ip), Caps: Caps{UDP: &UDPCaps{Port: 8285}, HostGW: &HostGWCaps{},
-						VXLAN: &VXLANCaps{VNI: 1, Port: 8472, MAC: mac, Userspace: user}}}
-					return l, lease.Peer{Node: ip, Attrs: lease.Attrs{PublicIP: l.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: l.Caps.Publish()}}
+					l := Local{Mode: mode, IP4: netip.MustParseAddr(ip), Caps: Caps{UDP: udp.Caps{Port: 8285}, HostGW: hostgw.Caps{},
+						VXLAN: vxlan.Caps{VNI: 1, Port: 8472, MAC: mac, Userspace: user}}}
+					return l, lease.Peer{Node: ip, Attrs: lease.Attrs{PublicIP: l.IP4, Backend: lease.Backend{Type: UDP, Port: 8285}, Backends: encap.Publish(l.Caps)}}
 				}
 				a, la := mk("198.18.0.1", "02:00:00:00:00:01", ua)
 				b, lb := mk("198.19.0.1", "02:00:00:00:00:02", ub)
@@ -154,12 +198,12 @@ func TestSelectIsSymmetricWithVXLAN(t *testing.T) {
 }
 
 func TestPublishParseRoundTrip(t *testing.T) {
-	c := Caps{UDP: &UDPCaps{Port: 9000}, HostGW: &HostGWCaps{}}
-	got, problems := ParseCaps(lease.Attrs{Backends: c.Publish()})
-	if len(problems) != 0 || got.UDP == nil || got.UDP.Port != 9000 || got.HostGW == nil {
+	c := Caps{UDP: udp.Caps{Port: 9000}, HostGW: hostgw.Caps{}}
+	got, problems := table.Parse(lease.Attrs{Backends: encap.Publish(c)})
+	if u, ok := got[UDP].(udp.Caps); len(problems) != 0 || !ok || u.Port != 9000 || got[HostGW] == nil {
 		t.Fatalf("round trip: %+v %v", got, problems)
 	}
-	if n := strings.Join(got.Names(), ","); n != "host-gw,udp" {
+	if n := strings.Join(table.Names(got), ","); n != "host-gw,udp" {
 		t.Errorf("names = %s", n)
 	}
 }
@@ -191,30 +235,31 @@ func TestTranslate(t *testing.T) {
 		return p
 	}
 	as := []Assignment{
-		{Peer: mk("gw", "100.96.2.0/24", "fd00:96:0:2::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.2"), Gateway6: netip.MustParseAddr("fd00:198::2"), Endpoint: netip.MustParseAddrPort("198.18.0.2:8285")}},
+		{Peer: mk("gw", "100.96.2.0/24", "fd00:96:0:2::/64"), Choice: Choice{Backend: HostGW, Path: encap.Path{Peer: hostgw.Gateways{Gateway4: netip.MustParseAddr("198.18.0.2"), Gateway6: netip.MustParseAddr("fd00:198::2")}}, Endpoint: netip.MustParseAddrPort("198.18.0.2:8285")}},
 		{Peer: mk("udp", "100.96.3.0/24", ""), Choice: Choice{Backend: UDP, Endpoint: netip.MustParseAddrPort("198.19.1.2:8285")}},
-		{Peer: mk("thief", "100.96.1.0/24", "fd00:96:0:4::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.4"), Gateway6: netip.MustParseAddr("fd00:198::4")}},
-		{Peer: mk("v4only", "100.96.6.0/24", "fd00:96:0:6::/64"), Choice: Choice{Backend: HostGW, Gateway4: netip.MustParseAddr("198.18.0.6"), Endpoint: netip.MustParseAddrPort("198.18.0.6:8285")}},
+		{Peer: mk("thief", "100.96.1.0/24", "fd00:96:0:4::/64"), Choice: Choice{Backend: HostGW, Path: encap.Path{Peer: hostgw.Gateways{Gateway4: netip.MustParseAddr("198.18.0.4"), Gateway6: netip.MustParseAddr("fd00:198::4")}}}},
+		{Peer: mk("v4only", "100.96.6.0/24", "fd00:96:0:6::/64"), Choice: Choice{Backend: HostGW, Path: encap.Path{Peer: hostgw.Gateways{Gateway4: netip.MustParseAddr("198.18.0.6")}}, Endpoint: netip.MustParseAddrPort("198.18.0.6:8285")}},
 		{Peer: mk("unreachable", "100.96.5.0/24", ""), Choice: Choice{Reason: "no backend"}},
-		{Peer: mk("uvx", "100.96.7.0/24", ""), Choice: Choice{Backend: VXLAN, Userspace: true, VTEP: netip.MustParseAddr("198.19.1.7"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 7}, Endpoint: netip.MustParseAddrPort("198.19.1.7:8472")}},
-		{Peer: mk("kvx", "100.96.8.0/24", ""), Choice: Choice{Backend: VXLAN, VTEP: netip.MustParseAddr("198.19.1.8"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 8}, Endpoint: netip.MustParseAddrPort("198.19.1.8:8285")}},
+		{Peer: mk("uvx", "100.96.7.0/24", ""), Choice: Choice{Backend: VXLAN, Userspace: true, Path: encap.Path{Peer: vxlan.Remote{VTEP: netip.MustParseAddr("198.19.1.7"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 7}}}, Endpoint: netip.MustParseAddrPort("198.19.1.7:8472")}},
+		{Peer: mk("kvx", "100.96.8.0/24", ""), Choice: Choice{Backend: VXLAN, Path: encap.Path{Peer: vxlan.Remote{VTEP: netip.MustParseAddr("198.19.1.8"), MAC: net.HardwareAddr{2, 0, 0, 0, 0, 8}}}, Endpoint: netip.MustParseAddrPort("198.19.1.8:8285")}},
 	}
-	pr := Translate(local, as)
-	if len(pr.UserVXLAN) != 1 || pr.UserVXLAN[0].Addr.String() != "198.19.1.7:8472" || pr.UserVXLAN[0].MAC.String() != "02:00:00:00:00:07" {
-		t.Errorf("userspace VXLAN peers: %+v", pr.UserVXLAN)
+	pr := encap.Translate(local, as)
+	kernelVX, userVX := vxlan.Peers(pr.ByBackend[VXLAN])
+	if len(userVX) != 1 || userVX[0].Addr.String() != "198.19.1.7:8472" || userVX[0].MAC.String() != "02:00:00:00:00:07" {
+		t.Errorf("userspace VXLAN peers: %+v", userVX)
 	}
-	if len(pr.VXLAN) != 1 || pr.VXLAN[0].VTEP.String() != "198.19.1.8" {
-		t.Errorf("kernel VXLAN peers: %+v", pr.VXLAN)
+	if len(kernelVX) != 1 || kernelVX[0].VTEP.String() != "198.19.1.8" {
+		t.Errorf("kernel VXLAN peers: %+v", kernelVX)
 	}
 	var names []string
-	for _, p := range pr.Userspace {
+	for _, p := range pr.Datapath {
 		names = append(names, p.Name+"="+p.Addr.String())
 	}
 	if got := strings.Join(names, " "); got != "gw=198.18.0.2:8285 udp=198.19.1.2:8285 v4only=198.18.0.6:8285 uvx=198.19.1.7:8472 kvx=198.19.1.8:8285" {
 		t.Errorf("userspace peers: %s", got)
 	}
 	var routes []string
-	for _, r := range pr.Routes {
+	for _, r := range hostgw.Routes(pr.ByBackend[HostGW]) {
 		routes = append(routes, r.Dst.String()+">"+r.Via.String())
 	}
 	// The thief's claim on this node's own subnet is never routed.
@@ -230,7 +275,7 @@ func TestTranslate(t *testing.T) {
 func TestSelectWireGuard(t *testing.T) {
 	k, _ := wireguard.NewPrivateKey()
 	pub := k.Public().String()
-	local := Local{Mode: WireGuard, Caps: Caps{WireGuard: &WireGuardCaps{Port: 51820, PublicKey: pub}},
+	local := Local{Mode: WireGuard, Caps: Caps{WireGuard: wireguard.Caps{Port: 51820, PublicKey: pub}},
 		IP4: netip.MustParseAddr("198.18.0.1"), OnLink: []netip.Prefix{netip.MustParsePrefix("198.18.0.0/24")}}
 	tests := []struct {
 		name     string
@@ -256,11 +301,12 @@ func TestSelectWireGuard(t *testing.T) {
 			if !strings.Contains(ch.Reason, tt.reason) {
 				t.Errorf("reason %q does not say %q", ch.Reason, tt.reason)
 			}
-			pr := Translate(nil, []Assignment{{Peer: tt.peer, Choice: ch}})
-			if tt.backend == "" && (len(pr.Userspace) > 0 || len(pr.WireGuard) > 0 || len(pr.Routes) > 0) {
+			pr := encap.Translate(nil, []Assignment{{Peer: tt.peer, Choice: ch}})
+			wg := wireguard.Peers(pr.ByBackend[WireGuard])
+			if tt.backend == "" && (len(pr.Datapath) > 0 || len(wg) > 0 || len(hostgw.Routes(pr.ByBackend[HostGW])) > 0) {
 				t.Errorf("an unreachable peer was programmed: %+v", pr)
 			}
-			if tt.backend == WireGuard && (len(pr.WireGuard) != 1 || pr.WireGuard[0].Key.String() != pub || len(pr.Userspace) != 1) {
+			if tt.backend == WireGuard && (len(wg) != 1 || wg[0].Key.String() != pub || len(pr.Datapath) != 1) {
 				t.Errorf("programme %+v", pr)
 			}
 		})
