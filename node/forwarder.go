@@ -1,9 +1,12 @@
 package node
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"sync/atomic"
 
 	"github.com/tulle-net/tulle/encap"
 	"github.com/tulle-net/tulle/internal/api"
@@ -26,6 +29,8 @@ type forwarder struct {
 	// carries: some backend moves packets itself, so the datapath's peer
 	// table has peers to send to.
 	carries bool
+	// stopped is set when the datapath's loops ended (liveness).
+	stopped atomic.Bool
 
 	mux    *encap.Mux
 	dev    tunnel.Device
@@ -103,6 +108,23 @@ func (f *forwarder) attach(dev tunnel.Device, sp speakers, mtu int) {
 	f.dev = dev
 	f.mux, f.carries = sp.transport()
 	f.dp = tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: f.mux, Peers: f.peers, Counters: f.ctr, MTU: mtu, Logger: f.log})
+}
+
+// run runs the datapath until ctx ends; its ending otherwise is an error.
+func (f *forwarder) run(ctx context.Context) error {
+	err := f.dp.Run(ctx)
+	f.stopped.Store(true)
+	if err == nil && ctx.Err() == nil {
+		err = errors.New("datapath stopped")
+	}
+	return err
+}
+
+// reconcile runs the router: the device's state, repaired on events and
+// periodically, until ctx ends.
+func (f *forwarder) reconcile(ctx context.Context) error {
+	f.router.Run(ctx, f.kicks)
+	return nil
 }
 
 // kick asks the router for a reconcile now (a device event, new peers, a

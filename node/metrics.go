@@ -55,7 +55,7 @@ func serveHTTP(addr string, log *slog.Logger) (*web, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		// Alive: the process serves, and once running its loops do.
-		if st := h.st.Load(); st != nil && st.stopped.Load() {
+		if st := h.st.Load(); st != nil && st.fw.stopped.Load() {
 			http.Error(w, "datapath stopped", http.StatusServiceUnavailable)
 			return
 		}

@@ -13,7 +13,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"net/netip"
 	"time"
@@ -90,10 +89,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	l := h.current()
-	pe := &peering{store: store, node: c.Node, table: c.Backends, local: sp.local(c.Net.Backend.Type, u), subnets: l.Subnets(), fw: fw, sp: sp, log: log}
-	st := &status{node: c.Node, holder: h, fw: fw, sp: sp, peering: pe, policy: pol, started: time.Now(), checks: readiness(c, store, fw, pol, log)}
-	st.rotate = rotation(sp, h, fw, log)
+	pe := newPeering(c, store, u, h.current(), sp, fw, log)
+	st := &status{node: c.Node, holder: h, fw: fw, sp: sp, peering: pe, policy: pol, started: time.Now(),
+		checks: readiness(c, store, fw, pol, log), rotate: rotation(sp, h, fw, log)}
 	web.serve(st)
 	sock, err := serveStatus(c.RunDir, st, log)
 	if err != nil {
@@ -102,20 +100,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	defer sock.Close()
 
 	g := newGroup(ctx)
-	g.Go(func(ctx context.Context) error { fw.router.Run(ctx, fw.kicks); return nil })
+	g.Go(fw.reconcile)
 	if pol != nil {
 		g.Go(pol.Run)
 	}
 	g.Go(pe.run)
 	g.Go(h.renew)
-	g.Go(func(ctx context.Context) error {
-		err := fw.dp.Run(ctx)
-		st.stopped.Store(true)
-		if err == nil && ctx.Err() == nil {
-			err = errors.New("datapath stopped")
-		}
-		return err
-	})
+	g.Go(fw.run)
 	log.Info("tulled forwarding", "tun", c.TUN, "port", c.Net.Backend.Port, "backend", c.Net.Backend.Type, "speaks", sp.names(c.Backends))
 	if err := g.Wait(); err != nil {
 		return err

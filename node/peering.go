@@ -32,6 +32,10 @@ type peering struct {
 	last      []api.Peer // the last plan: every peer, its backend and why
 }
 
+func newPeering(c Config, store lease.Store, u encap.Underlay, l lease.Lease, sp speakers, fw *forwarder, log *slog.Logger) *peering {
+	return &peering{store: store, node: c.Node, table: c.Backends, local: sp.local(c.Net.Backend.Type, u), subnets: l.Subnets(), fw: fw, sp: sp, log: log}
+}
+
 // view is the last plan as the status shows it.
 func (p *peering) view() []api.Peer {
 	p.mu.Lock()

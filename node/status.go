@@ -16,7 +16,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tulle-net/tulle/internal/api"
@@ -42,9 +41,6 @@ type status struct {
 	// rotate rotates a backend's key and republishes it (nil when no
 	// backend has one).
 	rotate func(now bool) (api.RotatedKey, error)
-
-	// stopped is set when the datapath's loops ended (liveness).
-	stopped atomic.Bool
 }
 
 // rotation is the key rotation of the backend with a key (nil when none
