@@ -22,6 +22,8 @@ const (
 	DropTUNWrite    // the kernel refused the write
 	GROWrites       // packets written through the GRO (coalescing) path
 	TUNRecreated    // times the TUN device was deleted under tulled and recreated
+	RxSparse        // frames written on the sparse flows' queue (flows.go)
+	TxSparse        // frames read from the sparse flows' queue
 	numCounters
 )
 
@@ -30,7 +32,8 @@ var counterNames = [numCounters]string{
 	DropMalformed: "drop_malformed", DropNoRoute: "drop_no_route", DropTooBig: "drop_too_big",
 	ICMPTooBigSent: "icmp_too_big_sent", DropUnknownPeer: "drop_unknown_peer", DropSpoofed: "drop_spoofed",
 	DropNotLocal: "drop_not_local", DropTUNWrite: "drop_tun_write",
-	GROWrites: "gro_writes", TUNRecreated: "tun_recreated",
+	GROWrites: "gro_writes", TUNRecreated: "tun_recreated", RxSparse: "rx_sparse_frames",
+	TxSparse: "tx_sparse_frames",
 }
 
 // String returns the counter's name as the status API reports it.

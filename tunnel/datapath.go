@@ -33,6 +33,9 @@ type Config struct {
 	// one datagram: the TUN MTU. Larger DF packets get an ICMP too-big.
 	MTU    int
 	Logger *slog.Logger
+	// Clock is the time in ns the flow classes are counted by (nil: the
+	// wall clock; tests freeze it).
+	Clock func() int64
 }
 
 // Datapath runs the loops between a Device and a Transport: one tx loop
@@ -44,6 +47,8 @@ type Datapath struct {
 	// icmp limits ICMP errors (RFC 1812 4.3.2.8, RFC 4443 2.4f), shared
 	// by the tx loops.
 	icmp *rate.Limiter
+	// flows classifies flows sparse or bulk (a multi-queue device only).
+	flows *flowTable
 }
 
 // NewDatapath returns a datapath; Run starts it.
@@ -53,6 +58,9 @@ func NewDatapath(cfg Config) *Datapath {
 	}
 	if cfg.Counters == nil {
 		cfg.Counters = &Counters{}
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = func() int64 { return time.Now().UnixNano() }
 	}
 	d := &Datapath{
 		cfg:  cfg,
@@ -77,9 +85,12 @@ func (d *Datapath) Run(ctx context.Context) error {
 	if mq, ok := d.cfg.Device.(MultiQueue); ok {
 		queues = mq.Queues()
 	}
+	if len(queues) > 1 {
+		d.flows = new(flowTable)
+	}
 	var wg sync.WaitGroup
-	for _, q := range queues {
-		wg.Go(func() { cancel(d.txLoop(q)) })
+	for i, q := range queues {
+		wg.Go(func() { cancel(d.txLoop(q, i == 0)) })
 	}
 	for _, recv := range d.cfg.Transport.Receivers() {
 		wg.Go(func() { cancel(d.rxLoop(recv, queues)) })
@@ -104,8 +115,10 @@ func newFrames(n int) []Frame {
 	return fs
 }
 
-// txLoop: TUN queue → peer lookup → transport.
-func (d *Datapath) txLoop(q Queue) error {
+// txLoop: TUN queue → peer lookup → transport. With several queues, it
+// counts each frame to its flow (flows); sparse is the loop of the sparse
+// queue.
+func (d *Datapath) txLoop(q Queue, sparse bool) error {
 	in := newFrames(BatchSize)
 	var icmpB []byte // made on the first too-big packet
 	out := make([]Frame, 0, BatchSize)
@@ -114,9 +127,19 @@ func (d *Datapath) txLoop(q Queue) error {
 		for i := range in {
 			in[i].Buf = in[i].Buf[:cap(in[i].Buf)]
 		}
+		if sparse && d.flows != nil {
+			d.flows.sparseIdle.Store(true)
+		}
 		n, err := q.Read(in)
+		if sparse && d.flows != nil {
+			d.flows.sparseIdle.Store(false)
+		}
 		if err != nil {
 			return fmt.Errorf("tx: %w", err)
+		}
+		var now int64
+		if d.flows != nil {
+			now = d.cfg.Clock()
 		}
 		out = out[:0]
 		for i := range in[:n] {
@@ -141,6 +164,9 @@ func (d *Datapath) txLoop(q Queue) error {
 				}
 			}
 			f.Addr = peer.Addr
+			if d.flows != nil {
+				d.flows.observe(flowHash(pkt), len(pkt), now)
+			}
 			ctr.Add(TxBytes, uint64(len(pkt)))
 			peer.Stats.TxFrames.Add(1)
 			peer.Stats.TxBytes.Add(uint64(len(pkt)))
@@ -151,6 +177,9 @@ func (d *Datapath) txLoop(q Queue) error {
 			continue
 		}
 		ctr.Add(TxFrames, uint64(len(out)))
+		if sparse && d.flows != nil {
+			ctr.Add(TxSparse, uint64(len(out)))
+		}
 		prioritize(out)
 		if err := d.cfg.Transport.Send(out); err != nil {
 			return fmt.Errorf("tx: %w", err)
@@ -190,8 +219,9 @@ func (d *Datapath) sendTooBig(q Queue, pkt, buf []byte) bool {
 }
 
 // rxLoop: transport → checks → TUN. With several queues, each frame is
-// written on the queue of its flow (flowHash), which is the queue the
-// kernel then reads the flow's replies from.
+// written on the queue of its flow, which is the queue the kernel then
+// reads the flow's replies from: queue 0 for a sparse flow, one of the
+// others by flowHash for a bulk one (flows.go).
 func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 	in := make([]Frame, RxBatch)
 	outs := make([][]Frame, len(queues))
@@ -210,6 +240,10 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 		}
 		ctr.RxBatch.observe(n)
 		now := time.Now().UnixNano()
+		var fnow int64 // the flow classes' clock
+		if d.flows != nil {
+			fnow = d.cfg.Clock()
+		}
 		written := 0
 		for i := range in[:n] {
 			f := &in[i]
@@ -237,8 +271,14 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 			ctr.Add(RxBytes, uint64(len(f.Packet())))
 			peer.Stats.rx(len(f.Packet()), now)
 			q := 0
-			if len(queues) > 1 {
-				q = int(flowHash(f.Packet()) % uint32(len(queues)))
+			if d.flows != nil {
+				h := flowHash(f.Packet())
+				if d.flows.sparseQueue(h, fnow) {
+					ctr.Add(RxSparse, 1)
+				} else {
+					q = 1 + int(h%uint32(len(queues)-1))
+				}
+				d.flows.observe(h, len(f.Packet()), fnow)
 			}
 			outs[q] = append(outs[q], *f)
 			written++

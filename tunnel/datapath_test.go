@@ -38,6 +38,7 @@ type node struct {
 	ctr   *tunnel.Counters
 	uctr  *udp.Counters // the transport's
 	addr  netip.AddrPort
+	clock func() int64 // the flow classes' clock (nil: the wall clock)
 }
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -65,7 +66,7 @@ func (n *node) run(t *testing.T) {
 	if n.mq != nil {
 		dev = n.mq
 	}
-	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet()})
+	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet(), Clock: n.clock})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- dp.Run(ctx) }()
@@ -80,6 +81,8 @@ func (n *node) run(t *testing.T) {
 // pair returns two running nodes that know each other.
 func pair(t *testing.T) (a, b *node) { return pairQueues(t, 1) }
 
+func frozen() int64 { return int64(time.Hour) }
+
 // pairQueues is pair with devices of nq queues.
 func pairQueues(t *testing.T, nq int) (a, b *node) {
 	a = newNode(t, "127.0.0.1", subnetA, subA6)
@@ -87,6 +90,9 @@ func pairQueues(t *testing.T, nq int) (a, b *node) {
 	if nq > 1 {
 		a.mq, b.mq = tuntest.NewMultiChanTUN(nq), tuntest.NewMultiChanTUN(nq)
 		a.tun, b.tun = a.mq.ChanTUN, b.mq.ChanTUN
+		// One frozen instant: a flow's class follows its bytes alone, not
+		// how fast this machine moves them.
+		a.clock, b.clock = frozen, frozen
 	}
 	a.peers.Set([]netip.Prefix{subnetA, subA6}, []tunnel.Peer{{Name: "b", Addr: b.addr, Subnets: []netip.Prefix{subnetB, subB6}}})
 	b.peers.Set([]netip.Prefix{subnetB, subB6}, []tunnel.Peer{{Name: "a", Addr: a.addr, Subnets: []netip.Prefix{subnetA, subA6}}})
@@ -333,11 +339,14 @@ func TestDatapathTooBig(t *testing.T) {
 
 // TestDatapathMultiQueue: with four device queues, one tx loop per queue
 // sends at once (the transport's Send is shared), and the receiving side
-// writes each flow through one queue, always the same, in order; the flows
-// spread over the queues. The kernel then reads each flow's replies from
-// that queue, so a flow never moves between tx loops.
+// writes each flow in order through the sparse queue (0) while it is
+// sparse and then through one bulk queue, always the same: each flow's
+// packets on the sparse queue all come before those on its bulk queue,
+// and neither queue reorders them. The flows spread over the bulk queues.
+// The kernel then reads each flow's replies from that queue, so a flow
+// moves between tx loops at most on a class change.
 func TestDatapathMultiQueue(t *testing.T) {
-	const nq, flows, perFlow = 4, 16, 200
+	const nq, flows, perFlow = 4, 16, 400
 	a, b := pairQueues(t, nq)
 	mk := func(flow, seq int) tuntest.Packet {
 		p := tuntest.TCP(podA, podB, 300)
@@ -354,8 +363,6 @@ func TestDatapathMultiQueue(t *testing.T) {
 			}
 		}()
 	}
-	queueOf := map[int]int{}
-	next := map[int]int{}
 	got := make(chan [3]int, 64) // queue, flow, seq
 	for q := range nq {
 		go func() {
@@ -364,26 +371,43 @@ func TestDatapathMultiQueue(t *testing.T) {
 			}
 		}()
 	}
-	used := map[int]bool{}
+	seqs := map[[2]int][]int{} // flow, queue → sequence numbers in the order written
 	for n := range flows * perFlow {
-		var r [3]int
 		select {
-		case r = <-got:
+		case r := <-got:
+			seqs[[2]int{r[1], r[0]}] = append(seqs[[2]int{r[1], r[0]}], r[2])
 		case <-time.After(5 * time.Second):
 			t.Fatalf("%d of %d packets came out", n, flows*perFlow)
 		}
-		q, f, seq := r[0], r[1], r[2]
-		if prev, ok := queueOf[f]; ok && prev != q {
-			t.Fatalf("flow %d written through queues %d and %d", f, prev, q)
+	}
+	used := map[int]bool{}
+	for f := range flows {
+		var order []int // the sparse queue's, then the bulk queue's
+		bulk := -1
+		for q := range nq {
+			s := seqs[[2]int{f, q}]
+			if q == 0 || len(s) == 0 {
+				continue
+			}
+			if bulk >= 0 {
+				t.Fatalf("flow %d written through bulk queues %d and %d", f, bulk, q)
+			}
+			bulk = q
+			used[q] = true
 		}
-		queueOf[f] = q
-		used[q] = true
-		if seq != next[f] {
-			t.Fatalf("flow %d: packet %d came out after %d: reordered or lost", f, seq, next[f]-1)
+		order = append(order, seqs[[2]int{f, 0}]...)
+		if bulk >= 0 {
+			order = append(order, seqs[[2]int{f, bulk}]...)
+		} else {
+			t.Errorf("flow %d (%d packets of 300 B, back to back) was never bulk", f, perFlow)
 		}
-		next[f]++
+		for i, seq := range order {
+			if seq != i {
+				t.Fatalf("flow %d: packet %d written %dth (sparse queue %d packets, then queue %d): reordered or lost", f, seq, i, len(seqs[[2]int{f, 0}]), bulk)
+			}
+		}
 	}
 	if len(used) < 2 {
-		t.Errorf("%d flows were all written through one queue", flows)
+		t.Errorf("%d flows were all written through %d bulk queue(s)", flows, len(used))
 	}
 }

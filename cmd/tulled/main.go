@@ -87,7 +87,7 @@ flags:
 	fs.StringVar(&c.RunDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
 	fs.StringVar(&c.TUN, "tun", "tulle0", "TUN device name")
 	fs.BoolVar(&c.TUNGRO, "tun-gro", true, "coalesce packets on TUN write (GRO) and pass UDP GSO through the TUN")
-	fs.IntVar(&c.TUNQueues, "tun-queues", 0, "TUN queues, each read by its own loop (0: one per CPU, at most 8; 1: single-queue)")
+	fs.IntVar(&c.TUNQueues, "tun-queues", 0, "TUN queues, each read by its own loop; with several, the first carries sparse flows (pings, request/response) apart from bulk ones (0: one per CPU, at most 8, plus that one; 1: single-queue)")
 	fs.BoolVar(&udpGSO, "udp-gso", true, "send trains with UDP_SEGMENT")
 	fs.BoolVar(&udpGRO, "udp-gro", true, "receive with UDP_GRO")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -123,7 +123,7 @@ flags:
 		return nil, badConfig("flag --tun-queues: %d out of range 0-%d", c.TUNQueues, maxTUNQueues)
 	}
 	if c.TUNQueues == 0 {
-		c.TUNQueues = min(runtime.NumCPU(), 8)
+		c.TUNQueues = min(runtime.NumCPU(), 8) + 1 // and the sparse flows' queue
 	}
 	if c.Node == "" {
 		return nil, badConfig("flag --node-name: empty (and no hostname)")

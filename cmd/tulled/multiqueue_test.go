@@ -150,3 +150,51 @@ func orderedFlows(t *testing.T, a, b *cluster.Node, dst netip.Addr, flows, perFl
 		t.Errorf("only %d of %d datagrams arrived", total, flows*perFlow)
 	}
 }
+
+// TestSparseFlowsQueue: beside a bulk transfer, a ping travels through the
+// sparse flows' queue at both ends (the mechanism that keeps it out of
+// the bulk stream's ring, asserted by the counters rather than by a
+// time), and the transfer does not: after its first milliseconds it moves
+// to a bulk queue.
+func TestSparseFlowsQueue(t *testing.T) {
+	c := startCluster(t, 2, cluster.Options{})
+	a, b := c.Nodes[0], c.Nodes[1]
+	if n := txQueues(t, a); n < 2 {
+		t.Fatalf("tulle0 has %d queues by default, want the sparse flows' one and at least one more", n)
+	}
+	dst := addr(t, b, false)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if sent, got := transfer(t, a, b, dst, 400<<20, 0); sent != got {
+			t.Error("the bulk transfer arrived corrupted")
+		}
+	}()
+	waitCounter(t, a, "tx_bytes", 20<<20) // the transfer is under way
+	before := map[*cluster.Node]map[string]uint64{}
+	names := []string{"tx_sparse_frames", "rx_sparse_frames", "tx_frames"}
+	for _, n := range []*cluster.Node{a, b} {
+		before[n] = map[string]uint64{}
+		for _, k := range names {
+			before[n][k] = counter(t, n, k)
+		}
+	}
+	if out, err := a.Run("ping", "-n", "-c", "20", "-i", "0.02", "-W", "2", dst.String()); err != nil {
+		t.Fatalf("ping beside the transfer: %v\n%s", err, out)
+	}
+	delta := func(n *cluster.Node, k string) uint64 { return counter(t, n, k) - before[n][k] }
+	// Requests: read from a's sparse queue, written on b's; replies the
+	// other way. The first request may leave by the kernel's hash.
+	for _, x := range []struct {
+		n *cluster.Node
+		k string
+	}{{a, "tx_sparse_frames"}, {b, "rx_sparse_frames"}, {b, "tx_sparse_frames"}, {a, "rx_sparse_frames"}} {
+		if d := delta(x.n, x.k); d < 19 {
+			t.Errorf("%s: %s moved by %d during 20 pings, want at least 19", x.n.Name, x.k, d)
+		}
+	}
+	<-done
+	if s, all := counter(t, a, "tx_sparse_frames"), counter(t, a, "tx_frames"); s*4 > all {
+		t.Errorf("%s: %d of %d frames left through the sparse queue: the bulk transfer stayed there", a.Name, s, all)
+	}
+}
