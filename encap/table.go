@@ -147,6 +147,7 @@ func (t Table) Select(l Local, p lease.Peer) Choice {
 		}
 	}
 	chosen := -1
+	forced := slices.IndexFunc(t, func(b Backend) bool { return b.Name() == l.Mode })
 	var passed []string // auto: what was passed over, and why
 	note := func(i int, why string) {
 		if e := t[i].Name() + ": " + why; !slices.Contains(passed, e) {
@@ -169,8 +170,8 @@ func (t Table) Select(l Local, p lease.Peer) Choice {
 				}
 			}
 		}
-	} else if i := slices.IndexFunc(t, func(b Backend) bool { return b.Name() == l.Mode }); i >= 0 && reaches[i].ok {
-		chosen = i
+	} else if forced >= 0 && reaches[forced].ok {
+		chosen = forced
 	}
 	switch {
 	case chosen >= 0:
@@ -196,8 +197,8 @@ func (t Table) Select(l Local, p lease.Peer) Choice {
 		}
 	case l.Mode != Auto:
 		why := "this node does not speak " + l.Mode
-		if i := slices.IndexFunc(t, func(b Backend) bool { return b.Name() == l.Mode }); i >= 0 {
-			why = reaches[i].why
+		if forced >= 0 {
+			why = reaches[forced].why
 		}
 		ch.Reason = "Backend.Type forces " + l.Mode + ", which cannot reach this peer: " + why
 	default:

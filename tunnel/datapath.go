@@ -33,8 +33,8 @@ type Config struct {
 	// one datagram: the TUN MTU. Larger DF packets get an ICMP too-big.
 	MTU    int
 	Logger *slog.Logger
-	// Clock is the time in ns the flow classes are counted by (nil: the
-	// wall clock; tests freeze it).
+	// Clock is the datapath's time in ns: flow classes, peers' last
+	// receive (nil: the wall clock; tests freeze it).
 	Clock func() int64
 }
 
@@ -239,11 +239,7 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 			outs[i] = outs[i][:0]
 		}
 		ctr.RxBatch.observe(n)
-		now := time.Now().UnixNano()
-		var fnow int64 // the flow classes' clock
-		if d.flows != nil {
-			fnow = d.cfg.Clock()
-		}
+		now := d.cfg.Clock()
 		written := 0
 		for i := range in[:n] {
 			f := &in[i]
@@ -273,12 +269,12 @@ func (d *Datapath) rxLoop(recv ReceiveFunc, queues []Queue) error {
 			q := 0
 			if d.flows != nil {
 				h := flowHash(f.Packet())
-				if d.flows.sparseQueue(h, fnow) {
+				if d.flows.sparseQueue(h, now) {
 					ctr.Add(RxSparse, 1)
 				} else {
 					q = 1 + int(h%uint32(len(queues)-1))
 				}
-				d.flows.observe(h, len(f.Packet()), fnow)
+				d.flows.observe(h, len(f.Packet()), now)
 			}
 			outs[q] = append(outs[q], *f)
 			written++

@@ -63,14 +63,19 @@ type flowTable struct {
 // observe counts a packet of n bytes of the flow with hash h, at now (ns).
 func (t *flowTable) observe(h uint32, n int, now int64) {
 	b := &t.b[h%flowBuckets]
-	b.last.Store(now)
+	if b.last.Load() != now { // a loop's batch shares one now: one store
+		b.last.Store(now)
+	}
+	if b.bulk.Load() != 0 {
+		return // until it is quiet, only its last packet matters
+	}
 	w := now / int64(FlowWindow)
 	if old := b.window.Load(); old != w && b.window.CompareAndSwap(old, w) {
 		b.bytes.Store(0)
 		b.pkts.Store(0)
 	}
 	bytes, pkts := b.bytes.Add(int64(n)), b.pkts.Add(1)
-	if (bytes > BulkBytes || pkts > BulkPackets) && b.bulk.Load() == 0 {
+	if bytes > BulkBytes || pkts > BulkPackets {
 		b.bulk.CompareAndSwap(0, max(now, 1)) // 0 means sparse
 	}
 }
