@@ -107,7 +107,7 @@ func (f *forwarder) start(l lease.Lease, sp speakers) error {
 func (f *forwarder) attach(dev tunnel.Device, sp speakers, mtu int) {
 	f.dev = dev
 	f.mux, f.carries = sp.transport()
-	f.dp = tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: f.mux, Peers: f.peers, Counters: f.ctr, MTU: mtu, Logger: f.log})
+	f.dp = tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: f.mux, Peers: f.peers, Counters: f.ctr, MTU: mtu, Logger: f.log, NoAQM: !f.c.TUNAQM})
 }
 
 // run runs the datapath until ctx ends; its ending otherwise is an error.

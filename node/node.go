@@ -42,10 +42,11 @@ type Config struct {
 	// RunDir holds subnet.json and the status socket.
 	RunDir string
 	// TUN is the device's name; TUNGRO and TUNQueues its offloads and
-	// queues.
+	// queues; TUNAQM the bulk queues' AQM (tunnel/aqm.go).
 	TUN       string
 	TUNGRO    bool
 	TUNQueues int
+	TUNAQM    bool
 	// DisableGSO and DisableGRO turn the userspace backends' UDP offloads
 	// off.
 	DisableGSO, DisableGRO bool

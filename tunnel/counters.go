@@ -24,6 +24,9 @@ const (
 	TUNRecreated    // times the TUN device was deleted under tulled and recreated
 	RxSparse        // frames written on the sparse flows' queue (flows.go)
 	TxSparse        // frames read from the sparse flows' queue
+	AQMMarks        // standing bulk queue: ECN CE set on a packet (aqm.go)
+	AQMTrims        // standing bulk queue: a TCP super-packet's last segment left out
+	AQMDrops        // standing bulk queue: a packet left out
 	numCounters
 )
 
@@ -33,7 +36,7 @@ var counterNames = [numCounters]string{
 	ICMPTooBigSent: "icmp_too_big_sent", DropUnknownPeer: "drop_unknown_peer", DropSpoofed: "drop_spoofed",
 	DropNotLocal: "drop_not_local", DropTUNWrite: "drop_tun_write",
 	GROWrites: "gro_writes", TUNRecreated: "tun_recreated", RxSparse: "rx_sparse_frames",
-	TxSparse: "tx_sparse_frames",
+	TxSparse: "tx_sparse_frames", AQMMarks: "aqm_ce_marks", AQMTrims: "aqm_trims", AQMDrops: "aqm_drops",
 }
 
 // String returns the counter's name as the status API reports it.

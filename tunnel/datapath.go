@@ -34,8 +34,10 @@ type Config struct {
 	MTU    int
 	Logger *slog.Logger
 	// Clock is the datapath's time in ns: flow classes, peers' last
-	// receive (nil: the wall clock; tests freeze it).
+	// receive, the AQM (nil: the wall clock; tests freeze it).
 	Clock func() int64
+	// NoAQM turns off the bulk queues' AQM (aqm.go).
+	NoAQM bool
 }
 
 // Datapath runs the loops between a Device and a Transport: one tx loop
@@ -123,6 +125,12 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 	var icmpB []byte // made on the first too-big packet
 	out := make([]Frame, 0, BatchSize)
 	ctr := d.cfg.Counters
+	var aqm *codel
+	if !sparse || d.flows == nil {
+		if !d.cfg.NoAQM {
+			aqm = newCodel(AQMTarget, AQMInterval)
+		}
+	}
 	for {
 		for i := range in {
 			in[i].Buf = in[i].Buf[:cap(in[i].Buf)]
@@ -138,11 +146,23 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 			return fmt.Errorf("tx: %w", err)
 		}
 		var now int64
-		if d.flows != nil {
+		if d.flows != nil || aqm != nil {
 			now = d.cfg.Clock()
+		}
+		// A read that returned less than it asked for drained the queue.
+		skip := -1
+		if aqm != nil && aqm.read(now, n < len(in)) {
+			var sig Signal
+			skip, sig = shed(in[:n])
+			if sig != SignalNone {
+				ctr.Add(aqmCounter[sig], 1)
+			}
 		}
 		out = out[:0]
 		for i := range in[:n] {
+			if i == skip {
+				continue
+			}
 			f := &in[i]
 			pkt := f.Packet()
 			_, dst, ok := Addrs(pkt)
@@ -164,6 +184,7 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 				}
 			}
 			f.Addr = peer.Addr
+			f.Sparse = sparse && d.flows != nil
 			if d.flows != nil {
 				d.flows.observe(flowHash(pkt), len(pkt), now)
 			}

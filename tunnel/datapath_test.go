@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +40,7 @@ type node struct {
 	uctr  *udp.Counters // the transport's
 	addr  netip.AddrPort
 	clock func() int64 // the flow classes' clock (nil: the wall clock)
+	aqm   bool         // the AQM on (tests that count every packet keep it off)
 }
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -66,7 +68,7 @@ func (n *node) run(t *testing.T) {
 	if n.mq != nil {
 		dev = n.mq
 	}
-	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet(), Clock: n.clock})
+	dp := tunnel.NewDatapath(tunnel.Config{Device: dev, Transport: n.tr, Peers: n.peers, Counters: n.ctr, MTU: udp.InnerMTU(1500, false), Logger: quiet(), Clock: n.clock, NoAQM: !n.aqm})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- dp.Run(ctx) }()
@@ -409,5 +411,50 @@ func TestDatapathMultiQueue(t *testing.T) {
 	}
 	if len(used) < 2 {
 		t.Errorf("%d flows were all written through %d bulk queue(s)", flows, len(used))
+	}
+}
+
+// TestDatapathAQM: a queue that is never drained gets the AQM's signal at
+// CoDel's pace, on the batch's largest frame, and the receiver gets every
+// other segment intact. The clock steps one millisecond per batch (the tx
+// loop reads it once per batch), so the 50 full batches span 50 ms:
+// signals at the 23rd (2 ms above target + 20 ms) and the 43rd read.
+func TestDatapathAQM(t *testing.T) {
+	a := newNode(t, "127.0.0.1", subnetA)
+	b := newNode(t, "127.0.0.3", subnetB)
+	var clk atomic.Int64
+	clk.Store(int64(time.Hour))
+	a.aqm, a.clock = true, func() int64 { return clk.Add(int64(time.Millisecond)) }
+	const batches, mss = 50, 300
+	var want [][]byte
+	for i := range batches * tunnel.BatchSize {
+		p := tuntest.TCP(podA, podB, 3*mss)
+		binary.BigEndian.PutUint32(p[24:], uint32(i*3*mss)) // one stream
+		o := tuntest.TSO(p, mss)
+		segs := tuntest.Segments(t, p, o)
+		if i == 22*tunnel.BatchSize || i == 42*tunnel.BatchSize {
+			segs = segs[:2] // the first (largest, first of equals) frame of reads 23 and 43 loses its last segment
+		}
+		want = append(want, segs...)
+		a.tun.Inbound <- tuntest.Packet{Data: p, Offload: o}
+	}
+	a.peers.Set([]netip.Prefix{subnetA}, []tunnel.Peer{{Name: "b", Addr: b.addr, Subnets: []netip.Prefix{subnetB}}})
+	b.peers.Set([]netip.Prefix{subnetB}, []tunnel.Peer{{Name: "a", Addr: a.addr, Subnets: []netip.Prefix{subnetA}}})
+	a.run(t)
+	b.run(t)
+	receiveSegments(t, b.tun.Outbound, want)
+	if got := a.ctr.Get(tunnel.AQMTrims); got != 2 {
+		t.Errorf("%d trims, want 2", got)
+	}
+	if got := a.ctr.Get(tunnel.AQMMarks) + a.ctr.Get(tunnel.AQMDrops); got != 0 {
+		t.Errorf("%d marks or drops, want none", got)
+	}
+	// Drained reads from now on: no more signals, however long it runs.
+	for range 100 {
+		a.tun.Inbound <- tuntest.Packet{Data: tuntest.TCP(podA, podB, 10)}
+		recvPacket(t, b.tun.Outbound)
+	}
+	if got := a.ctr.Get(tunnel.AQMTrims) + a.ctr.Get(tunnel.AQMDrops); got != 2 {
+		t.Errorf("%d signals after the queue drained, want still 2", got)
 	}
 }

@@ -71,6 +71,9 @@ type Frame struct {
 	// Addr is the peer's underlay address: the destination when sending,
 	// the source when receiving.
 	Addr netip.AddrPort
+	// Sparse: the tx loop read it from the sparse flows' queue (flows.go);
+	// a transport may carry it ahead of bulk traffic.
+	Sparse bool
 }
 
 // Packet returns the IP packet.

@@ -68,7 +68,7 @@ type tunQueue struct {
 	wg      wgtun.Device
 	rc      syscall.RawConn
 	writeMu sync.Mutex
-	groBufs [][]byte // 64 KiB buffers for the GRO path
+	groBufs [][]byte // 64 KiB buffers for the GRO path, made on first use
 	groN    int
 	vhdr    [VirtioHdrLen]byte
 	iov     [2]unix.Iovec
@@ -189,10 +189,9 @@ func (t *TUN) addQueue(fd, mtu int) error {
 		wg.Close()
 		return fmt.Errorf("tun %s: %w", t.name, err)
 	}
+	// The GRO buffers are made on first use: a queue that only ever
+	// carries a few packets per write (the sparse queue) keeps a few.
 	q := &tunQueue{t: t, wg: wg, rc: rc, groBufs: make([][]byte, 64)}
-	for i := range q.groBufs {
-		q.groBufs[i] = make([]byte, 0, BufSize)
-	}
 	t.queues = append(t.queues, q)
 	return nil
 }
@@ -294,6 +293,9 @@ func (q *tunQueue) Write(frames []Frame) error {
 				if err := q.flushGRO(); err != nil {
 					return err
 				}
+			}
+			if q.groBufs[q.groN] == nil {
+				q.groBufs[q.groN] = make([]byte, 0, BufSize)
 			}
 			b := q.groBufs[q.groN][:Headroom]
 			q.groBufs[q.groN] = append(b, f.Packet()...)

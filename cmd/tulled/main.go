@@ -87,6 +87,7 @@ flags:
 	fs.StringVar(&c.RunDir, "run-dir", "/run/tulle", "directory for subnet.json and the status socket")
 	fs.StringVar(&c.TUN, "tun", "tulle0", "TUN device name")
 	fs.BoolVar(&c.TUNGRO, "tun-gro", true, "coalesce packets on TUN write (GRO) and pass UDP GSO through the TUN")
+	fs.BoolVar(&c.TUNAQM, "tun-aqm", true, "signal a bulk flow that keeps a standing queue in the TUN (CoDel-like: ECN mark, else one TCP segment or packet left out)")
 	fs.IntVar(&c.TUNQueues, "tun-queues", 0, "TUN queues, each read by its own loop; with several, the first carries sparse flows (pings, request/response) apart from bulk ones (0: one per CPU, at most 8, plus that one; 1: single-queue)")
 	fs.BoolVar(&udpGSO, "udp-gso", true, "send trains with UDP_SEGMENT")
 	fs.BoolVar(&udpGRO, "udp-gro", true, "receive with UDP_GRO")

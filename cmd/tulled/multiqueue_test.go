@@ -152,10 +152,11 @@ func orderedFlows(t *testing.T, a, b *cluster.Node, dst netip.Addr, flows, perFl
 }
 
 // TestSparseFlowsQueue: beside a bulk transfer, a ping travels through the
-// sparse flows' queue at both ends (the mechanism that keeps it out of
-// the bulk stream's ring, asserted by the counters rather than by a
-// time), and the transfer does not: after its first milliseconds it moves
-// to a bulk queue.
+// sparse flows' queue at both ends and the sparse socket (the mechanisms
+// that keep it out of the bulk stream's ring and out of the receive
+// buffer behind it, asserted by the counters rather than by a time), and
+// the transfer does not: after its first milliseconds it moves to a bulk
+// queue.
 func TestSparseFlowsQueue(t *testing.T) {
 	c := startCluster(t, 2, cluster.Options{})
 	a, b := c.Nodes[0], c.Nodes[1]
@@ -172,7 +173,7 @@ func TestSparseFlowsQueue(t *testing.T) {
 	}()
 	waitCounter(t, a, "tx_bytes", 20<<20) // the transfer is under way
 	before := map[*cluster.Node]map[string]uint64{}
-	names := []string{"tx_sparse_frames", "rx_sparse_frames", "tx_frames"}
+	names := []string{"tx_sparse_frames", "rx_sparse_frames", "tx_frames", "sparse_datagrams_in"}
 	for _, n := range []*cluster.Node{a, b} {
 		before[n] = map[string]uint64{}
 		for _, k := range names {
@@ -188,12 +189,15 @@ func TestSparseFlowsQueue(t *testing.T) {
 	for _, x := range []struct {
 		n *cluster.Node
 		k string
-	}{{a, "tx_sparse_frames"}, {b, "rx_sparse_frames"}, {b, "tx_sparse_frames"}, {a, "rx_sparse_frames"}} {
+	}{{a, "tx_sparse_frames"}, {b, "sparse_datagrams_in"}, {b, "rx_sparse_frames"}, {b, "tx_sparse_frames"}, {a, "sparse_datagrams_in"}, {a, "rx_sparse_frames"}} {
 		if d := delta(x.n, x.k); d < 19 {
 			t.Errorf("%s: %s moved by %d during 20 pings, want at least 19", x.n.Name, x.k, d)
 		}
 	}
 	<-done
+	if s, all := counter(t, b, "sparse_datagrams_in"), counter(t, b, "datagrams_in"); s*4 > all {
+		t.Errorf("%s: %d of %d datagrams arrived on the sparse socket: the bulk transfer's did", b.Name, s, all)
+	}
 	if s, all := counter(t, a, "tx_sparse_frames"), counter(t, a, "tx_frames"); s*4 > all {
 		t.Errorf("%s: %d of %d frames left through the sparse queue: the bulk transfer stayed there", a.Name, s, all)
 	}

@@ -19,6 +19,7 @@ const (
 	GSOFallbacks                     // times UDP GSO was turned off after EIO
 	Cut                              // super-packets sent cut along their segments (one frame per datagram)
 	Coalesced                        // received frames merged into TSO super-packets before the TUN write
+	SparseIn                         // datagrams received on the sparse flows' socket (of DatagramsIn)
 	numCounters
 )
 
@@ -26,7 +27,7 @@ var counterNames = [numCounters]string{
 	DatagramsOut: "datagrams_out", DatagramsIn: "datagrams_in", DropSend: "drop_send",
 	DropBadVersion: "drop_bad_version", DropBadHeader: "drop_bad_header", DropIncomplete: "drop_incomplete",
 	DropUnknownSource: "drop_unknown_source", DropTrainEvicted: "drop_train_evicted", GSOFallbacks: "gso_fallbacks",
-	Cut: "frames_cut", Coalesced: "frames_coalesced",
+	Cut: "frames_cut", Coalesced: "frames_coalesced", SparseIn: "sparse_datagrams_in",
 }
 
 // String returns the counter's name as the status API reports it.

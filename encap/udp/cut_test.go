@@ -102,7 +102,7 @@ func TestCutSurvivesLoss(t *testing.T) {
 						want = append(want, wire[i*per:min((i+1)*per, len(wire))]...)
 					}
 					tr := testTransport()
-					pkts, frames := drain(newReceiver(tr, (&udpsocktest.Reader{Msgs: msgs}).Read, true), 8)
+					pkts, frames := drain(newReceiver(tr, (&udpsocktest.Reader{Msgs: msgs}).Read, true, false), 8)
 					var got [][]byte
 					for i, f := range frames {
 						if _, err := tunnel.ValidateOffload(pkts[i], f.Offload); err != nil {

@@ -105,10 +105,14 @@ type train struct {
 	prev, next *train
 }
 
-func newReceiver(t *Transport, read udpsock.ReadFunc, gro bool) *receiver {
+// newReceiver reads one socket; sparse: the sparse flows' (ListenSteered).
+func newReceiver(t *Transport, read udpsock.ReadFunc, gro, sparse bool) *receiver {
 	r := &receiver{t: t, clock: time.Now, trains: reassembly{peers: map[netip.AddrPort]*peerTrains{}}}
 	r.c = udpsock.NewCursor(read, recvBatch, tunnel.Headroom, 65536, func(src netip.AddrPort, dgs int) bool {
 		t.ctr.Add(DatagramsIn, uint64(dgs))
+		if sparse {
+			t.ctr.Add(SparseIn, uint64(dgs))
+		}
 		if !t.opt.Accept(src) {
 			t.ctr.Add(DropUnknownSource, uint64(dgs))
 			return false

@@ -55,7 +55,7 @@ func TestReassemblyBound(t *testing.T) {
 			for i := range 20000 {
 				fr.Msgs = append(fr.Msgs, tt.flood(i))
 			}
-			r := newReceiver(tr, fr.Read, true)
+			r := newReceiver(tr, fr.Read, true, false)
 			if pkts, _ := drain(r, 8); len(pkts) != 0 {
 				t.Fatalf("flood produced %d frames", len(pkts))
 			}
@@ -94,7 +94,7 @@ func TestReassemblyForgetsDepartedPeers(t *testing.T) {
 	tr := testTransport()
 	tr.opt.Accept = func(a netip.AddrPort) bool { return accepted[a] }
 	fr := &udpsocktest.Reader{}
-	r := newReceiver(tr, fr.Read, true)
+	r := newReceiver(tr, fr.Read, true, false)
 	r.clock = func() time.Time { return now }
 	var srcs []netip.AddrPort
 	for i := range 10 {
@@ -141,7 +141,7 @@ func TestInterleavedTrains(t *testing.T) {
 	for i := range d1 {
 		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d1[i], Src: src}, udpsocktest.Msg{Data: d2[i], Src: src})
 	}
-	got, _ := drain(newReceiver(tr, fr.Read, true), 4)
+	got, _ := drain(newReceiver(tr, fr.Read, true, false), 4)
 	if len(got) != 2 || !bytes.Equal(got[0], p1) || !bytes.Equal(got[1], p2) {
 		t.Fatalf("interleaved trains: got %d frames", len(got))
 	}

@@ -44,19 +44,25 @@ func (s *sender) send(frames []tunnel.Frame) error {
 			ctr.Add(DropSend, 1)
 			continue
 		}
+		var flags uint8
+		if f.Sparse && sk.Sparse != nil {
+			// A sparse flow's packet leaves from the sparse socket, flagged,
+			// so the receiver reads it from its own (ListenSteered).
+			sk, flags = sk.Sparse, FlagSparse
+		}
 		addr := s.addrs.Get(f.Addr)
 		pkt := f.Packet()
 		maxDg := sk.MaxPayload()
 		switch {
 		case f.Offload.None() && HeaderLen+len(pkt) <= maxDg && f.Off >= HeaderLen:
 			b := f.Buf[f.Off-HeaderLen:]
-			Header{Type: TypePacket, Count: 1}.Marshal(b)
+			Header{Type: TypePacket, Count: 1, Flags: flags}.Marshal(b)
 			if err := s.single(sk, addr, b); err != nil {
 				return err
 			}
 		case Overhead+len(pkt) <= maxDg && f.Off >= Overhead:
 			b := f.Buf[f.Off-Overhead:]
-			Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1}.Marshal(b)
+			Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1, Flags: flags}.Marshal(b)
 			putDesc(b[HeaderLen:], f.Offload)
 			if err := s.single(sk, addr, b); err != nil {
 				return err

@@ -71,7 +71,7 @@ func TestGSOFallbackOnEIO(t *testing.T) {
 	for _, d := range fc.sent {
 		fr.Msgs = append(fr.Msgs, udpsocktest.Msg{Data: d, Src: dst})
 	}
-	got, frames := drain(newReceiver(testTransport(), fr.Read, true), 4)
+	got, frames := drain(newReceiver(testTransport(), fr.Read, true, false), 4)
 	if len(got) < 3 || !bytes.Equal(got[0], small) {
 		t.Fatalf("fallback datagrams did not merge into the frames (%d came out)", len(got))
 	}

@@ -100,9 +100,12 @@ func New(opt Options) (*Transport, error) {
 }
 
 func (t *Transport) listen(la netip.AddrPort) (*udpsock.Socket, error) {
-	s, err := udpsock.Listen(la, t.opt.DisableGSO, t.opt.DisableGRO)
+	s, err := udpsock.ListenSteered(la, t.opt.DisableGSO, t.opt.DisableGRO, flagsOffset, FlagSparse)
 	if err != nil {
 		return nil, fmt.Errorf("udp transport: %w", err)
+	}
+	if s.NoSparse != nil {
+		t.log.Warn("udp transport: sparse flows share the bulk socket", "addr", s.Name, "err", s.NoSparse)
 	}
 	s.SetMTU(t.opt.MTU)
 	t.log.Info("udp transport listening", "addr", s.Name, "gso", s.GSO(), "gro", s.GRO, "max_datagram", s.MaxPayload())
@@ -130,8 +133,12 @@ func (t *Transport) Close() error {
 func (t *Transport) Receivers() []tunnel.ReceiveFunc {
 	var fns []tunnel.ReceiveFunc
 	for _, s := range t.socks {
-		r := newReceiver(t, s.BC.ReadBatch, s.GRO)
+		r := newReceiver(t, s.BC.ReadBatch, s.GRO, false)
 		fns = append(fns, r.receive)
+		if s.Sparse != nil {
+			r := newReceiver(t, s.Sparse.BC.ReadBatch, s.Sparse.GRO, true)
+			fns = append(fns, r.receive)
+		}
 	}
 	return fns
 }

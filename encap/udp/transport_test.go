@@ -5,7 +5,9 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/tulle-net/tulle/internal/tstest/testenv"
 	"github.com/tulle-net/tulle/tunnel"
@@ -75,5 +77,61 @@ func TestTransportLoopbackIPv6(t *testing.T) {
 	}
 	if !bytes.Equal(out[0].Packet(), pkt) || out[0].Addr != tx.LocalAddrs()[0] {
 		t.Errorf("frame changed over the IPv6 underlay (from %s)", out[0].Addr)
+	}
+}
+
+// TestSparseSocket: a frame the tx loop read from the sparse queue leaves
+// flagged from the sparse socket and is read by the receiver's sparse
+// loop; every other frame by the first.
+func TestSparseSocket(t *testing.T) {
+	tx, rx, dst := loopbackPair(t)
+	recvs := rx.Receivers()
+	if len(recvs) != 2 {
+		t.Fatalf("%d receivers, want 2 (the first socket's and the sparse one's)", len(recvs))
+	}
+	mk := func(n int, sparse bool) tunnel.Frame {
+		pkt := tuntest.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), n)
+		return tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: tuntest.PartialCsum(pkt), Addr: dst, Sparse: sparse}
+	}
+	if err := tx.Send([]tunnel.Frame{mk(100, true), mk(300, false), mk(40, true)}); err != nil {
+		t.Fatal(err)
+	}
+	// Each receiver reads until it holds what it should, or fails after 5 s
+	// (closing the transport releases it).
+	got := make([][]int, 2)
+	done := make(chan int, 2)
+	for i := range recvs {
+		go func() {
+			defer func() { done <- i }()
+			out := make([]tunnel.Frame, 8)
+			for len(got[i]) < 1+i {
+				n, err := recvs[i](out)
+				if err != nil {
+					return
+				}
+				for _, f := range out[:n] {
+					got[i] = append(got[i], len(f.Packet()))
+				}
+			}
+		}()
+	}
+	timeout := time.After(5 * time.Second)
+	for range recvs {
+		select {
+		case <-done:
+		case <-timeout:
+			rx.Close()
+			<-done
+		}
+	}
+	// Lengths: 40 bytes of headers each.
+	if want := []int{340}; !slices.Equal(got[0], want) {
+		t.Errorf("first socket's receiver read packets of %v bytes, want %v", got[0], want)
+	}
+	if want := []int{140, 80}; !slices.Equal(got[1], want) {
+		t.Errorf("sparse socket's receiver read packets of %v bytes, want %v", got[1], want)
+	}
+	if got := rx.ctr.Get(SparseIn); got != 2 {
+		t.Errorf("sparse_datagrams_in %d, want 2", got)
 	}
 }

@@ -52,14 +52,26 @@ const (
 //	2..3   frame id (big endian), per sender
 //	4      segment index
 //	5      segment count
-//	6..7   reserved, zero; ignored by receivers
+//	6      flags: FlagSparse; other bits zero, ignored by receivers
+//	7      reserved, zero; ignored by receivers
 type Header struct {
 	Type    uint8
 	Len     int // header length in bytes (≥ HeaderLen); receivers skip what they do not know
 	FrameID uint16
 	Index   uint8
 	Count   uint8
+	Flags   uint8
 }
+
+// FlagSparse marks a datagram of a sparse flow (a ping, a request, an
+// ACK-clocked exchange: what the sender read from its sparse TUN queue).
+// A receiver may read it ahead of bulk datagrams; one that does not know
+// the flag treats it as any other. Only single-datagram frames carry it.
+const FlagSparse = 1
+
+// flagsOffset is where the flags byte sits in a datagram's UDP payload:
+// the receiver's socket-steering program reads it there.
+const flagsOffset = 6
 
 // Errors from ParseHeader and ParseDesc.
 var (
@@ -76,7 +88,7 @@ func (h Header) Marshal(b []byte) {
 	binary.BigEndian.PutUint16(b[2:], h.FrameID)
 	b[4] = h.Index
 	b[5] = h.Count
-	b[6], b[7] = 0, 0
+	b[6], b[7] = h.Flags, 0
 }
 
 // ParseHeader decodes the header at the start of d.
@@ -93,6 +105,7 @@ func ParseHeader(d []byte) (Header, error) {
 		FrameID: binary.BigEndian.Uint16(d[2:]),
 		Index:   d[4],
 		Count:   d[5],
+		Flags:   d[6],
 	}
 	if h.Len < HeaderLen || h.Len > len(d) || h.Count == 0 || h.Index >= h.Count {
 		return Header{}, ErrBadHeader

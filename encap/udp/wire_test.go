@@ -134,7 +134,7 @@ func TestTrainReassembly(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			tr := testTransport()
 			fr := &udpsocktest.Reader{Msgs: tt.msgs}
-			pkts, frames := drain(newReceiver(tr, fr.Read, true), 4)
+			pkts, frames := drain(newReceiver(tr, fr.Read, true, false), 4)
 			for i, f := range frames {
 				if !bytes.Equal(pkts[i], pkt) || f.Offload != o || f.Addr != src {
 					t.Fatalf("frame differs: %d bytes (want %d), offload %+v (want %+v), from %s", len(pkts[i]), len(pkt), f.Offload, o, f.Addr)
@@ -165,7 +165,7 @@ func TestReceiveManySmallPacketsInOneGROMessage(t *testing.T) {
 		msg = append(append(msg, h...), p...)
 	}
 	tr := testTransport()
-	got, _ := drain(newReceiver(tr, (&udpsocktest.Reader{Msgs: []udpsocktest.Msg{{Data: msg, GSO: HeaderLen + 540, Src: src}}}).Read, true), 16)
+	got, _ := drain(newReceiver(tr, (&udpsocktest.Reader{Msgs: []udpsocktest.Msg{{Data: msg, GSO: HeaderLen + 540, Src: src}}}).Read, true, false), 16)
 	if len(got) != 40 {
 		t.Fatalf("got %d packets, want 40", len(got))
 	}
@@ -194,7 +194,7 @@ func FuzzDecap(f *testing.F) {
 		tr := testTransport()
 		src := netip.MustParseAddrPort("198.18.0.2:8285")
 		fr := &udpsocktest.Reader{Msgs: []udpsocktest.Msg{{Data: data, GSO: int(gso), Src: src}, {Data: data, Src: src}}}
-		r := newReceiver(tr, fr.Read, true)
+		r := newReceiver(tr, fr.Read, true, false)
 		frames := make([]tunnel.Frame, 3)
 		for range 1000 {
 			n, err := r.receive(frames)

@@ -49,14 +49,25 @@ type Socket struct {
 	GRO    bool
 	gsoOff atomic.Bool
 	maxDg  atomic.Int32
+	// Sparse, when not nil, is a second socket on the same address that
+	// receives (and sends) what is flagged as sparse flows'
+	// (ListenSteered); NoSparse says why there is none.
+	Sparse   *Socket
+	NoSparse error
 }
 
 // MaxPayload returns the largest UDP payload one datagram carries on
 // the underlay (SetMTU).
 func (s *Socket) MaxPayload() int { return int(s.maxDg.Load()) }
 
-// SetMTU sets the underlay MTU datagrams must fit from now on.
-func (s *Socket) SetMTU(mtu int) { s.maxDg.Store(int32(Payload(mtu, s.V6))) }
+// SetMTU sets the underlay MTU datagrams must fit from now on (on the
+// sparse socket too).
+func (s *Socket) SetMTU(mtu int) {
+	s.maxDg.Store(int32(Payload(mtu, s.V6)))
+	if s.Sparse != nil {
+		s.Sparse.SetMTU(mtu)
+	}
+}
 
 // Is6 reports whether a is an IPv6 address (not an IPv4-mapped one).
 func Is6(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }
@@ -65,12 +76,12 @@ func Is6(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }
 // net.core.[rw]mem_max; the plain call is the fallback) and, unless
 // noGRO, UDP_GRO where the kernel has it. noGSO starts with UDP GSO off.
 func Listen(la netip.AddrPort, noGSO, noGRO bool) (*Socket, error) {
+	return listen(la, noGSO, noGRO, false)
+}
+
+func listen(la netip.AddrPort, noGSO, noGRO, reuse bool) (*Socket, error) {
 	v6 := Is6(la.Addr())
-	network := "udp4"
-	if v6 {
-		network = "udp6"
-	}
-	c, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(la))
+	c, err := bindUDP(la, v6, reuse)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", la, err)
 	}
@@ -209,6 +220,9 @@ func (ss Sockets) Close() error {
 	var errs []error
 	for _, s := range ss {
 		errs = append(errs, s.Conn.Close())
+		if s.Sparse != nil {
+			errs = append(errs, s.Sparse.Conn.Close())
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,4 @@
+package tunnel
+
+// Shed is shed, for the external tests that build packets with tuntest.
+var Shed = shed
