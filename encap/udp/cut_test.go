@@ -35,7 +35,7 @@ func cutLayout(t *testing.T, pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.pieces(&udpsock.Socket{}, nil, &cut); err != nil {
+	if err := s.pieces(&udpsock.Socket{}, nil, &cut, 0); err != nil {
 		t.Fatal(err)
 	}
 	return s.b.Queued()

@@ -46,8 +46,10 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		}
 		var flags uint8
 		if f.Sparse && sk.Sparse != nil {
-			// A sparse flow's packet leaves from the sparse socket, flagged,
-			// so the receiver reads it from its own (ListenSteered).
+			// What the sparse queue's loop read leaves from the sparse socket,
+			// every datagram flagged, so the receiver reads it from its own
+			// (ListenSteered) and a flow read there never has datagrams on
+			// both of the receiver's sockets at once.
 			sk, flags = sk.Sparse, FlagSparse
 		}
 		addr := s.addrs.Get(f.Addr)
@@ -70,9 +72,9 @@ func (s *sender) send(frames []tunnel.Frame) error {
 		default:
 			cut, err := tunnel.NewCutter(pkt, f.Offload, maxDg-Overhead)
 			if err == nil {
-				err = s.pieces(sk, addr, &cut)
+				err = s.pieces(sk, addr, &cut, flags)
 			} else {
-				err = s.train(sk, addr, f, maxDg)
+				err = s.train(sk, addr, f, maxDg, flags)
 			}
 			if err != nil {
 				return err
@@ -98,7 +100,7 @@ func (s *sender) single(sk *udpsock.Socket, addr *net.UDPAddr, dg []byte) error 
 // datagram a single-datagram frame holding whole segments, so a lost
 // datagram costs the receiver only its own segments. The pieces but the
 // last are one size, so they join one GSO send.
-func (s *sender) pieces(sk *udpsock.Socket, addr *net.UDPAddr, cut *tunnel.Cutter) error {
+func (s *sender) pieces(sk *udpsock.Socket, addr *net.UDPAddr, cut *tunnel.Cutter, flags uint8) error {
 	seg := Overhead + cut.PieceLen()
 	room := s.b.Room()
 	n := 0
@@ -116,7 +118,7 @@ func (s *sender) pieces(sk *udpsock.Socket, addr *net.UDPAddr, cut *tunnel.Cutte
 		if !ok {
 			break
 		}
-		Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1}.Marshal(room[n:])
+		Header{Type: TypeFrame, FrameID: s.t.nextFrameID(), Count: 1, Flags: flags}.Marshal(room[n:])
 		putDesc(room[n+HeaderLen:], o)
 		n += Overhead + l
 	}
@@ -128,7 +130,7 @@ func (s *sender) pieces(sk *udpsock.Socket, addr *net.UDPAddr, cut *tunnel.Cutte
 }
 
 // train lays out a frame too large for one datagram as a train in the slab.
-func (s *sender) train(sk *udpsock.Socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int) error {
+func (s *sender) train(sk *udpsock.Socket, addr *net.UDPAddr, f *tunnel.Frame, maxDg int, flags uint8) error {
 	pkt := f.Packet()
 	var frame []byte
 	if f.Off >= DescLen {
@@ -154,7 +156,7 @@ func (s *sender) train(sk *udpsock.Socket, addr *net.UDPAddr, f *tunnel.Frame, m
 	room, n := s.b.Room(), 0
 	for i := 0; i < count; i++ {
 		c := frame[i*chunk : min((i+1)*chunk, len(frame))]
-		Header{Type: TypeFrame, FrameID: id, Index: uint8(i), Count: uint8(count)}.Marshal(room[n:])
+		Header{Type: TypeFrame, FrameID: id, Index: uint8(i), Count: uint8(count), Flags: flags}.Marshal(room[n:])
 		n += HeaderLen + copy(room[n+HeaderLen:], c)
 	}
 	s.b.Commit(sk, addr, n, HeaderLen+chunk)

@@ -66,7 +66,8 @@ type Header struct {
 // FlagSparse marks a datagram of a sparse flow (a ping, a request, an
 // ACK-clocked exchange: what the sender read from its sparse TUN queue).
 // A receiver may read it ahead of bulk datagrams; one that does not know
-// the flag treats it as any other. Only single-datagram frames carry it.
+// the flag treats it as any other. Every datagram of such a frame (a
+// train's, a cut super-packet's pieces) carries it.
 const FlagSparse = 1
 
 // flagsOffset is where the flags byte sits in a datagram's UDP payload:

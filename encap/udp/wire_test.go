@@ -95,7 +95,7 @@ func layout(pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 func layoutOn(tr *Transport, pkt []byte, o tunnel.Offload, maxDg int) [][]byte {
 	f := tunnel.Frame{Buf: append(make([]byte, tunnel.Headroom), pkt...), Off: tunnel.Headroom, Offload: o}
 	s := newSender(tr)
-	s.train(&udpsock.Socket{}, nil, &f, maxDg) // lays out only: no socket is touched
+	s.train(&udpsock.Socket{}, nil, &f, maxDg, 0) // lays out only: no socket is touched
 	return s.b.Queued()
 }
 
