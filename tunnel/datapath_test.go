@@ -350,6 +350,9 @@ func TestDatapathTooBig(t *testing.T) {
 func TestDatapathMultiQueue(t *testing.T) {
 	const nq, flows, perFlow = 4, 16, 400
 	a, b := pairQueues(t, nq)
+	// The clock is frozen, so a flow newly bulk leaves b's sparse queue
+	// only once that queue's loop is seen idle: wait until it has started.
+	waitFor(t, func() bool { return b.mq.Queue[0].Waiting() > 0 }, func() string { return "b's sparse queue loop never read" })
 	mk := func(flow, seq int) tuntest.Packet {
 		p := tuntest.TCP(podA, podB, 300)
 		binary.BigEndian.PutUint16(p[20:], uint16(40000+flow))

@@ -24,6 +24,7 @@ type ChanTUN struct {
 	// Outbound carries what the datapath wrote "to the kernel".
 	Outbound chan Packet
 	refused  atomic.Int64
+	waiting  atomic.Int64 // Reads blocked for a first packet
 
 	closed chan struct{}
 	once   *sync.Once // shared by the queues of a MultiChanTUN
@@ -33,6 +34,10 @@ type ChanTUN struct {
 func NewChanTUN() *ChanTUN {
 	return &ChanTUN{Inbound: make(chan Packet, 1024), Outbound: make(chan Packet, 1024), closed: make(chan struct{}), once: new(sync.Once)}
 }
+
+// Waiting reports how many Reads are blocked waiting for a packet: a
+// loop that has started and found its queue empty.
+func (c *ChanTUN) Waiting() int { return int(c.waiting.Load()) }
 
 // Refused counts writes a kernel would refuse (bad offload metadata).
 func (c *ChanTUN) Refused() int { return int(c.refused.Load()) }
@@ -51,8 +56,15 @@ func (c *ChanTUN) Read(frames []tunnel.Frame) (int, error) {
 	var p Packet
 	select {
 	case p = <-c.Inbound:
-	case <-c.closed:
-		return 0, os.ErrClosed
+	default:
+		c.waiting.Add(1)
+		select {
+		case p = <-c.Inbound:
+		case <-c.closed:
+			c.waiting.Add(-1)
+			return 0, os.ErrClosed
+		}
+		c.waiting.Add(-1)
 	}
 	n := 0
 	for {
