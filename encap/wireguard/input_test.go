@@ -264,9 +264,16 @@ func TestAllocs(t *testing.T) {
 	lo := netip.MustParseAddrPort("127.0.0.1:0")
 	a, b := newNode(t, lo, Config{}), newNode(t, lo, Config{})
 	session(t, a, b)
+	// b's own start-up offer may have made a the responder of a newer
+	// session, which a may not send on until b has: so b sends once.
+	back := tt.TCP(netip.MustParseAddr("100.96.2.1"), netip.MustParseAddr("100.96.1.1"), 100)
+	if err := b.tr.Send([]tunnel.Frame{frame(back, tt.PartialCsum(back), a.endpoint())}); err != nil {
+		t.Fatal(err)
+	}
+	a.segments(t, 1)
 	pkt := tt.TCP(netip.MustParseAddr("100.96.1.1"), netip.MustParseAddr("100.96.2.1"), 60000)
 	fs := []tunnel.Frame{frame(pkt, tt.TSO(pkt, 1400), b.endpoint())}
-	if n := testing.AllocsPerRun(50, func() { a.tr.Send(fs) }); n != 0 {
+	if n := leastAllocs(func() { a.tr.Send(fs) }); n != 0 {
 		t.Errorf("Send: %.1f allocations per super-packet", n)
 	}
 	r := newReceiver(b.tr, b.tr.socks[0])
@@ -277,13 +284,29 @@ func TestAllocs(t *testing.T) {
 	}
 	src := a.endpoint()
 	i := 0
-	if n := testing.AllocsPerRun(50, func() {
-		r.buf, r.pend, r.pi = msgs[i], r.pend[:0], 0
-		r.datagram(32, msgs[i][32:], src, mono())
+	if n := leastAllocs(func() {
+		r.buf, r.pend, r.pi = msgs[i%len(msgs)], r.pend[:0], 0
+		r.datagram(32, msgs[i%len(msgs)][32:], src, mono())
 		i++
 	}); n != 0 {
 		t.Errorf("receive: %.1f allocations per message", n)
 	}
+}
+
+// leastAllocs is testing.AllocsPerRun(50, f), tried up to 5 times for
+// the least: it counts the whole process's allocations, and the nodes'
+// own goroutines (handshake and keepalive timers) allocate now and then
+// — on a loaded machine, sometimes during a run. A path that allocates
+// shows in every try.
+func leastAllocs(f func()) float64 {
+	least := testing.AllocsPerRun(50, f)
+	for range 4 {
+		if least == 0 {
+			break
+		}
+		least = min(least, testing.AllocsPerRun(50, f))
+	}
+	return least
 }
 
 // TestKeyRotation: b rotates its key. Traffic keeps flowing both ways on

@@ -123,8 +123,7 @@ func TestOneWayFlowKeepalive(t *testing.T) {
 	lo := netip.MustParseAddrPort("127.0.0.1:0")
 	a, b := newNode(t, lo, Config{Timers: shortTimers}), newNode(t, lo, Config{Timers: shortTimers})
 	session(t, a, b)
-	time.Sleep(2 * shortTimers.RekeyTimeout) // past the start-up offers
-	before := a.ctr.Get(HandshakesSent) + b.ctr.Get(HandshakesSent)
+	before := settled(t, a, b, 2*shortTimers.RekeyTimeout) // past the start-up offers
 	// 2 s of one-way traffic, 10× KeepaliveTimeout+RekeyTimeout.
 	for range 100 {
 		sendTCP(t, a, "100.96.1.1", "100.96.2.1", b.endpoint())
@@ -495,5 +494,27 @@ func TestVet(t *testing.T) {
 				t.Errorf("served %v refused %v, want %v and %v", gotOK, gotRefused, tc.ok, tc.refused)
 			}
 		})
+	}
+}
+
+// settled waits until neither node has sent a handshake initiation for
+// quiet (the offers each makes to a new peer, and their retries, are
+// over: on a loaded machine they can come late) and returns how many
+// both have sent.
+func settled(t *testing.T, a, b *node, quiet time.Duration) uint64 {
+	t.Helper()
+	sent := func() uint64 { return a.ctr.Get(HandshakesSent) + b.ctr.Get(HandshakesSent) }
+	deadline := time.Now().Add(10 * time.Second)
+	n := sent()
+	for {
+		time.Sleep(quiet)
+		m := sent()
+		if m == n {
+			return n
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("handshake initiations still going on after 10 s (%d)", m)
+		}
+		n = m
 	}
 }

@@ -123,6 +123,7 @@ type Node struct {
 	c            *Cluster
 	containerd   *exec.Cmd
 	kubelet      *exec.Cmd
+	kubeletDone  <-chan struct{} // closed once kubelet has exited and been reaped
 	proxy        *exec.Cmd
 }
 
@@ -499,8 +500,12 @@ func (n *Node) Import(archive string) error {
 // StartKubelet starts the node's kubelet in its mount namespace (again,
 // after StopKubelet).
 func (n *Node) StartKubelet() error {
-	if n.kubelet != nil && n.kubelet.ProcessState == nil {
-		return fmt.Errorf("%s: kubelet already running", n.Name)
+	if n.kubeletDone != nil {
+		select {
+		case <-n.kubeletDone:
+		default:
+			return fmt.Errorf("%s: kubelet already running", n.Name)
+		}
 	}
 	args := []string{"--target", strconv.Itoa(n.containerd.Process.Pid), "--mount", "--net", "--",
 		kubetest.Bin("kubelet"), "--config", n.path("kubelet.yaml"), "--kubeconfig", n.c.internal,
@@ -509,12 +514,30 @@ func (n *Node) StartKubelet() error {
 		args = append(args, "--register-with-taints", "node-role.kubernetes.io/control-plane:NoSchedule")
 	}
 	n.kubelet = exec.Command("nsenter", args...)
-	return n.c.run(n.kubelet, n.path("kubelet.log"))
+	done, err := kubetest.StartProcess(n.kubelet, n.path("kubelet.log"))
+	if err != nil {
+		return err
+	}
+	n.kubeletDone = done
+	n.c.procs = append(n.c.procs, n.kubelet)
+	return nil
 }
 
-// StopKubelet stops the node's kubelet (SIGTERM, then SIGKILL after 10 s);
-// its pods keep running, as on a real node.
-func (n *Node) StopKubelet() { stop(n.kubelet, 10*time.Second) }
+// StopKubelet stops the node's kubelet (SIGTERM, then SIGKILL after 10 s)
+// and returns once it has been reaped; its pods keep running, as on a
+// real node.
+func (n *Node) StopKubelet() {
+	if n.kubeletDone == nil {
+		return
+	}
+	n.kubelet.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-n.kubeletDone:
+	case <-time.After(10 * time.Second):
+		n.kubelet.Process.Kill()
+		<-n.kubeletDone
+	}
+}
 
 // stop ends cmd: SIGTERM, SIGKILL after grace, and waits for it.
 func stop(cmd *exec.Cmd, grace time.Duration) {
@@ -714,7 +737,7 @@ func NodeReady(n *corev1.Node) (bool, string) {
 func (c *Cluster) Close() error {
 	var errs []error
 	for _, n := range c.Nodes {
-		stop(n.kubelet, 5*time.Second)
+		n.StopKubelet()
 		stop(n.proxy, 5*time.Second)
 	}
 	// Containers, shims and containerd: every process in the node's

@@ -171,6 +171,12 @@ func Run(cmd *exec.Cmd, logPath string) error {
 	return err
 }
 
+// StartProcess is Run, and returns a channel closed once the process has exited
+// and been reaped (cmd's state is the reaping goroutine's until then).
+func StartProcess(cmd *exec.Cmd, logPath string) (<-chan struct{}, error) {
+	return start(cmd, logPath)
+}
+
 // start is Run, and says when the process has exited: the reaping
 // goroutine owns cmd's state, so nothing else may read it.
 func start(cmd *exec.Cmd, logPath string) (<-chan struct{}, error) {
