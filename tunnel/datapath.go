@@ -125,21 +125,22 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 	var icmpB []byte // made on the first too-big packet
 	out := make([]Frame, 0, BatchSize)
 	ctr := d.cfg.Counters
+	// Only a multi-queue device has a sparse queue; every other queue
+	// is bulk and gets the AQM.
+	sparse = sparse && d.flows != nil
 	var aqm *codel
-	if !sparse || d.flows == nil {
-		if !d.cfg.NoAQM {
-			aqm = newCodel(AQMTarget, AQMInterval)
-		}
+	if !sparse && !d.cfg.NoAQM {
+		aqm = newCodel(AQMTarget, AQMInterval)
 	}
 	for {
 		for i := range in {
 			in[i].Buf = in[i].Buf[:cap(in[i].Buf)]
 		}
-		if sparse && d.flows != nil {
+		if sparse {
 			d.flows.sparseIdle.Store(true)
 		}
 		n, err := q.Read(in)
-		if sparse && d.flows != nil {
+		if sparse {
 			d.flows.sparseIdle.Store(false)
 		}
 		if err != nil {
@@ -184,7 +185,7 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 				}
 			}
 			f.Addr = peer.Addr
-			f.Sparse = sparse && d.flows != nil
+			f.Sparse = sparse
 			if d.flows != nil {
 				d.flows.observe(flowHash(pkt), len(pkt), now)
 			}
@@ -198,7 +199,7 @@ func (d *Datapath) txLoop(q Queue, sparse bool) error {
 			continue
 		}
 		ctr.Add(TxFrames, uint64(len(out)))
-		if sparse && d.flows != nil {
+		if sparse {
 			ctr.Add(TxSparse, uint64(len(out)))
 		}
 		prioritize(out)
